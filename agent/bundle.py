@@ -1,0 +1,154 @@
+"""The model bundle: the contract between convert/ (writes it) and agent/ (reads it).
+
+A directory holding model.tflite (full-integer int8), optionally model_float.tflite and
+model_edgetpu.tflite, a sample image for smoke tests, and bundle.json describing labels,
+input spec, threshold, metrics, sha256 of every file and provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .preprocess import InputSpec
+
+BUNDLE_FORMAT = 1
+MANIFEST = "bundle.json"
+INT8_MODEL = "model.tflite"
+FLOAT_MODEL = "model_float.tflite"
+EDGETPU_MODEL = "model_edgetpu.tflite"
+
+
+class BundleError(Exception):
+    """A bundle that must not be used; the message says why and what to do."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    path: Path
+    labels: list[str]
+    good_label: str
+    defect_labels: list[str]
+    input: InputSpec
+    threshold: float
+    files: dict[str, dict]
+    metrics: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    sample: str | None = None
+    name: str = ""
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / INT8_MODEL
+
+    @property
+    def model_sha256(self) -> str:
+        return self.files[INT8_MODEL]["sha256"]
+
+    def file(self, name: str) -> Path | None:
+        return self.path / name if name in self.files else None
+
+    @property
+    def defect_indices(self) -> list[int]:
+        return [self.labels.index(lbl) for lbl in self.defect_labels]
+
+    def to_manifest(self) -> dict:
+        return {
+            "format": BUNDLE_FORMAT,
+            "name": self.name,
+            "labels": self.labels,
+            "good_label": self.good_label,
+            "defect_labels": self.defect_labels,
+            "input": self.input.to_dict(),
+            "threshold": self.threshold,
+            "files": self.files,
+            "sample": self.sample,
+            "metrics": self.metrics,
+            "provenance": self.provenance,
+        }
+
+
+def write_manifest(bundle_dir: Path, *, labels, good_label, input_spec: InputSpec, threshold: float,
+                   metrics: dict, provenance: dict, sample: str | None = None, name: str = "") -> Bundle:
+    """Hash every model file present in bundle_dir and write bundle.json. Used by convert."""
+    bundle_dir = Path(bundle_dir)
+    files = {}
+    for fname in (INT8_MODEL, FLOAT_MODEL, EDGETPU_MODEL) + ((sample,) if sample else ()):
+        p = bundle_dir / fname
+        if p.exists():
+            files[fname] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    b = Bundle(path=bundle_dir, labels=list(labels), good_label=good_label,
+               defect_labels=[lbl for lbl in labels if lbl != good_label], input=input_spec,
+               threshold=float(threshold), files=files, metrics=metrics, provenance=provenance,
+               sample=sample, name=name or bundle_dir.name)
+    tmp = bundle_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(b.to_manifest(), indent=2, sort_keys=False) + "\n")
+    tmp.replace(bundle_dir / MANIFEST)
+    return b
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Read bundle.json and (by default) verify every file's sha256. Raises BundleError."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"model bundle {path} does not exist or is not a directory")
+    if not mpath.is_file():
+        raise BundleError(f"{path} is not a model bundle: {MANIFEST} is missing "
+                          "(make one with 'edge-inspect train')")
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+    if not isinstance(m, dict):
+        raise BundleError(f"{mpath} must hold a JSON object")
+    fmt = m.get("format")
+    if fmt != BUNDLE_FORMAT:
+        raise BundleError(f"{mpath}: bundle format {fmt!r} is not supported by this agent "
+                          f"(expects {BUNDLE_FORMAT}); upgrade edge-inspect or re-export the model")
+    try:
+        labels = [str(x) for x in m["labels"]]
+        good = str(m["good_label"])
+        defects = [str(x) for x in m["defect_labels"]]
+        spec = InputSpec.from_dict(m["input"])
+        threshold = float(m["threshold"])
+        files = dict(m["files"])
+    except KeyError as e:
+        raise BundleError(f"{mpath}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{mpath}: invalid field: {e}") from None
+    if len(labels) < 2 or good not in labels or not defects or any(d not in labels for d in defects):
+        raise BundleError(f"{mpath}: labels {labels} must hold good_label {good!r} "
+                          f"and the defect labels {defects}")
+    if not 0.0 <= threshold <= 1.0:
+        raise BundleError(f"{mpath}: threshold {threshold} is outside [0, 1]")
+    if INT8_MODEL not in files:
+        raise BundleError(f"{mpath}: lists no {INT8_MODEL}")
+    b = Bundle(path=path, labels=labels, good_label=good, defect_labels=defects, input=spec,
+               threshold=threshold, files=files, metrics=m.get("metrics") or {},
+               provenance=m.get("provenance") or {}, sample=m.get("sample"), name=m.get("name", ""))
+    if verify:
+        verify_files(b)
+    return b
+
+
+def verify_files(b: Bundle) -> None:
+    for fname, info in b.files.items():
+        p = b.path / fname
+        if not p.is_file():
+            raise BundleError(f"bundle {b.path}: {fname} is listed in {MANIFEST} but missing")
+        actual = sha256_file(p)
+        if actual != info.get("sha256"):
+            raise BundleError(f"bundle {b.path}: {fname} is corrupt or was changed after export "
+                              f"(sha256 {actual[:12]}… != {str(info.get('sha256'))[:12]}… in "
+                              f"{MANIFEST}); re-copy or re-export the bundle")

@@ -1,0 +1,326 @@
+"""The one TOML config, validated into typed objects with field-level errors.
+
+Every problem becomes one line '<section>.<key>: <what is wrong>' so a plant engineer can
+fix the file without reading Python tracebacks. `check-config` prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """Raised with a list of one-line problems."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Station(_Section):
+    id: str = Field("station-1", min_length=1, max_length=64)
+
+    @field_validator("id")
+    @classmethod
+    def _topic_safe(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+            raise ValueError("use only letters, digits, '.', '_' and '-' (it is part of MQTT topics)")
+        return v
+
+
+class Camera(_Section):
+    # A device path (/dev/video0) or index (0), an rtsp:// or http(s):// URL, a video file,
+    # or a folder of images.
+    source: Union[int, str] = 0
+    fps: float = Field(0.0, ge=0, le=1000, description="0 = as fast as the source delivers")
+    loop: bool = False
+    width: Optional[int] = Field(None, gt=0)
+    height: Optional[int] = Field(None, gt=0)
+    reconnect_max_s: float = Field(10.0, gt=0, le=600)
+    stall_timeout_s: float = Field(5.0, gt=0, le=600)
+
+
+class Model(_Section):
+    bundle: Path = Path("/var/lib/edge-inspect/models/current")
+    threshold: Optional[float] = Field(None, ge=0, le=1, description="overrides the bundle's")
+    delegate: Literal["cpu", "edgetpu"] = "cpu"
+    device: Optional[str] = None
+    cpu_fallback: bool = False
+    threads: int = Field(2, ge=1, le=64)
+
+    @field_validator("device")
+    @classmethod
+    def _tpu_device(cls, v):
+        if v is not None and not re.fullmatch(r"(usb|pci)(:\d+)?|:\d+", v):
+            raise ValueError("Edge TPU device must look like 'usb', 'usb:0', 'pci:0' or ':0'")
+        return v
+
+
+class Inspection(_Section):
+    deadline_ms: float = Field(250.0, gt=0, le=60_000)
+    failsafe: Literal["reject", "pass"] = "reject"
+    queue_size: int = Field(4, ge=1, le=256)
+
+
+class Gate(_Section):
+    kind: Literal["serial", "modbus", "mqtt", "none"] = "none"
+    port: Optional[str] = None
+    baud: int = Field(115200, gt=0)
+    gate: int = Field(1, ge=1, le=99)
+    delay_ms: Optional[float] = Field(None, gt=0, le=600_000)
+    encoder_offset: Optional[int] = Field(None, ge=0)
+    pulse_ms: int = Field(50, ge=1, le=10_000)
+    ack_timeout_ms: int = Field(100, ge=5, le=10_000)
+    retries: int = Field(3, ge=0, le=20)
+    heartbeat_ms: int = Field(500, ge=50, le=60_000)
+    modbus_slave: int = Field(1, ge=1, le=247)
+    modbus_address: int = Field(0, ge=0, le=65535)
+    modbus_target: Literal["coil", "register"] = "coil"
+
+    @property
+    def mode(self) -> str:
+        return "encoder" if self.encoder_offset is not None else "time"
+
+
+class Mqtt(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    prefix: str = "edge-inspect"
+    username: Optional[str] = None
+    password_file: Optional[Path] = None
+    tls: bool = False
+    ca_file: Optional[Path] = None
+    cert_file: Optional[Path] = None
+    key_file: Optional[Path] = None
+    outbox: Path = Path("/var/lib/edge-inspect/outbox.sqlite")
+    outbox_max: int = Field(100_000, ge=100)
+    commands: bool = False
+    publish_results: bool = False
+    metrics_interval_s: float = Field(10.0, gt=0, le=3600)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or any(c in v for c in "#+") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("must be a plain topic prefix without '#', '+' or leading/trailing '/'")
+        return v
+
+
+class Metrics(_Section):
+    port: int = Field(9108, ge=0, le=65535, description="0 turns the Prometheus endpoint off")
+    bind: str = "127.0.0.1"
+
+
+class Recorder(_Section):
+    enabled: bool = True
+    dir: Path = Path("/var/lib/edge-inspect/images")
+    max_mb: float = Field(2048, gt=0)
+    pass_sample: float = Field(0.01, ge=0, le=1, description="share of PASS parts also saved")
+
+
+class Log(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Config(_Section):
+    station: Station = Station()
+    camera: Camera = Camera()
+    model: Model = Model()
+    inspection: Inspection = Inspection()
+    gate: Gate = Gate()
+    mqtt: Mqtt = Mqtt()
+    metrics: Metrics = Metrics()
+    recorder: Recorder = Recorder()
+    log: Log = Log()
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        g = self.gate
+        if g.delay_ms is not None and g.encoder_offset is not None:
+            raise ValueError("gate: set delay_ms (time mode) or encoder_offset (encoder mode), not both")
+        if g.kind != "none" and g.delay_ms is None and g.encoder_offset is None:
+            raise ValueError(f"gate: a {g.kind} gate needs delay_ms (time mode) or encoder_offset "
+                             "(encoder mode) to know when the part reaches it")
+        if g.kind in ("serial", "modbus") and not g.port:
+            raise ValueError(f"gate.port: a {g.kind} gate needs the serial port (e.g. /dev/ttyUSB0)")
+        if g.encoder_offset is not None and g.kind != "serial":
+            raise ValueError(f"gate.encoder_offset: encoder mode needs a gate controller that "
+                             f"counts the encoder (kind = 'serial'), not {g.kind!r}")
+        if g.kind == "mqtt" and not self.mqtt.enabled:
+            raise ValueError("gate.kind: an mqtt gate needs [mqtt] enabled = true")
+        if g.delay_ms is not None and g.delay_ms <= self.inspection.deadline_ms:
+            raise ValueError(f"gate.delay_ms: {g.delay_ms:g} ms is not longer than "
+                             f"inspection.deadline_ms ({self.inspection.deadline_ms:g} ms): the part "
+                             "would reach the gate before its verdict")
+        m = self.mqtt
+        if (m.cert_file is None) != (m.key_file is None):
+            raise ValueError("mqtt: cert_file and key_file go together (client certificate)")
+        if (m.ca_file or m.cert_file) and not m.tls:
+            raise ValueError("mqtt.tls: ca_file/cert_file are set but tls = false")
+        if m.password_file and not m.username:
+            raise ValueError("mqtt.username: password_file is set but username is not")
+        if self.metrics.port and self.mqtt.enabled and self.metrics.port == self.mqtt.port \
+                and self.mqtt.host in ("127.0.0.1", "localhost"):
+            raise ValueError(f"metrics.port: {self.metrics.port} is the local MQTT broker's port")
+        return self
+
+
+_PATH_FIELDS = {
+    ("model", "bundle"), ("mqtt", "password_file"), ("mqtt", "ca_file"), ("mqtt", "cert_file"),
+    ("mqtt", "key_file"), ("mqtt", "outbox"), ("recorder", "dir"),
+}
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Relative paths in the file are relative to the file, not to the working directory."""
+    for section, key in _PATH_FIELDS:
+        sec = raw.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            p = Path(sec[key]).expanduser()
+            sec[key] = str(p if p.is_absolute() else base / p)
+    cam = raw.get("camera")
+    if isinstance(cam, dict) and isinstance(cam.get("source"), str):
+        src = cam["source"]
+        if not _is_url(src) and not src.startswith("/dev/") and not src.isdigit():
+            p = Path(src).expanduser()
+            cam["source"] = str(p if p.is_absolute() else base / p)
+
+
+def _is_url(s: str) -> bool:
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", s, re.I))
+
+
+def _model_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        f = model.model_fields.get(part)
+        if f is None or not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)):
+            break
+        model = f.annotation
+    return list(model.model_fields)
+
+
+def _format(e: ValidationError) -> list[str]:
+    out = []
+    for err in e.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        where = ".".join(loc) or "config"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = _model_fields(Config, loc[:-1])
+            near = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(known)})"
+            out.append(f"{where}: unknown key{hint}")
+        elif kind == "value_error":
+            msg = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+            # model-level messages already start with their field
+            out.append(msg if not loc else f"{where}: {msg}")
+        elif kind == "literal_error":
+            out.append(f"{where}: {err['input']!r} is not one of {err['ctx']['expected']}")
+        else:
+            out.append(f"{where}: {err['msg'][0].lower()}{err['msg'][1:]} (got {err['input']!r})")
+    return out
+
+
+def parse_config(raw: dict, base: Path = Path(".")) -> Config:
+    _resolve_paths(raw, base)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def check_environment(cfg: Config, strict_devices: bool = True) -> list[str]:
+    """What exists on this machine: files, folders, devices. Not part of the schema so a
+    config can be validated on a workstation with strict_devices=False."""
+    problems = []
+    b = cfg.model.bundle
+    if not b.exists():
+        problems.append(f"model.bundle: {b} does not exist")
+    elif not (b / "bundle.json").is_file():
+        problems.append(f"model.bundle: {b} has no bundle.json (not a model bundle)")
+    for key in ("password_file", "ca_file", "cert_file", "key_file"):
+        p = getattr(cfg.mqtt, key)
+        if cfg.mqtt.enabled and p is not None and not p.is_file():
+            problems.append(f"mqtt.{key}: {p} does not exist")
+    src = cfg.camera.source
+    if isinstance(src, str) and not _is_url(src) and not src.isdigit():
+        if src.startswith("/dev/"):
+            if strict_devices and not os.path.exists(src):
+                problems.append(f"camera.source: device {src} does not exist (camera unplugged?)")
+        elif not os.path.exists(src):
+            problems.append(f"camera.source: {src} does not exist (expected a device, URL, "
+                            "video file or image folder)")
+    if cfg.gate.kind in ("serial", "modbus") and strict_devices and cfg.gate.port \
+            and not os.path.exists(cfg.gate.port):
+        problems.append(f"gate.port: {cfg.gate.port} does not exist (serial adapter unplugged?)")
+    for key, p in (("recorder.dir", cfg.recorder.dir if cfg.recorder.enabled else None),
+                   ("mqtt.outbox", cfg.mqtt.outbox.parent if cfg.mqtt.enabled else None)):
+        if p is None:
+            continue
+        anc = p
+        while not anc.exists() and anc != anc.parent:
+            anc = anc.parent
+        if not os.access(anc, os.W_OK):
+            problems.append(f"{key}: {p} cannot be created or written (no write access to {anc})")
+    return problems
+
+
+def load_config(path: str | Path, check_env: bool = True, strict_devices: bool = True) -> Config:
+    """Read, validate and (by default) check the environment. Raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    cfg = parse_config(raw, path.resolve().parent)
+    if check_env:
+        problems = check_environment(cfg, strict_devices)
+        if problems:
+            raise ConfigError(problems)
+    return cfg
+
+
+def summary(cfg: Config) -> str:
+    g, m = cfg.gate, cfg.mqtt
+    timing = (f"{g.delay_ms:g} ms after capture" if g.mode == "time"
+              else f"encoder +{g.encoder_offset}")
+    lines = [
+        f"station   {cfg.station.id}",
+        f"camera    {cfg.camera.source} (fps {'source' if not cfg.camera.fps else cfg.camera.fps})",
+        f"model     {cfg.model.bundle} on {cfg.model.delegate}"
+        f"{' (cpu fallback)' if cfg.model.cpu_fallback else ''}, threshold "
+        f"{'from bundle' if cfg.model.threshold is None else cfg.model.threshold}",
+        f"deadline  {cfg.inspection.deadline_ms:g} ms, uninspected parts: {cfg.inspection.failsafe}",
+        f"gate      {g.kind}" + ("" if g.kind == "none" else f" {g.port or ''} fires {timing}, "
+                                 f"pulse {g.pulse_ms} ms"),
+        f"mqtt      " + (f"{m.host}:{m.port} prefix {m.prefix}/{cfg.station.id}"
+                         f"{' tls' if m.tls else ''}, outbox {m.outbox}" if m.enabled else "off"),
+        f"metrics   " + (f"http://{cfg.metrics.bind}:{cfg.metrics.port}/metrics"
+                         if cfg.metrics.port else "off"),
+        f"recorder  " + (f"{cfg.recorder.dir} (max {cfg.recorder.max_mb:g} MB)"
+                         if cfg.recorder.enabled else "off"),
+    ]
+    return "\n".join(lines)

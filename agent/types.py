@@ -1,0 +1,49 @@
+"""The typed records that flow one way through the daemon: Frame -> Inspection."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class Verdict(str, enum.Enum):
+    PASS = "PASS"
+    REJECT = "REJECT"
+    # Could not be inspected in time, or inference failed: handled by the failsafe policy
+    # (reject by default) and always counted and reported.
+    FAILSAFE = "FAILSAFE"
+
+
+@dataclass(slots=True)
+class Frame:
+    seq: int
+    part_id: str
+    t_capture_ns: int          # time.monotonic_ns() at capture: deadlines and gate timing
+    t_wall: float              # time.time() at capture: what humans and MQTT see
+    image: np.ndarray          # as decoded by OpenCV (H, W) or (H, W, C)
+    source_ref: str            # file name, or "<source>#<frame index>"
+    encoder: int | None = None  # encoder count latched by a part-present trigger
+    t_decoded_ns: int = 0
+
+
+@dataclass(slots=True)
+class Inspection:
+    part_id: str
+    seq: int
+    source_ref: str
+    t_capture_ns: int
+    t_wall: float
+    verdict: Verdict
+    label: str
+    score: float               # defect score in [0, 1]; NaN when not inspected
+    threshold: float
+    reason: str = ""           # why a FAILSAFE happened
+    encoder: int | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    image: np.ndarray | None = None   # kept for the recorder; dropped after reporting
+
+    @property
+    def rejected(self) -> bool:
+        return self.verdict is not Verdict.PASS
