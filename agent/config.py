@@ -305,8 +305,8 @@ def load_config(path: str | Path, check_env: bool = True, strict_devices: bool =
 
 def summary(cfg: Config) -> str:
     g, m = cfg.gate, cfg.mqtt
-    timing = (f"{g.delay_ms:g} ms after capture" if g.mode == "time"
-              else f"encoder +{g.encoder_offset}")
+    timing = (f"encoder +{g.encoder_offset}" if g.mode == "encoder"
+              else f"{g.delay_ms or 0:g} ms after capture")
     lines = [
         f"station   {cfg.station.id}",
         f"camera    {cfg.camera.source} (fps {'source' if not cfg.camera.fps else cfg.camera.fps})",
