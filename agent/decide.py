@@ -1,0 +1,25 @@
+"""The decision rule shared by convert (evaluation) and the agent (the line).
+
+`defect_score(probs, bundle) -> (score, label)`: score = 1 - P(good), the max over tiles, so
+one bad tile makes a bad part; label = the most probable defect label in that worst tile.
+A part is rejected when score >= threshold; a passed part is reported with the bundle's
+good label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def defect_score(probs: np.ndarray, bundle) -> tuple[float, str]:
+    p = np.asarray(probs, dtype=np.float32)
+    if p.ndim == 1:
+        p = p[None, :]
+    good = bundle.labels.index(bundle.good_label)
+    scores = 1.0 - p[:, good]
+    worst = int(np.argmax(scores))
+    score = float(min(1.0, max(0.0, scores[worst])))
+    defects = bundle.defect_indices
+    row = p[worst]
+    best = max(defects, key=lambda i: row[i])
+    return score, bundle.labels[best]
