@@ -1,0 +1,444 @@
+"""The MQTT link: durable alerts, status with last will, metrics, commands (paho-mqtt 2.x).
+
+    link = MqttLink(MqttSettings(host="broker", station="line-3"), on_command=handler,
+                    status_fields=lambda: {"version": "0.1.0", "model_sha256": sha})
+    link.start()                          # never raises when the broker is down
+    link.publish_alert({"part": "P42", "verdict": "REJECT", ...})   # durable, QoS 1
+    link.stop()                           # publishes status offline (retained)
+
+Alerts go through an SQLite outbox (firmware_io.outbox): committed before publish, deleted
+on PUBACK, drained in order after a reconnect or a restart. Delivery is at-least-once;
+every alert carries a unique ``alert_id`` so consumers can drop duplicates.
+Topics and payloads: docs/mqtt.md and firmware_io/schemas/*.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .outbox import Outbox
+
+log = logging.getLogger("firmware_io.mqtt")
+
+
+@dataclass
+class MqttSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    prefix: str = "edge-inspect"
+    station: str = "station-1"
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    client_id: str | None = None
+    outbox_path: str = "outbox.sqlite"
+    outbox_max: int = 100_000
+    commands_enabled: bool = False
+    publish_results: bool = False
+    metrics_interval_s: float = 10.0      # read by the caller that publishes metrics
+    outbox_sync: Literal["NORMAL", "FULL"] = "FULL"
+    inflight_window: int = 100            # alerts handed to the broker, not yet PUBACKed
+    inflight_timeout_s: float = 60.0      # connected yet no PUBACK this long: send again
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+class _Cmd(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str | None = Field(default=None, max_length=128)
+
+
+class PauseCmd(_Cmd):
+    pass
+
+
+class ResumeCmd(_Cmd):
+    pass
+
+
+class ReloadCmd(_Cmd):
+    pass
+
+
+class ThresholdCmd(_Cmd):
+    value: float = Field(ge=0.0, le=1.0)
+
+
+COMMANDS: dict[str, type[_Cmd]] = {
+    "pause": PauseCmd, "resume": ResumeCmd, "reload": ReloadCmd, "threshold": ThresholdCmd,
+}
+
+
+def validate_command(verb: str, raw: bytes) -> dict:
+    """-> the validated arguments (without request_id), or raise ValueError with a reason."""
+    model = COMMANDS.get(verb)
+    if model is None:
+        raise ValueError(f"unknown command {verb!r}; known: {', '.join(sorted(COMMANDS))}")
+    text = raw.decode("utf-8", errors="strict").strip() if raw else ""
+    try:
+        data = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("payload must be a JSON object")
+    try:
+        cmd = model.model_validate(data)
+    except ValidationError as exc:
+        errs = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}"
+                         for e in exc.errors())
+        raise ValueError(errs) from None
+    return cmd.model_dump()
+
+
+# ---------------------------------------------------------------------------- the link
+
+
+class MqttLink:
+    def __init__(self, settings: MqttSettings,
+                 on_command: Callable[[str, dict], dict] | None = None,
+                 status_fields: Callable[[], dict] | None = None):
+        self.settings = settings
+        self.on_command = on_command
+        self.status_fields = status_fields
+        self._outbox: Outbox | None = None
+        self._client: mqtt.Client | None = None
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._acks: deque[int] = deque()
+        self._inflight: dict[int, tuple[int, float]] = {}   # mid -> (row id, sent at)
+        self._unmatched: set[int] = set()
+        self._cursor = 0
+        self._sender: threading.Thread | None = None
+        self._cmd_q: queue.Queue = queue.Queue(maxsize=100)
+        self._cmd_thread: threading.Thread | None = None
+        self._started_at = time.time()
+        self._lock = threading.Lock()
+        self._counters: dict[str, int] = {}
+        self._state = "stopped"
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def topic(self, suffix: str) -> str:
+        return f"{self.settings.prefix}/{self.settings.station}/{suffix}"
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + n
+
+    def counters(self) -> dict:
+        with self._lock:
+            c = dict(self._counters)
+        c["outbox_depth"] = self.outbox_depth()
+        c["outbox_dropped"] = self._outbox.dropped if self._outbox else 0
+        c["inflight"] = len(self._inflight)
+        return c
+
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def state(self) -> str:
+        """"connected" | "connecting" (started, broker not reachable yet/now) | "stopped"."""
+        if self._state == "stopped":
+            return "stopped"
+        return "connected" if self._connected.is_set() else "connecting"
+
+    def outbox_depth(self) -> int:
+        return self._outbox.depth() if self._outbox else 0
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Block until the outbox is empty (every alert PUBACKed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.outbox_depth() == 0:
+                return True
+            time.sleep(0.01)
+        return self.outbox_depth() == 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._state != "stopped":
+            return
+        s = self.settings
+        self._stop.clear()
+        self._outbox = Outbox(s.outbox_path, s.outbox_max, s.outbox_sync)
+        self._cursor = 0
+        cid = s.client_id or f"edge-inspect-{s.station}-{uuid.uuid4().hex[:8]}"
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True,
+                        protocol=mqtt.MQTTv311)
+        if s.username:
+            c.username_pw_set(s.username, s.password)
+        if s.tls:
+            c.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file)
+        c.will_set(self.topic("status"), self._status_payload("offline", with_fields=False),
+                   qos=1, retain=True)
+        c.max_inflight_messages_set(max(1, s.inflight_window))
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        self._client = c
+        self._state = "started"
+        try:
+            c.connect_async(s.host, s.port, keepalive=s.keepalive)
+        except (OSError, ValueError) as exc:          # never raise: the loop retries
+            self.last_error = str(exc)
+            log.warning("mqtt: connect_async %s:%s: %s", s.host, s.port, exc)
+        c.loop_start()
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox",
+                                        daemon=True)
+        self._sender.start()
+        self._cmd_thread = threading.Thread(target=self._cmd_loop, name="mqtt-commands",
+                                            daemon=True)
+        self._cmd_thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._state == "stopped":
+            return
+        c = self._client
+        deadline = time.monotonic() + timeout
+        if self._connected.is_set():
+            try:
+                info = c.publish(self.topic("status"),
+                                 self._status_payload("offline", with_fields=False),
+                                 qos=1, retain=True)
+                info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as exc:
+                log.warning("mqtt: offline status not confirmed: %s", exc)
+        self._stop.set()
+        self._wake.set()
+        try:
+            self._cmd_q.put_nowait(None)
+        except queue.Full:
+            pass
+        for t in (self._sender, self._cmd_thread):
+            if t is not None:
+                t.join(timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            c.disconnect()
+        except Exception:
+            pass
+        c.loop_stop()
+        self._connected.clear()
+        self._flush_acks()
+        if self._outbox:
+            self._outbox.close()
+        self._state = "stopped"
+
+    # ------------------------------------------------------------------ paho callbacks
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self.last_error = f"connect refused: {reason_code}"
+            log.warning("mqtt: %s", self.last_error)
+            self._count("connect_refused")
+            return
+        self._count("connects")
+        log.info("mqtt: connected to %s:%s", self.settings.host, self.settings.port)
+        self._connected.set()
+        if self.settings.commands_enabled:
+            client.subscribe(self.topic("cmd/+"), qos=1)
+        try:
+            client.publish(self.topic("status"), self._status_payload("online"), qos=1,
+                           retain=True)
+        except Exception:
+            log.exception("mqtt: online status")
+        self._wake.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        if self._connected.is_set():
+            self._count("disconnects")
+            log.warning("mqtt: disconnected (%s); reconnecting", reason_code)
+        self._connected.clear()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        self._acks.append(mid)      # resolved by the sender thread; no locks in here
+        self._wake.set()
+
+    def _on_message(self, client, userdata, msg):
+        parts = msg.topic.split("/")
+        verb = parts[-1] if parts else ""
+        try:
+            self._cmd_q.put_nowait((verb, msg.payload))
+        except queue.Full:
+            self._count("cmd_dropped")
+
+    # ------------------------------------------------------------------ outbox sender
+    def _flush_acks(self) -> None:
+        done = []
+        while self._acks:
+            mid = self._acks.popleft()
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
+                self._unmatched.add(mid)
+            else:
+                done.append(entry[0])
+        if done and self._outbox:
+            n = self._outbox.delete(done)
+            self._count("alerts_acked", n)
+
+    def _send_loop(self) -> None:
+        s = self.settings
+        window = max(1, s.inflight_window)
+        while not self._stop.is_set():
+            self._wake.wait(0.2)
+            self._wake.clear()
+            try:
+                self._flush_acks()
+                if not self._connected.is_set():
+                    continue
+                now = time.monotonic()
+                if self._inflight and min(t for _, t in self._inflight.values()) \
+                        < now - s.inflight_timeout_s:
+                    # connected, yet a PUBACK is overdue: hand everything over again
+                    self._count("inflight_resets")
+                    self._cursor = min(r for r, _ in self._inflight.values()) - 1
+                    self._inflight.clear()
+                room = window - len(self._inflight)
+                if room <= 0:
+                    continue
+                rows = self._outbox.after(self._cursor, room)
+                for rid, topic, payload, qos in rows:
+                    info = self._client.publish(topic, payload, qos=qos)
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+                        log.warning("mqtt: publish rc=%s", info.rc)
+                        break
+                    self._cursor = rid
+                    self._count("alerts_published")
+                    if info.mid in self._unmatched:
+                        self._unmatched.discard(info.mid)
+                        self._outbox.delete([rid])
+                        self._count("alerts_acked")
+                    else:
+                        self._inflight[info.mid] = (rid, now)
+                if len(rows) == room:
+                    self._wake.set()     # more waiting: go round again at once
+            except Exception:
+                log.exception("mqtt: outbox sender")
+                self._stop.wait(0.5)
+
+    # ------------------------------------------------------------------ publishing
+    def publish_alert(self, payload: dict, suffix: str = "events/reject") -> int:
+        """Durable: committed to the outbox before this returns; QoS 1; at-least-once.
+        Adds ``alert_id`` (unique, for de-duplication) and ``station``. Returns the
+        outbox row id."""
+        if self._outbox is None:
+            raise RuntimeError("MqttLink.start() first")
+        body = dict(payload)
+        body.setdefault("alert_id", uuid.uuid4().hex)
+        body.setdefault("station", self.settings.station)
+        rid = self._outbox.put(self.topic(suffix), json.dumps(body, default=str).encode(), 1)
+        self._count("alerts_queued")
+        self._wake.set()
+        return rid
+
+    def publish_result(self, payload: dict) -> None:
+        """Every part, best effort (QoS 0, not stored); only if settings.publish_results."""
+        if not self.settings.publish_results:
+            return
+        body = dict(payload)
+        body.setdefault("station", self.settings.station)
+        self.publish_raw("events/result", body, qos=0)
+
+    def _status_payload(self, state: str, with_fields: bool = True, **fields) -> bytes:
+        body: dict[str, Any] = {"state": state, "station": self.settings.station,
+                                "ts": round(time.time(), 3)}
+        if with_fields:
+            body["uptime_s"] = round(time.time() - self._started_at, 1)
+            body["host"] = socket.gethostname()
+            if self.status_fields is not None:
+                try:
+                    body.update(self.status_fields() or {})
+                except Exception:
+                    log.exception("mqtt: status_fields()")
+        body.update(fields)
+        return json.dumps(body, default=str).encode()
+
+    def publish_status(self, state: str, **fields) -> None:
+        """Retained JSON on ``status`` (state + status_fields() + fields)."""
+        self._publish(self.topic("status"), self._status_payload(state, **fields), 1, True)
+
+    def publish_metrics(self, payload: dict) -> None:
+        body = dict(payload)
+        body.setdefault("station", self.settings.station)
+        body.setdefault("ts", round(time.time(), 3))
+        self.publish_raw("metrics", body, qos=0)
+
+    def publish_raw(self, suffix: str, payload: dict, qos: int = 1, retain: bool = False) -> None:
+        """Not stored: QoS 1 messages wait in paho's memory queue while disconnected."""
+        self._publish(self.topic(suffix), json.dumps(payload, default=str).encode(), qos, retain)
+
+    def _publish(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        c = self._client
+        if c is None:
+            self._count("publish_not_started")
+            return
+        if qos == 0 and not self._connected.is_set():
+            self._count("publish_dropped")
+            return
+        try:
+            c.publish(topic, data, qos=qos, retain=retain)
+            self._count("published")
+        except (ValueError, RuntimeError) as exc:
+            self._count("publish_errors")
+            log.warning("mqtt: publish %s: %s", topic, exc)
+
+    # ------------------------------------------------------------------ commands
+    def _cmd_loop(self) -> None:
+        while not self._stop.is_set():
+            item = self._cmd_q.get()
+            if item is None:
+                break
+            verb, raw = item
+            self._handle_command(verb, raw)
+
+    def _handle_command(self, verb: str, raw: bytes) -> None:
+        reply: dict[str, Any]
+        request_id = None
+        try:
+            args = validate_command(verb, raw)
+            request_id = args.pop("request_id", None)
+            if self.on_command is None:
+                raise ValueError("this station does not handle commands")
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._count("cmd_rejected")
+            log.warning("mqtt: bad command %r: %s", verb, exc)
+            reply = {"ok": False, "verb": verb, "error": str(exc)}
+        else:
+            try:
+                result = self.on_command(verb, args)
+                reply = dict(result) if isinstance(result, dict) else {"result": result}
+                reply.setdefault("ok", True)
+                self._count("cmd_ok")
+            except Exception as exc:
+                self._count("cmd_failed")
+                log.exception("mqtt: command %s failed", verb)
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            reply.setdefault("verb", verb)
+        if request_id is not None:
+            reply.setdefault("request_id", request_id)
+        reply.setdefault("station", self.settings.station)
+        if len(verb) > 64 or any(ch in verb for ch in "#+"):
+            verb = "invalid"
+        self.publish_raw(f"cmd/{verb}/reply", reply, qos=1)
