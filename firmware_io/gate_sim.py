@@ -268,7 +268,8 @@ class GateSimulator:
         if isinstance(m, P.Heartbeat):
             self.counters.hb += 1
             self._feed_watchdog(now)
-            self._reply(m.seq, P.Ack(m.seq), remember=False)
+            self.counters.acks += 1         # (drop_acks applies to commands only)
+            self.send(P.Ack(m.seq))
             return
         seq = m.seq
         if seq in self._dedupe:             # a resend: answer the same, do nothing again
