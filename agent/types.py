@@ -26,6 +26,9 @@ class Frame:
     source_ref: str            # file name, or "<source>#<frame index>"
     encoder: int | None = None  # encoder count latched by a part-present trigger
     t_decoded_ns: int = 0
+    # Set when a part was there but its image could not be read or decoded (a corrupt file
+    # in a folder source): the part is FAILSAFE, never skipped.
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -43,6 +46,12 @@ class Inspection:
     encoder: int | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     image: np.ndarray | None = None   # kept for the recorder; dropped after reporting
+    model_sha256: str = ""
+    latency_ms: float = float("nan")  # capture -> gate command (the decision acted on)
+    gate_target: str = ""             # the gate command's target ("d612", "e1234"), if sent
+    gate_late: bool = False
+    gate_error: str | None = None
+    image_path: str | None = None     # where the recorder was asked to save the image
 
     @property
     def rejected(self) -> bool:

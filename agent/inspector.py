@@ -1,0 +1,157 @@
+"""One model, ready to run: a verified bundle, its engine and the decision rule.
+
+An Inspector is immutable once built; the pipeline swaps the whole object (reload, new
+threshold), so a part is always judged by one consistent model + threshold.
+
+    insp = Inspector.load("bundle/", threads=2)            # verifies hashes, smoke-tests
+    pixels = insp.preprocess(image)                         # agent.preprocess, the one spec
+    verdict, score, label = insp.decide(insp.infer(pixels))
+    verdict, score, label = insp.inspect(image)             # the three at once (naive loop)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from .bundle import Bundle, BundleError, load_bundle
+from .decide import defect_score
+from .engines import Engine, EngineError, create_engine
+from .preprocess import preprocess
+from .types import Verdict
+
+
+class InspectorError(Exception):
+    """A model that must not go on the line; the message says why."""
+
+
+class Inspector:
+    def __init__(self, bundle: Bundle, engine: Engine, *, threshold: float | None = None,
+                 delegate: str = "cpu"):
+        self.bundle = bundle
+        self.engine = engine
+        self.spec = bundle.input
+        self.threshold = float(bundle.threshold if threshold is None else threshold)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InspectorError(f"threshold {self.threshold} is outside [0, 1]")
+        self.threshold_source = "bundle" if threshold is None else "override"
+        self.model_sha256 = bundle.model_sha256
+        self.good_label = bundle.good_label
+        self.delegate = delegate
+        self._good = bundle.labels.index(bundle.good_label)
+
+    # -- building ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, bundle_path: str | Path, *, delegate: str = "cpu", threads: int = 2,
+             device: str | None = None, cpu_fallback: bool = False,
+             threshold: float | None = None,
+             wrap: Callable[[Engine], Engine] | None = None,
+             smoke_test: bool = True) -> "Inspector":
+        """Load and verify a bundle, build its engine and check it runs. Raises
+        InspectorError with one clear line (hash mismatch, unloadable model, ...)."""
+        try:
+            bundle = load_bundle(bundle_path)
+        except BundleError as e:
+            raise InspectorError(str(e)) from None
+        model = bundle.model_path
+        if delegate == "edgetpu" and bundle.file("model_edgetpu.tflite") is not None:
+            model = bundle.file("model_edgetpu.tflite")
+        try:
+            engine = create_engine(delegate, model, bundle.input, len(bundle.labels),
+                                   threads=threads, device=device, cpu_fallback=cpu_fallback,
+                                   cpu_model_path=bundle.model_path)
+        except EngineError as e:
+            raise InspectorError(str(e)) from None
+        if wrap is not None:
+            engine = wrap(engine)
+        insp = cls(bundle, engine, threshold=threshold, delegate=delegate)
+        if smoke_test:
+            insp.smoke_test()
+        return insp
+
+    @classmethod
+    def from_config(cls, cfg, wrap=None) -> "Inspector":
+        m = cfg.model
+        return cls.load(m.bundle, delegate=m.delegate, threads=m.threads, device=m.device,
+                        cpu_fallback=m.cpu_fallback, threshold=m.threshold, wrap=wrap)
+
+    def smoke_test(self) -> None:
+        """Run the model once (on the bundle's sample image when it has one)."""
+        img = None
+        if self.bundle.sample and self.bundle.file(self.bundle.sample) is not None:
+            img = cv2.imread(str(self.bundle.file(self.bundle.sample)), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            img = np.full((self.spec.height, self.spec.width), 128, np.uint8)
+        try:
+            probs = self.infer(self.preprocess(img))
+        except Exception as e:  # noqa: BLE001 - any failure here means: do not deploy
+            raise InspectorError(f"model {self.bundle.path} does not run: {e}") from None
+        if probs.shape != (self.spec.n_tiles, len(self.bundle.labels)) or \
+                not np.all(np.isfinite(probs)):
+            raise InspectorError(f"model {self.bundle.path} gives output {probs.shape} "
+                                 f"(expected {(self.spec.n_tiles, len(self.bundle.labels))})")
+
+    def with_threshold(self, threshold: float | None) -> "Inspector":
+        """A copy sharing the engine, deciding at another threshold (None: the bundle's)."""
+        new = object.__new__(Inspector)
+        new.__dict__.update(self.__dict__)
+        t = self.bundle.threshold if threshold is None else float(threshold)
+        if not 0.0 <= t <= 1.0:
+            raise InspectorError(f"threshold {t} is outside [0, 1]")
+        new.threshold = t
+        new.threshold_source = "bundle" if threshold is None else "override"
+        return new
+
+    # -- running -------------------------------------------------------------------------
+    def new_buffer(self) -> np.ndarray:
+        return np.empty(self.spec.shape, dtype=np.uint8)
+
+    def preprocess(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return preprocess(image, self.spec, out)
+
+    def infer(self, pixels: np.ndarray) -> np.ndarray:
+        return self.engine.invoke(pixels)
+
+    def decide(self, probs: np.ndarray) -> tuple[Verdict, float, str]:
+        score, label = defect_score(probs, self.bundle)
+        if math.isnan(score):
+            raise ValueError("model output is NaN")
+        if score >= self.threshold:
+            return Verdict.REJECT, score, label
+        return Verdict.PASS, score, self.good_label
+
+    def inspect(self, image: np.ndarray, out: np.ndarray | None = None) -> tuple[Verdict, float, str]:
+        """preprocess -> infer -> decide, in the caller's thread."""
+        return self.decide(self.infer(self.preprocess(image, out)))
+
+    def describe(self) -> str:
+        return (f"{self.bundle.name or self.bundle.path.name} sha256 {self.model_sha256[:12]} on "
+                f"{self.engine.describe()}, threshold {self.threshold:g} ({self.threshold_source})")
+
+    def info(self) -> dict:
+        return {"name": self.bundle.name, "path": str(self.bundle.path),
+                "sha256": self.model_sha256, "engine": self.engine.describe(),
+                "threshold": self.threshold, "labels": list(self.bundle.labels),
+                "input": f"{self.spec.width}x{self.spec.height}x{self.spec.channels}"}
+
+
+class WrappedEngine(Engine):
+    """Base for test/bench hooks around an engine (slow or failing inference, timing)."""
+
+    name = "wrapped"
+
+    def __init__(self, inner: Engine):
+        self.inner = inner
+
+    def invoke(self, pixels):
+        return self.inner.invoke(pixels)
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.inner.describe()})"
+
+
+__all__ = ["Inspector", "InspectorError", "WrappedEngine"]
