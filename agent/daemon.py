@@ -1,0 +1,484 @@
+"""`edge-inspect run --config FILE`: the inspection daemon.
+
+Agent wires one Config into the running parts (also used in-process by the demo and the
+tests): Inspector (verified bundle + engine), firmware_io gate and MQTT link, Pipeline,
+Reporter, Recorder, Prometheus, systemd notify. The main thread only supervises: signals,
+reloads, status/metrics publishing, READY/WATCHDOG/STATUS/STOPPING.
+
+    agent = Agent(cfg, config_path="config.toml")
+    agent.start()               # raises StartupError with one line per problem
+    code = agent.run()          # until SIGTERM / request_stop() / the source ends
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .inspector import Inspector, InspectorError
+from .pipeline import Pipeline
+from .prom import PromMetrics
+from .recorder import Recorder
+from .reporter import Reporter
+from .sources import open_source
+from .types import Inspection
+
+log = logging.getLogger("daemon")
+
+try:  # systemd notify (agent/notify.py); a no-op stand-in keeps the daemon running without it
+    from .notify import Notifier, Watchdog
+except ImportError:  # pragma: no cover
+    class Notifier:  # type: ignore[no-redef]
+        enabled = False
+        watchdog_interval_s = None
+
+        def __init__(self, env=os.environ):
+            pass
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    class Watchdog:  # type: ignore[no-redef]
+        def __init__(self, notifier, stall_s):
+            pass
+
+        def progress(self):
+            pass
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+
+class StartupError(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def gate_settings(cfg: Config, on_trigger=None, on_fired=None, on_reject_failed=None):
+    from firmware_io.gates import GateSettings
+    from firmware_io.timing import RejectTiming
+
+    g = cfg.gate
+    timing = RejectTiming(mode=g.mode, delay_ms=g.delay_ms if g.delay_ms is not None else 0.0,
+                          encoder_offset=g.encoder_offset or 0, pulse_ms=g.pulse_ms)
+    return GateSettings(port=g.port or "", baud=g.baud, timing=timing,
+                        ack_timeout_ms=g.ack_timeout_ms, retries=g.retries,
+                        heartbeat_ms=g.heartbeat_ms, slave_id=g.modbus_slave,
+                        modbus_target=g.modbus_target,
+                        modbus_addresses={g.gate: g.modbus_address},
+                        on_trigger=on_trigger, on_fired=on_fired,
+                        on_reject_failed=on_reject_failed)
+
+
+def mqtt_settings(cfg: Config):
+    from firmware_io.mqtt_link import MqttSettings
+
+    m = cfg.mqtt
+    password = None
+    if m.password_file:
+        password = Path(m.password_file).read_text().strip()
+    return MqttSettings(host=m.host, port=m.port, prefix=m.prefix, station=cfg.station.id,
+                        username=m.username, password=password, tls=m.tls,
+                        ca_file=str(m.ca_file) if m.ca_file else None,
+                        cert_file=str(m.cert_file) if m.cert_file else None,
+                        key_file=str(m.key_file) if m.key_file else None,
+                        outbox_path=str(m.outbox), outbox_max=m.outbox_max,
+                        commands_enabled=m.commands, publish_results=m.publish_results,
+                        metrics_interval_s=m.metrics_interval_s)
+
+
+# Sections whose change needs a restart (the rest is applied by a reload).
+_RESTART_SECTIONS = ("station", "camera", "gate", "mqtt", "metrics")
+
+
+class Agent:
+    """One running station. Keyword hooks are for the demo, tests and benchmarks:
+
+    engine_wrap   callable(Engine) -> Engine, e.g. a slow or failing wrapper
+    source        a ready Source instead of the one cfg.camera.source names
+    sinks         extra callables(Inspection) in the output thread (live printing)
+    on_fired      callable(part, gate, t_ms) for FIRED reports from a serial gate
+    notifier      an agent.notify.Notifier (default: from the environment)
+    """
+
+    def __init__(self, cfg: Config, *, config_path: str | Path | None = None,
+                 engine_wrap: Callable | None = None, source=None,
+                 sinks: tuple[Callable[[Inspection], None], ...] = (),
+                 on_fired: Callable[[str, int, int], None] | None = None,
+                 notifier=None, ready_timeout_s: float = 30.0,
+                 status_interval_s: float = 5.0):
+        self.cfg = cfg
+        self.config_path = Path(config_path) if config_path else None
+        self.engine_wrap = engine_wrap
+        self._source_override = source
+        self._extra_sinks = tuple(sinks)
+        self._on_fired_cb = on_fired
+        self.notifier = notifier if notifier is not None else Notifier(os.environ)
+        self.ready_timeout_s = ready_timeout_s
+        self.status_interval_s = status_interval_s
+        self.inspector: Inspector | None = None
+        self.pipeline: Pipeline | None = None
+        self.gate = None
+        self.link = None
+        self.recorder: Recorder | None = None
+        self.reporter: Reporter | None = None
+        self.prom = PromMetrics()
+        self.watchdog = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._reload_lock = threading.Lock()
+        self.ready = False
+        self.state = "starting"
+        self.last_reload: dict | None = None
+        self.fired = 0
+        self._t_start = time.monotonic()
+
+    # -- building ------------------------------------------------------------------------
+    def start(self) -> "Agent":
+        cfg = self.cfg
+        try:
+            self.inspector = Inspector.from_config(cfg, wrap=self.engine_wrap)
+        except InspectorError as e:
+            raise StartupError([f"model.bundle: {e}"]) from None
+        log.info("model: %s", self.inspector.describe())
+        self.prom.set_model(self.inspector.info())
+        try:
+            self.prom.serve(cfg.metrics.port, cfg.metrics.bind)
+        except OSError as e:
+            raise StartupError([f"metrics.port: cannot listen on {cfg.metrics.bind}:"
+                                f"{cfg.metrics.port}: {e.strerror or e}"]) from None
+        try:
+            if cfg.mqtt.enabled:
+                from firmware_io.mqtt_link import MqttLink
+
+                try:
+                    settings = mqtt_settings(cfg)
+                except OSError as e:
+                    raise StartupError([f"mqtt.password_file: {e}"]) from None
+                Path(settings.outbox_path).parent.mkdir(parents=True, exist_ok=True)
+                self.link = MqttLink(settings, on_command=self.command,
+                                     status_fields=self._status_fields)
+                self.link.start()
+            if cfg.recorder.enabled:
+                self.recorder = Recorder(cfg.recorder.dir, cfg.recorder.max_mb,
+                                         cfg.recorder.pass_sample).start()
+            self.reporter = Reporter(cfg.station.id, self.link, self.recorder,
+                                     cfg.inspection.failsafe)
+            from firmware_io.gates import create_gate
+
+            self.gate = create_gate(cfg.gate.kind,
+                                    gate_settings(cfg, self._on_trigger, self._on_fired),
+                                    link=self.link)
+            self.gate.open()
+            source = self._source_override or open_source(
+                cfg.camera.source, loop=cfg.camera.loop, width=cfg.camera.width,
+                height=cfg.camera.height, read_timeout_s=cfg.camera.stall_timeout_s)
+            self.watchdog = Watchdog(self.notifier, max(30.0, 3 * (cfg.camera.reconnect_max_s
+                                                                  + cfg.camera.stall_timeout_s)))
+            sinks = [self.reporter, self.prom, self._progress, *self._extra_sinks]
+            self.pipeline = Pipeline(
+                source, self.inspector, gate=self.gate, sinks=sinks,
+                deadline_ms=cfg.inspection.deadline_ms, failsafe=cfg.inspection.failsafe,
+                queue_size=cfg.inspection.queue_size, gate_number=cfg.gate.gate,
+                fps=cfg.camera.fps, reconnect_max_s=cfg.camera.reconnect_max_s,
+                stall_timeout_s=cfg.camera.stall_timeout_s, on_state=self._on_state,
+                keep_images=self.recorder is not None)
+            log.info("part ids: %s-<seq>", self.pipeline.prefix)
+            self.pipeline.start()
+            self.watchdog.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _progress(self, insp: Inspection) -> None:
+        self.watchdog.progress()
+        if not self.ready:
+            self._wake.set()
+
+    def _on_trigger(self, part: str, encoder: int) -> None:
+        if self.pipeline is not None:
+            self.pipeline.on_trigger(part, encoder)
+
+    def _on_fired(self, part: str, gate: int, t_ms: int) -> None:
+        self.fired += 1
+        if self._on_fired_cb is not None:
+            self._on_fired_cb(part, gate, t_ms)
+
+    def _on_state(self, component: str, state: str, reason: str) -> None:
+        self._wake.set()
+
+    def _status_fields(self) -> dict:
+        insp = self.pipeline.inspector if self.pipeline else self.inspector
+        out = {"version": __version__, "state_detail": self.health()}
+        if insp is not None:
+            out.update(model_sha256=insp.model_sha256, model=insp.bundle.name,
+                       threshold=insp.threshold)
+        if self.last_reload:
+            out["last_reload"] = self.last_reload
+        return out
+
+    # -- state ---------------------------------------------------------------------------
+    def health(self) -> dict:
+        p = self.pipeline
+        return {
+            "source": p.source_state if p else "starting",
+            "source_reason": p.source_reason if p else "",
+            "gate": self.gate.state() if self.gate is not None else "none",
+            "mqtt": self.link.state() if self.link is not None else "off",
+            "paused": bool(p and p.paused),
+        }
+
+    def overall_state(self) -> str:
+        h = self.health()
+        if h["paused"]:
+            return "paused"
+        if h["source"] == "degraded" or h["gate"] in ("degraded", "down"):
+            return "degraded"
+        return "online"
+
+    def status_line(self) -> str:
+        p = self.pipeline
+        s = p.stats()
+        h = self.health()
+        return (f"{self.overall_state()}: {s['rate']:.1f} parts/s, {s['parts']} parts, "
+                f"{s['reject']} rejects, {s['failsafe']} failsafe, p99 "
+                f"{s['latency_ms']['p99'] or 0:.1f} ms; source {h['source']}, gate {h['gate']}, "
+                f"mqtt {h['mqtt']}")
+
+    def metrics_payload(self) -> dict:
+        p = self.pipeline
+        out = p.stats()
+        out["state"] = self.overall_state()
+        out["threshold"] = p.inspector.threshold
+        out["model_sha256"] = p.inspector.model_sha256
+        if self.gate is not None:
+            out["gate"] = {"state": self.gate.state(), **self.gate.counters()}
+        if self.recorder is not None:
+            out["recorder"] = self.recorder.counters()
+        if self.link is not None:
+            out["outbox_depth"] = self.link.outbox_depth()
+        return out
+
+    # -- commands and reload -------------------------------------------------------------
+    def command(self, verb: str, args: dict) -> dict:
+        """MQTT commands (already schema-checked by the link)."""
+        p = self.pipeline
+        if p is None:
+            return {"ok": False, "error": "not running yet"}
+        if verb == "pause":
+            p.pause()
+            log.warning("inspection PAUSED by command: every part is FAILSAFE (%s) until resume",
+                        self.cfg.inspection.failsafe)
+            self._publish_status()
+            return {"ok": True, "paused": True}
+        if verb == "resume":
+            p.resume()
+            log.info("inspection resumed by command")
+            self._publish_status()
+            return {"ok": True, "paused": False}
+        if verb == "threshold":
+            old = p.inspector.threshold
+            p.set_threshold(float(args["value"]))
+            self.prom.set_model(p.inspector.info())
+            log.info("threshold %g -> %g by command", old, p.inspector.threshold)
+            self._publish_status()
+            return {"ok": True, "threshold": p.inspector.threshold, "previous": old}
+        if verb == "reload":
+            return self.reload("mqtt")
+        return {"ok": False, "error": f"unknown command {verb!r}"}
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def reload(self, origin: str = "SIGHUP") -> dict:
+        """Re-read the config and the model; swap them in atomically, or refuse and keep
+        the running ones. Returns {"ok": bool, ...} (also the MQTT reply)."""
+        with self._reload_lock:
+            self.notifier.reloading()
+            old = self.pipeline.inspector
+            try:
+                new_cfg = load_config(self.config_path) if self.config_path else self.cfg
+                new = Inspector.from_config(new_cfg, wrap=self.engine_wrap)
+            except ConfigError as e:
+                result = {"ok": False, "error": "config: " + "; ".join(e.problems)}
+            except InspectorError as e:
+                result = {"ok": False, "error": f"model: {e}"}
+            except Exception as e:  # noqa: BLE001 - whatever it is, keep the old one
+                result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            else:
+                p = self.pipeline
+                p.swap_inspector(new)
+                p.deadline_ns = int(new_cfg.inspection.deadline_ms * 1e6)
+                p.failsafe = new_cfg.inspection.failsafe
+                if self.reporter is not None:
+                    self.reporter.failsafe_policy = new_cfg.inspection.failsafe
+                if self.recorder is not None:
+                    self.recorder.pass_sample = new_cfg.recorder.pass_sample
+                    self.recorder.max_bytes = int(new_cfg.recorder.max_mb * 1024 * 1024)
+                restart = [s for s in _RESTART_SECTIONS
+                           if getattr(new_cfg, s) != getattr(self.cfg, s)]
+                self.cfg = new_cfg
+                self.prom.set_model(new.info())
+                result = {"ok": True, "model_sha256": new.model_sha256,
+                          "previous_sha256": old.model_sha256, "threshold": new.threshold}
+                if restart:
+                    result["needs_restart"] = restart
+                    log.warning("reload: changes to [%s] take effect only after a restart",
+                                "], [".join(restart))
+                log.info("reload (%s): now running %s", origin, new.describe())
+            result["origin"] = origin
+            result["ts"] = round(time.time(), 3)
+            self.last_reload = result
+            self.prom.reloads.labels("ok" if result["ok"] else "refused").inc()
+            if not result["ok"]:
+                log.error("reload (%s) REFUSED: %s; still running %s", origin, result["error"],
+                          old.describe())
+            if self.link is not None:
+                self.link.publish_raw("events/reload", result, qos=1)
+            self._publish_status()
+            self.notifier.ready(self.status_line() if self.pipeline else "")
+            return result
+
+    # -- the supervising loop ------------------------------------------------------------
+    def _publish_status(self) -> None:
+        if self.link is not None:
+            try:
+                self.link.publish_status(self.overall_state())
+            except Exception:  # noqa: BLE001
+                log.exception("status publish failed")
+
+    def _update_prom(self) -> None:
+        p = self.pipeline
+        h = self.health()
+        self.prom.update(queues=p.queue_depths(), gate=h["gate"], source=h["source"],
+                         mqtt=h["mqtt"],
+                         outbox=self.link.outbox_depth() if self.link is not None else None,
+                         paused=h["paused"],
+                         recorder=self.recorder.counters() if self.recorder else None)
+
+    def run(self) -> int:
+        """Supervise until stopped or the source ends; then drain and close. Exit code."""
+        p = self.pipeline
+        t_start = time.monotonic()
+        next_tick = next_status = next_metrics = 0.0
+        last_state = None
+        metrics_every = self.cfg.mqtt.metrics_interval_s
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(0.25)
+                self._wake.clear()
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload("SIGHUP")
+                now = time.monotonic()
+                if not self.ready and (p.counts["parts"] > 0 or
+                                       now - t_start > self.ready_timeout_s or p.finished):
+                    self.ready = True
+                    self.notifier.ready(self.status_line())
+                    log.info("ready: %s", self.status_line())
+                if p.finished:
+                    log.info("source ended: %s", p.source_reason or "done")
+                    break
+                if now >= next_tick:
+                    next_tick = now + 0.5
+                    p.check_stall()
+                    self._update_prom()
+                    state = self.overall_state()
+                    if state != last_state:
+                        if last_state is not None:
+                            log.log(logging.WARNING if state == "degraded" else logging.INFO,
+                                    "state %s -> %s (%s)", last_state, state, self.health())
+                        last_state = state
+                        self._publish_status()
+                if now >= next_status:
+                    next_status = now + self.status_interval_s
+                    self.notifier.status(self.status_line())
+                if self.link is not None and now >= next_metrics:
+                    next_metrics = now + metrics_every
+                    self.link.publish_metrics(self.metrics_payload())
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self, drain_timeout: float = 10.0) -> None:
+        """STOPPING; finish every part in flight (gate + reports), then close everything."""
+        if self.pipeline is not None and not getattr(self, "_shut", False):
+            self._shut = True
+            self.notifier.stopping()
+            t = time.monotonic()
+            drained = self.pipeline.stop(drain_timeout)
+            s = self.pipeline.stats()
+            log.info("stopped: %s parts (%s pass, %s reject, %s failsafe) in flight drained %s "
+                     "in %.0f ms", s["parts"], s["pass"], s["reject"], s["failsafe"],
+                     "fully" if drained else "NOT fully", (time.monotonic() - t) * 1e3)
+            if self.link is not None:
+                self.link.publish_metrics(self.metrics_payload())
+        self.close()
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
+        if self.link is not None:
+            if self.link.outbox_depth() and self.link.connected():
+                self.link.wait_drained(2.0)
+            self.link.stop()
+        if self.gate is not None:
+            try:
+                self.gate.close()
+            except Exception:  # noqa: BLE001
+                log.exception("gate close failed")
+        self.prom.close()
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog=argv[0], description="Run the inspection daemon.")
+    ap.add_argument("--config", "-c", required=True, help="path to config.toml")
+    ap.add_argument("--no-devices", action="store_true",
+                    help="start even if the camera or gate device is not plugged in yet")
+    args = ap.parse_args(argv[1:])
+    from .logs import setup_logging
+
+    setup_logging("INFO")
+    try:
+        cfg = load_config(args.config, strict_devices=not args.no_devices)
+    except ConfigError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(cfg.log.level)
+    log.info("edge-inspect %s starting: station %s, config %s", __version__, cfg.station.id,
+             args.config)
+    agent = Agent(cfg, config_path=args.config)
+    try:
+        agent.start()
+    except StartupError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
+    return agent.run()

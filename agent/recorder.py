@@ -1,0 +1,179 @@
+"""Saves every rejected part's image (and a sample of passes) with its inspection JSON,
+for retraining, under a disk quota (oldest deleted first).
+
+It runs in its own thread behind a bounded queue: the pipeline never waits for the disk.
+A full queue or a full/broken disk drops the image (logged, counted), never the verdict.
+
+Layout: <dir>/<YYYYMMDD>/<verdict>/<part>.png + <part>.json
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .types import Inspection, Verdict
+
+log = logging.getLogger("recorder")
+
+
+class Recorder:
+    def __init__(self, directory: str | Path, max_mb: float = 2048, pass_sample: float = 0.01,
+                 *, queue_size: int = 64, ext: str = ".png", seed: int | None = None):
+        self.dir = Path(directory)
+        self.max_bytes = int(max_mb * 1024 * 1024)
+        self.pass_sample = float(pass_sample)
+        self.ext = ext
+        self._q: queue.Queue = queue.Queue(queue_size)
+        self._rng = random.Random(seed)
+        self._thread: threading.Thread | None = None
+        self._files: collections.deque = collections.deque()   # (stem path, bytes), oldest first
+        self.bytes = 0
+        self.saved = 0
+        self.deleted = 0
+        self.dropped: collections.Counter = collections.Counter()
+        self._last_err_log = 0.0
+        self._idle = threading.Event()
+        self._idle.set()
+
+    # -- pipeline side (output thread) ---------------------------------------------------
+    def want(self, insp: Inspection) -> str | None:
+        """Decide whether this part's image is kept; the path it will get, or None."""
+        if insp.image is None:
+            return None
+        if insp.verdict is Verdict.PASS and not (self.pass_sample > 0 and
+                                                 self._rng.random() < self.pass_sample):
+            return None
+        if self._q.full():
+            self.dropped["queue_full"] += 1
+            return None
+        day = time.strftime("%Y%m%d", time.localtime(insp.t_wall))
+        return str(self.dir / day / insp.verdict.value.lower() / (insp.part_id + self.ext))
+
+    def put(self, path: str, image: np.ndarray, record: dict) -> bool:
+        try:
+            self._q.put_nowait((path, image, record))
+            self._idle.clear()
+            return True
+        except queue.Full:
+            self.dropped["queue_full"] += 1
+            return False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> "Recorder":
+        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._q.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        return self._idle.wait(timeout)
+
+    def counters(self) -> dict:
+        return {"saved": self.saved, "deleted": self.deleted, "bytes": self.bytes,
+                "dropped": dict(self.dropped), "queued": self._q.qsize()}
+
+    # -- the recorder thread -------------------------------------------------------------
+    def _scan(self) -> None:
+        found = []
+        if self.dir.is_dir():
+            for root, _dirs, files in os.walk(self.dir):
+                for f in files:
+                    if f.endswith(".json") or f.endswith(self.ext):
+                        p = os.path.join(root, f)
+                        try:
+                            st = os.stat(p)
+                        except OSError:
+                            continue
+                        found.append((st.st_mtime, p, st.st_size))
+        found.sort()
+        for _m, p, size in found:
+            self._files.append((p, size))
+            self.bytes += size
+        self._enforce()
+
+    def _run(self) -> None:
+        try:
+            self._scan()
+        except Exception:  # noqa: BLE001
+            log.exception("recorder: cannot scan %s", self.dir)
+        while True:
+            try:
+                item = self._q.get(timeout=0.2)
+            except queue.Empty:
+                self._idle.set()
+                continue
+            if item is None:
+                self._idle.set()
+                return
+            try:
+                self._save(*item)
+            except Exception:  # noqa: BLE001 - never let the recorder thread die
+                log.exception("recorder: unexpected error")
+                self.dropped["error"] += 1
+            if self._q.empty():
+                self._idle.set()
+
+    def _save(self, path: str, image: np.ndarray, record: dict) -> None:
+        img_path = Path(path)
+        json_path = img_path.with_suffix(".json")
+        written: list[Path] = []
+        try:
+            ok, buf = cv2.imencode(self.ext, image)
+            if not ok:
+                raise ValueError(f"cannot encode a {image.shape} image as {self.ext}")
+            data = buf.tobytes()
+            meta = json.dumps(record, default=str, indent=1).encode()
+            img_path.parent.mkdir(parents=True, exist_ok=True)
+            for p, d in ((img_path, data), (json_path, meta)):
+                with open(p, "wb") as f:
+                    written.append(p)
+                    f.write(d)
+        except (OSError, ValueError, cv2.error) as e:
+            for p in written:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            reason = "disk_full" if isinstance(e, OSError) and e.errno == 28 else \
+                "write_error" if isinstance(e, OSError) else "encode_error"
+            self.dropped[reason] += 1
+            now = time.monotonic()
+            if now - self._last_err_log > 10:
+                self._last_err_log = now
+                log.error("recorder: image of part %s not saved (%s): %s",
+                          record.get("part"), reason, e)
+            return
+        for p, d in ((img_path, data), (json_path, meta)):
+            self._files.append((str(p), len(d)))
+            self.bytes += len(d)
+        self.saved += 1
+        self._enforce()
+
+    def _enforce(self) -> None:
+        while self.bytes > self.max_bytes and self._files:
+            p, size = self._files.popleft()
+            try:
+                os.unlink(p)
+                self.deleted += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("recorder: cannot delete %s: %s", p, e)
+            self.bytes -= size

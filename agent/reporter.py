@@ -1,0 +1,86 @@
+"""The reporter: turns each Inspection into MQTT events and a recorder entry (output thread).
+
+Every rejected or FAILSAFE part becomes a durable alert on <prefix>/<station>/events/reject
+(through firmware_io's MqttLink and its SQLite outbox); passes go to events/result when
+publish_results is on. The payload is `event_payload()`; see docs/agent.md for the fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+from .recorder import Recorder
+from .types import Inspection, Verdict
+
+log = logging.getLogger("reporter")
+
+
+def _r(x: float, nd: int = 3):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, nd)
+
+
+def event_payload(insp: Inspection, station: str, failsafe_policy: str = "reject",
+                  image_path: str | None = None) -> dict:
+    action = "reject" if insp.verdict is Verdict.REJECT or (
+        insp.verdict is Verdict.FAILSAFE and failsafe_policy == "reject") else "pass"
+    return {
+        "part": insp.part_id,
+        "station": station,
+        "seq": insp.seq,
+        "source_ref": insp.source_ref,
+        "t_capture": round(insp.t_wall, 6),
+        "verdict": insp.verdict.value,
+        "action": action,
+        "label": insp.label,
+        "score": _r(insp.score, 5),
+        "threshold": insp.threshold,
+        "reason": insp.reason,
+        "model_sha256": insp.model_sha256,
+        "latency_ms": _r(insp.latency_ms),
+        "timings": {k: round(v, 3) for k, v in insp.timings_ms.items()},
+        "gate": {"target": insp.gate_target, "late": insp.gate_late, "error": insp.gate_error},
+        "encoder": insp.encoder,
+        "image_path": image_path,
+    }
+
+
+class Reporter:
+    """A pipeline sink. `link` is a firmware_io MqttLink (or None: no MQTT)."""
+
+    def __init__(self, station: str, link=None, recorder: Recorder | None = None,
+                 failsafe_policy: str = "reject",
+                 on_event: Callable[[dict], None] | None = None):
+        self.station = station
+        self.link = link
+        self.recorder = recorder
+        self.failsafe_policy = failsafe_policy
+        self.on_event = on_event
+        self.alerts = 0
+        self.results = 0
+        self.errors = 0
+        self.publish_results = bool(link is not None and getattr(link.settings, "publish_results",
+                                                                 False))
+
+    def __call__(self, insp: Inspection) -> None:
+        path = self.recorder.want(insp) if self.recorder is not None else None
+        alert = insp.verdict is not Verdict.PASS
+        if not (alert or path or self.publish_results or self.on_event):
+            return
+        payload = event_payload(insp, self.station, self.failsafe_policy, path)
+        if path is not None:
+            self.recorder.put(path, insp.image, payload)
+        if self.link is not None:
+            try:
+                if alert:
+                    self.link.publish_alert(payload)
+                    self.alerts += 1
+                elif self.publish_results:
+                    self.link.publish_result(payload)
+                    self.results += 1
+            except Exception as e:  # noqa: BLE001 - e.g. outbox full/disk error: log, count
+                self.errors += 1
+                log.error("part %s: MQTT event not queued: %s", insp.part_id, e)
+        if self.on_event is not None:
+            self.on_event(payload)
