@@ -119,7 +119,7 @@ class Agent:
                  sinks: tuple[Callable[[Inspection], None], ...] = (),
                  on_fired: Callable[[str, int, int], None] | None = None,
                  notifier=None, ready_timeout_s: float = 30.0,
-                 status_interval_s: float = 5.0):
+                 status_interval_s: float = 5.0, gate_wait_s: float = 3.0):
         self.cfg = cfg
         self.config_path = Path(config_path) if config_path else None
         self.engine_wrap = engine_wrap
@@ -128,6 +128,7 @@ class Agent:
         self._on_fired_cb = on_fired
         self.notifier = notifier if notifier is not None else Notifier(os.environ)
         self.ready_timeout_s = ready_timeout_s
+        self.gate_wait_s = gate_wait_s
         self.status_interval_s = status_interval_s
         self.inspector: Inspector | None = None
         self.pipeline: Pipeline | None = None
@@ -184,6 +185,14 @@ class Agent:
                                     gate_settings(cfg, self._on_trigger, self._on_fired),
                                     link=self.link)
             self.gate.open()
+            if cfg.gate.kind != "none":
+                # Give the gate controller a moment to answer HELLO before parts flow (if it
+                # does not, rejects are counted as gate errors and the firmware's own
+                # no-heartbeat fail-safe diverts everything meanwhile).
+                t_end = time.monotonic() + self.gate_wait_s
+                while self.gate.state() != "connected" and time.monotonic() < t_end:
+                    time.sleep(0.02)
+                log.info("gate %s: %s", cfg.gate.kind, self.gate.state())
             source = self._source_override or open_source(
                 cfg.camera.source, loop=cfg.camera.loop, width=cfg.camera.width,
                 height=cfg.camera.height, read_timeout_s=cfg.camera.stall_timeout_s)

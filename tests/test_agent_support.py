@@ -198,3 +198,26 @@ def test_tiny_bundle_separates_synthetic_images():
             score, label = defect_score(eng.invoke(preprocess(make_image(defect, i), b.input)), b)
             assert (score >= b.threshold) == defect, (i, defect, score)
             assert label == "defect"
+
+
+def agent_cfg(tmp: Path, source, *, broker=None, gate_port: str | None = None, delay_ms=400,
+              deadline_ms=250, **sections):
+    """A validated agent Config for tests: sections override/extend the defaults."""
+    from agent.config import parse_config
+
+    raw = {
+        "station": {"id": "test-st"},
+        "camera": {"source": str(source), "reconnect_max_s": 0.5, "stall_timeout_s": 2},
+        "model": {"bundle": str(tiny_bundle()), "threads": 1},
+        "inspection": {"deadline_ms": deadline_ms, "queue_size": 2},
+        "gate": ({"kind": "serial", "port": gate_port, "delay_ms": delay_ms,
+                  "ack_timeout_ms": 50, "heartbeat_ms": 200} if gate_port else {"kind": "none"}),
+        "mqtt": ({"enabled": True, "host": broker.host, "port": broker.port,
+                  "outbox": str(tmp / "outbox.sqlite"), "commands": True,
+                  "metrics_interval_s": 1} if broker else {"enabled": False}),
+        "metrics": {"port": 0},
+        "recorder": {"dir": str(tmp / "rec"), "pass_sample": 0.0},
+    }
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return parse_config(raw, tmp)

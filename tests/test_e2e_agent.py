@@ -1,0 +1,349 @@
+"""End to end, in process: real sources (folder, MJPG video), the real tiny int8 model, the
+serial gate against the gate simulator on a pty, a real MQTT broker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import tty
+from pathlib import Path
+
+import pytest
+
+from agent.daemon import Agent
+from agent.inspector import WrappedEngine
+from agent.types import Verdict
+from firmware_io.gate_sim import GateSimulator
+from test_agent_support import MqttCollector, agent_cfg, make_folder, make_video, wait_for
+
+DELAY = 400
+
+
+class Rig:
+    """A symlinked pty gate port with the simulator on the other end (re-pluggable)."""
+
+    def __init__(self, tmp: Path):
+        self.link = tmp / "ttyGATE"
+        self.sim: GateSimulator | None = None
+        self.fds: tuple[int, int] | None = None
+        self.plug()
+
+    def plug(self):
+        master, slave = os.openpty()
+        tty.setraw(master)
+        tty.setraw(slave)
+        if self.link.is_symlink():
+            self.link.unlink()
+        self.link.symlink_to(os.ttyname(slave))
+        self.fds = (master, slave)
+        if self.sim is None:
+            self.sim = GateSimulator(fd=master, hb_timeout_ms=5000).start()
+        else:
+            self.sim.swap_fd(master)
+
+    def unplug(self):
+        self.link.unlink()
+        self.sim.swap_fd(None)
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = None
+
+    def close(self):
+        self.sim.stop()
+        if self.fds:
+            for fd in self.fds:
+                os.close(fd)
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def run_agent(agent: Agent) -> threading.Thread:
+    agent.start()
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    return t
+
+
+def collect(agent: Agent):
+    got = []
+    agent._extra_sinks = (got.append,)
+    return got
+
+
+@pytest.mark.parametrize("kind", ["folder", "video"])
+def test_every_defect_reaches_gate_and_mqtt(kind, tmp_path, rig, mqtt_broker):
+    pattern = "gddgdggdgdddg"
+    if kind == "folder":
+        files = make_folder(tmp_path / "imgs", pattern)
+        src, truth = tmp_path / "imgs", [d for _n, d in files]
+    else:
+        truth = make_video(tmp_path / "parts.avi", pattern)
+        src = tmp_path / "parts.avi"
+    cfg = agent_cfg(tmp_path, src, broker=mqtt_broker, gate_port=str(rig.link), delay_ms=DELAY,
+                    camera={"fps": 40})
+    col = MqttCollector(mqtt_broker.host, mqtt_broker.port, "edge-inspect/test-st/#")
+    got = []
+    agent = Agent(cfg, sinks=(got.append,))
+    th = run_agent(agent)
+    th.join(20)
+    assert not th.is_alive(), "the run should end with the source"
+    assert [i.verdict for i in got] == [Verdict.REJECT if d else Verdict.PASS for d in truth]
+    rejected = [i for i in got if i.verdict is Verdict.REJECT]
+    ids = [i.part_id for i in rejected]
+    assert len(set(i.part_id for i in got)) == len(got)
+    assert all(" " not in p and len(p) <= 32 for p in ids)
+    sim = rig.sim
+    wait_for(lambda: len(sim.fired) >= len(ids), timeout=5, what="every reject fired")
+    time.sleep(0.1)
+    fired = {}
+    for ev in sim.fired:
+        fired.setdefault(ev.part, []).append(ev)
+    assert sorted(fired) == sorted(ids), "exactly the defects fired"
+    for insp in rejected:
+        (ev,) = fired[insp.part_id]                           # exactly once
+        assert ev.at == insp.gate_target and ev.at.startswith("d")
+        assert abs(int(ev.at[1:]) - (DELAY - insp.latency_ms)) <= 2
+        # the pulse was due when the part reaches the gate: capture + travel delay
+        assert abs((ev.scheduled_ns - insp.t_capture_ns) / 1e6 - DELAY) < 15
+    events = wait_for(lambda: len(col.on("events/reject")) >= len(ids) and col.on("events/reject"),
+                      timeout=10, what="MQTT reject events")
+    time.sleep(0.2)
+    events = col.on("events/reject")
+    assert sorted(e["part"] for e in events) == sorted(ids)
+    by_part = {e["part"]: e for e in events}
+    for insp in rejected:
+        e = by_part[insp.part_id]
+        for key in ("part", "source_ref", "t_capture", "label", "score", "verdict",
+                    "model_sha256", "latency_ms", "station", "threshold", "reason", "timings",
+                    "image_path"):
+            assert key in e, key
+        assert e["verdict"] == "REJECT" and e["label"] == "defect" and e["score"] >= 0.5
+        assert e["source_ref"] == insp.source_ref
+        assert e["model_sha256"] == agent.inspector.model_sha256
+        assert Path(e["image_path"]).exists()                 # recorder kept every reject
+    if kind == "folder":
+        assert [i.source_ref for i in got] == [n for n, _d in files]
+    col.close()
+
+
+class Slow(WrappedEngine):
+    def __init__(self, inner, delay_s=0.08, fail_every=0):
+        super().__init__(inner)
+        self.delay_s, self.fail_every, self.n = delay_s, fail_every, 0
+
+    def invoke(self, pixels):
+        self.n += 1
+        if self.fail_every and self.n % self.fail_every == 0:
+            raise RuntimeError("injected inference failure")
+        time.sleep(self.delay_s)
+        return self.inner.invoke(pixels)
+
+
+def test_slow_or_failing_inference_is_failsafe_rejected(tmp_path, mqtt_broker):
+    make_folder(tmp_path / "imgs", "g" * 8)           # all good: only FAILSAFE can reject
+    cfg = agent_cfg(tmp_path, tmp_path / "imgs", broker=mqtt_broker, deadline_ms=40)
+    col = MqttCollector(mqtt_broker.host, mqtt_broker.port, "edge-inspect/test-st/events/#")
+    slow = {}
+
+    def wrap(e):
+        slow["e"] = Slow(e, delay_s=0.06, fail_every=0)
+        return slow["e"]
+
+    got = []
+    agent = Agent(cfg, engine_wrap=wrap, sinks=(got.append,))
+    th = run_agent(agent)
+    th.join(20)
+    assert len(got) == 8 and all(i.verdict is Verdict.FAILSAFE for i in got)
+    assert all(i.reason.startswith("deadline") for i in got)
+    # most were judged hopeless before inference rather than run late
+    assert slow["e"].n < 8
+    gate = agent.gate                                       # kind "none" records what it did
+    assert sorted(o.part_id for o in gate.records) == sorted(i.part_id for i in got)
+    wait_for(lambda: len(col.on("events/reject")) >= 8, what="failsafe alerts")
+    assert {e["verdict"] for e in col.on("events/reject")} == {"FAILSAFE"}
+    assert agent.pipeline.failsafes["deadline"] == 8
+    col.close()
+
+
+def test_inference_error_and_corrupt_image_are_failsafe(tmp_path):
+    files = make_folder(tmp_path / "imgs", "gggggg")
+    (tmp_path / "imgs" / "003_corrupt.png").write_bytes(b"\x89PNG not really")
+    cfg = agent_cfg(tmp_path, tmp_path / "imgs")
+    got = []
+    agent = Agent(cfg, engine_wrap=lambda e: Slow(e, delay_s=0, fail_every=3),
+                  sinks=(got.append,))
+    run_agent(agent).join(20)
+    by_ref = {i.source_ref: i for i in got}
+    assert len(got) == len(files) + 1
+    bad = by_ref["003_corrupt.png"]
+    assert bad.verdict is Verdict.FAILSAFE and bad.reason.startswith("decode_error")
+    errs = [i for i in got if i.reason.startswith("inference_error")]
+    assert len(errs) >= 1 and all(i.verdict is Verdict.FAILSAFE for i in errs)
+    assert "injected" in errs[0].reason
+    # the none gate was told to reject every FAILSAFE part
+    assert {o.part_id for o in agent.gate.records} == {i.part_id for i in got
+                                                      if i.verdict is Verdict.FAILSAFE}
+
+
+def test_failsafe_pass_policy_and_pause(tmp_path, mqtt_broker):
+    make_folder(tmp_path / "imgs", "gdgd" * 3)
+    cfg = agent_cfg(tmp_path, tmp_path / "imgs", broker=mqtt_broker,
+                    camera={"loop": True, "fps": 50})
+    got = []
+    agent = Agent(cfg, sinks=(got.append,))
+    th = run_agent(agent)
+    try:
+        wait_for(lambda: len(got) >= 4, what="parts")
+        agent.command("pause", {})
+        n0 = len(got)
+        wait_for(lambda: len(got) >= n0 + 6, what="paused parts")
+        agent.command("resume", {})
+        n1 = len(got)
+        wait_for(lambda: len(got) >= n1 + 6, what="resumed parts")
+        paused = [i for i in got[n0 + 2:n1] if i.reason == "paused"]
+        assert paused and all(i.verdict is Verdict.FAILSAFE for i in paused)
+        assert all(i.reason != "paused" for i in got[n1 + 2:])
+        assert agent.command("threshold", {"value": 0.99})["threshold"] == 0.99
+        n2 = len(got)
+        wait_for(lambda: len(got) >= n2 + 4, what="parts at new threshold")
+        assert got[-1].threshold == 0.99
+    finally:
+        agent.request_stop()
+        th.join(10)
+    assert not th.is_alive()
+
+
+@pytest.mark.parametrize("kind", ["folder", "video", "raising"])
+def test_vanished_source_degrades_and_recovers(kind, tmp_path, mqtt_broker):
+    col = MqttCollector(mqtt_broker.host, mqtt_broker.port, "edge-inspect/test-st/status")
+    source = None
+    if kind == "folder":
+        make_folder(tmp_path / "imgs", "gdgg")
+        src = tmp_path / "imgs"
+    elif kind == "video":
+        make_video(tmp_path / "v.avi", "gdgg")
+        src = tmp_path / "v.avi"
+        shutil.copy(src, tmp_path / "v.bak")
+    else:
+        from agent.sources import FolderSource, SourceError
+
+        make_folder(tmp_path / "imgs", "gdgg")
+        src = tmp_path / "imgs"
+
+        class Flaky(FolderSource):
+            broken = False
+
+            def read(self):
+                if self.broken:
+                    raise SourceError("injected: camera cable pulled")
+                return super().read()
+
+        source = Flaky(str(src), loop=True)
+    cfg = agent_cfg(tmp_path, src, broker=mqtt_broker, camera={"loop": True, "fps": 50})
+    got = []
+    agent = Agent(cfg, source=source, sinks=(got.append,))
+    th = run_agent(agent)
+    try:
+        wait_for(lambda: len(got) >= 6, what="parts")
+        if kind == "folder":
+            os.rename(src, tmp_path / "gone")
+        elif kind == "video":
+            os.truncate(src, 0)
+        else:
+            source.broken = True
+        wait_for(lambda: agent.health()["source"] == "degraded", what="degraded")
+        wait_for(lambda: any(s and s.get("state") == "degraded" for s in col.on("status")),
+                 what="degraded status on MQTT")
+        n = len(got)
+        time.sleep(0.3)
+        assert len(got) <= n + 1
+        if kind == "folder":
+            os.rename(tmp_path / "gone", src)
+        elif kind == "video":
+            shutil.copy(tmp_path / "v.bak", src)
+        else:
+            source.broken = False
+        wait_for(lambda: agent.health()["source"] == "connected", what="recovered")
+        wait_for(lambda: len(got) >= n + 6, what="parts after recovery")
+        wait_for(lambda: (col.on("status") or [{}])[-1].get("state") == "online",
+                 what="online again")
+    finally:
+        agent.request_stop()
+        th.join(10)
+        col.close()
+
+
+def test_gate_and_broker_vanish_no_alert_lost(tmp_path, rig, own_broker):
+    make_folder(tmp_path / "imgs", "dgdd")
+    cfg = agent_cfg(tmp_path, tmp_path / "imgs", broker=own_broker, gate_port=str(rig.link),
+                    camera={"loop": True, "fps": 25})
+    col = MqttCollector(own_broker.host, own_broker.port, "edge-inspect/test-st/events/reject")
+    col.c.reconnect_delay_set(0.05, 0.2)
+    got = []
+    agent = Agent(cfg, sinks=(got.append,))
+    th = run_agent(agent)
+    try:
+        wait_for(lambda: len(got) >= 4, what="parts")
+        # -- the gate vanishes (adapter unplugged) and comes back
+        rig.unplug()
+        wait_for(lambda: agent.gate.state() == "down", what="gate down")
+        wait_for(lambda: agent.overall_state() == "degraded", what="agent degraded")
+        n = len(got)
+        wait_for(lambda: len(got) >= n + 4, what="parts while the gate is away")
+        missed = [i for i in got[n:] if i.verdict is Verdict.REJECT]
+        assert missed and all(i.gate_error for i in missed)          # counted, reported
+        rig.plug()
+        wait_for(lambda: agent.gate.state() == "connected", timeout=10, what="gate back")
+        n = len(got)
+        wait_for(lambda: len(got) >= n + 4, what="parts after the gate returned")
+        back = [i for i in got[n + 1:] if i.verdict is Verdict.REJECT]
+        wait_for(lambda: {i.part_id for i in back} <= {e.part for e in rig.sim.fired},
+                 what="rejects fire again")
+        # -- the broker vanishes and comes back
+        own_broker.stop()
+        wait_for(lambda: agent.link.state() != "connected", what="mqtt down")
+        n = len(got)
+        wait_for(lambda: len(got) >= n + 8, what="parts while the broker is away")
+        assert agent.link.outbox_depth() > 0
+        own_broker.start()
+        wait_for(lambda: agent.link.state() == "connected", timeout=15, what="mqtt back")
+        wait_for(lambda: agent.link.outbox_depth() == 0, timeout=10, what="outbox drained")
+        n_final = len(got)
+    finally:
+        agent.request_stop()
+        th.join(10)
+    want = {i.part_id for i in got if i.verdict is not Verdict.PASS}
+    wait_for(lambda: want <= {e["part"] for e in col.on("events/reject")}, timeout=10,
+             what="every alert delivered")
+    assert n_final > 0
+    col.close()
+
+
+def test_live_source_overload_is_failsafe_not_dropped(tmp_path):
+    """A live source faster than inference: frames that find the queue full are FAILSAFE'd
+    at once, never dropped silently."""
+    from agent.sources import FolderSource
+
+    make_folder(tmp_path / "imgs", "g" * 10)
+
+    class Live(FolderSource):
+        live = True
+
+    src = Live(str(tmp_path / "imgs"), loop=False)
+    cfg = agent_cfg(tmp_path, tmp_path / "imgs", deadline_ms=1000,
+                    inspection={"queue_size": 1})
+    got = []
+    agent = Agent(cfg, source=src, engine_wrap=lambda e: Slow(e, delay_s=0.03),
+                  sinks=(got.append,))
+    run_agent(agent).join(20)
+    assert len(got) == 10
+    reasons = {i.reason for i in got if i.verdict is Verdict.FAILSAFE}
+    assert "overload" in reasons
+    assert any(i.verdict is Verdict.PASS for i in got)
