@@ -246,19 +246,24 @@ class FolderSource(Source):
                 if not self.files:
                     raise SourceError(f"image folder {self.path} holds no images")
             name = self.files[self.pos]
-            self.pos += 1
-            self.last = name
             full = os.path.join(self.path, name)
             t0 = time.monotonic_ns()
             try:
                 data = np.fromfile(full, dtype=np.uint8)
             except FileNotFoundError:
                 if not os.path.isdir(self.path):
+                    # not read: after the reopen, carry on with this very file
                     raise SourceError(f"image folder {self.path} vanished") from None
+                self.pos += 1
+                self.last = name
                 log.warning("%s vanished before it was read; skipping it", full)
                 continue
             except OSError as e:
+                self.pos += 1
+                self.last = name
                 return Captured(None, name, t0, time.monotonic_ns(), f"unreadable: {e.strerror or e}")
+            self.pos += 1
+            self.last = name
             img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
             t1 = time.monotonic_ns()
             if img is None or img.size == 0:
