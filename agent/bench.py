@@ -1,0 +1,263 @@
+"""edge-inspect bench BUNDLE: will this model keep up with my line, on this box?
+
+Three measurements in one run, on the same source, so they compare on a shared, noisy box:
+1. model only: int8 invoke p50/p99 per backend and thread count (and the float32 model);
+2. the real pipeline (threads, bounded queues) from a video file or image folder;
+3. a naive single-threaded loop (read, preprocess, invoke, decide) on the same source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .bundle import FLOAT_MODEL
+from .engines import ENGINES, EngineError, create_engine
+from .inspector import Inspector, InspectorError
+from .pipeline import Pipeline
+from .preprocess import preprocess
+from .sources import open_source
+from .types import Inspection, Verdict
+
+log = logging.getLogger("bench")
+
+IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def pct(values, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def rss_mb() -> float:
+    """Resident memory now (VmRSS), falling back to the peak where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_invoke(engine, pixels: np.ndarray, seconds: float, min_runs: int = 20) -> list[float]:
+    engine.invoke(pixels)  # warm-up: XNNPACK packs weights on the first call
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < min_runs:
+        t0 = time.perf_counter_ns()
+        engine.invoke(pixels)
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    return times
+
+
+def model_only(bundle, pixels, threads_list, seconds) -> list[dict]:
+    rows = []
+    n = len(bundle.labels)
+    for name, cls in sorted(ENGINES.items()):
+        why = cls.available()
+        if why:
+            rows.append({"backend": name, "model": "int8", "available": False, "reason": why})
+            continue
+        models = [("int8", bundle.model_path)]
+        if name == "cpu" and bundle.file(FLOAT_MODEL):
+            models.append(("float32", bundle.file(FLOAT_MODEL)))
+        for label, path in models:
+            for threads in (threads_list if name == "cpu" else [1]):
+                try:
+                    eng = create_engine(name, path, bundle.input, n, threads=threads)
+                except EngineError as e:
+                    rows.append({"backend": name, "model": label, "available": False, "reason": str(e)})
+                    continue
+                t = time_invoke(eng, pixels, seconds)
+                rows.append({"backend": name, "model": label, "threads": threads, "available": True,
+                             "runs": len(t), "p50_ms": round(pct(t, 50), 3),
+                             "p99_ms": round(pct(t, 99), 3)})
+    return rows
+
+
+def make_video(image: np.ndarray, path: Path, frames: int = 300, fps: float = 30.0) -> Path:
+    """A video of the sample drifting a few pixels per frame, so decode work is real."""
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    h, w = image.shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    if not vw.isOpened():
+        raise RuntimeError(f"OpenCV cannot write {path}")
+    for i in range(frames):
+        vw.write(np.roll(image, (i % 16) - 8, axis=1))
+    vw.release()
+    return path
+
+
+def iter_source(src: str):
+    """Decoded frames of a video file or image folder, in order (the naive loop's reader)."""
+    p = Path(src)
+    if p.is_dir():
+        for f in sorted(x for x in p.iterdir() if x.suffix.lower() in IMAGE_EXT):
+            img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+            if img is not None:
+                yield img
+        return
+    cap = cv2.VideoCapture(src)
+    if not cap.isOpened():
+        raise RuntimeError(f"cannot open source {src}")
+    try:
+        while True:
+            ok, img = cap.read()
+            if not ok:
+                return
+            yield img
+    finally:
+        cap.release()
+
+
+def naive_loop(inspector: Inspector, src: str) -> dict:
+    """read -> preprocess -> invoke -> decide, one part at a time, one thread."""
+    lat, n, rejects = [], 0, 0
+    t_start = time.perf_counter()
+    frames = iter_source(src)
+    while True:
+        t0 = time.perf_counter_ns()
+        img = next(frames, None)
+        if img is None:
+            break
+        verdict, _, _ = inspector.inspect(img)
+        rejects += verdict is Verdict.REJECT
+        lat.append((time.perf_counter_ns() - t0) / 1e6)
+        n += 1
+    wall = time.perf_counter() - t_start
+    return {"parts": n, "rejects": rejects, "seconds": round(wall, 3),
+            "parts_per_s": round(n / wall, 2) if wall else 0.0,
+            "latency_ms_p50": round(pct(lat, 50), 3), "latency_ms_p99": round(pct(lat, 99), 3)}
+
+
+def run_pipeline(inspector: Inspector, src: str, deadline_ms: float) -> dict:
+    """The daemon's own Pipeline (capture, inspect, output threads) from src to a gate that
+    records its commands; every figure comes from the parts' own per-stage timings."""
+    from firmware_io.gates import GateSettings, create_gate
+    from firmware_io.timing import RejectTiming
+
+    gate = create_gate("none", GateSettings(timing=RejectTiming(delay_ms=deadline_ms * 4)))
+    records: list[Inspection] = []
+    pipe = Pipeline(open_source(src), inspector, gate=gate, sinks=[records.append],
+                    deadline_ms=deadline_ms, keep_images=False)
+    t0 = time.perf_counter()
+    pipe.start()
+    pipe.wait()
+    wall = time.perf_counter() - t0
+    decision = [r.timings_ms["total"] - r.timings_ms.get("gate", 0.0) for r in records]
+    to_gate = [r.latency_ms for r in records]
+    misses = sum(r.verdict is Verdict.FAILSAFE for r in records)
+    n = len(records)
+    return {"parts": n, "rejects": sum(r.verdict is Verdict.REJECT for r in records),
+            "failsafes": misses, "seconds": round(wall, 3),
+            "parts_per_s": round(n / wall, 2) if wall else 0.0,
+            "latency_ms_p50": round(pct(decision, 50), 3),
+            "latency_ms_p99": round(pct(decision, 99), 3),
+            "latency_ms_max": round(max(decision, default=float("nan")), 3),
+            "gate_ms_p50": round(pct(to_gate, 50), 3), "gate_ms_p99": round(pct(to_gate, 99), 3),
+            "deadline_miss_rate": round(misses / n, 4) if n else 0.0}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=argv[0], description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="model bundle directory")
+    p.add_argument("--source", help="video file or image folder (default: a video made from "
+                                    "the bundle's own sample image)")
+    p.add_argument("--threads", type=int, action="append",
+                   help="XNNPACK threads to try (repeatable; default: 1 and the CPU count)")
+    p.add_argument("--line-rate", type=float, metavar="PARTS_PER_MIN",
+                   help="the conveyor's rate: reports headroom and a verdict")
+    p.add_argument("--seconds", type=float, default=3.0, help="time per model-only measurement")
+    p.add_argument("--deadline-ms", type=float, default=250.0, help="inspection deadline to judge against")
+    p.add_argument("--frames", type=int, default=300, help="frames in the generated video")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
+    args = p.parse_args(argv[1:])
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    out = sys.stderr if args.json else sys.stdout
+
+    threads_list = sorted(set(args.threads or [1, os.cpu_count() or 1]))
+    try:
+        inspector = Inspector.load(args.bundle, threads=max(threads_list))
+    except InspectorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bundle = inspector.bundle
+    tmp = tempfile.TemporaryDirectory(prefix="edge-inspect-bench-")
+    if args.source:
+        src = args.source
+        if not os.path.exists(src):
+            print(f"error: --source {src} does not exist", file=sys.stderr)
+            return 2
+        sample = next(iter_source(src), None)
+    else:
+        if not bundle.sample:
+            print("error: the bundle has no sample image; pass --source", file=sys.stderr)
+            return 2
+        sample = cv2.imread(str(bundle.path / bundle.sample), cv2.IMREAD_UNCHANGED)
+        src = str(make_video(sample, Path(tmp.name) / "bench.avi", frames=args.frames))
+    if sample is None:
+        print(f"error: no frame could be read from {src}", file=sys.stderr)
+        return 2
+    pixels = preprocess(sample, bundle.input)
+    best_threads = max(threads_list)
+
+    print(f"bundle {bundle.path} ({bundle.model_sha256[:12]}), input {bundle.input.shape}", file=out)
+    rows = model_only(bundle, pixels, threads_list, args.seconds)
+    for r in rows:
+        if r["available"]:
+            print(f"  invoke {r['backend']:8s} {r['model']:7s} threads={r['threads']}: "
+                  f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  ({r['runs']} runs)", file=out)
+        else:
+            print(f"  invoke {r['backend']:8s} {r['model']:7s} unavailable: {r['reason']}", file=out)
+    int8 = [r for r in rows if r["available"] and r["backend"] == "cpu" and r["model"] == "int8"
+            and r["threads"] == best_threads]
+
+    naive = naive_loop(inspector, src)
+    pipe = run_pipeline(inspector, src, args.deadline_ms)
+    ratio = pipe["parts_per_s"] / naive["parts_per_s"] if naive["parts_per_s"] else float("nan")
+    print(f"  naive loop: {naive['parts_per_s']:.1f} parts/s, latency p50 "
+          f"{naive['latency_ms_p50']:.2f} ms p99 {naive['latency_ms_p99']:.2f} ms", file=out)
+    print(f"  pipeline:   {pipe['parts_per_s']:.1f} parts/s ({ratio:.2f}x naive), capture->decision "
+          f"p50 {pipe['latency_ms_p50']:.2f} p99 {pipe['latency_ms_p99']:.2f} max "
+          f"{pipe['latency_ms_max']:.2f} ms, capture->gate command p50 {pipe['gate_ms_p50']:.2f} "
+          f"p99 {pipe['gate_ms_p99']:.2f} ms, deadline misses {pipe['deadline_miss_rate']:.1%}",
+          file=out)
+    result = {
+        "bundle": str(bundle.path), "model_sha256": bundle.model_sha256, "source": args.source or "sample-video",
+        "invoke": rows,
+        "invoke_ms_p50": int8[0]["p50_ms"] if int8 else None,
+        "invoke_ms_p99": int8[0]["p99_ms"] if int8 else None,
+        "threads": best_threads,
+        "pipeline_parts_per_s": pipe["parts_per_s"], "naive_parts_per_s": naive["parts_per_s"],
+        "pipeline_vs_naive": round(ratio, 3),
+        "latency_ms_p50": pipe["latency_ms_p50"], "latency_ms_p99": pipe["latency_ms_p99"],
+        "latency_ms_max": pipe["latency_ms_max"],
+        "gate_ms_p50": pipe["gate_ms_p50"], "gate_ms_p99": pipe["gate_ms_p99"],
+        "deadline_ms": args.deadline_ms, "deadline_miss_rate": pipe["deadline_miss_rate"],
+        "naive": naive, "pipeline": pipe, "rss_mb": round(rss_mb(), 1),
+    }
+    if args.line_rate:
+        need = args.line_rate / 60.0
+        headroom = pipe["parts_per_s"] / need
+        ok = headroom >= 1.0 and pipe["deadline_miss_rate"] == 0.0
+        result.update(line_rate_per_min=args.line_rate, headroom=round(headroom, 2),
+                      verdict="keeps up" if ok else "too slow")
+        print(f"  line {args.line_rate:g} parts/min = {need:.2f} parts/s: headroom {headroom:.1f}x -> "
+              f"{'KEEPS UP' if ok else 'TOO SLOW'}", file=out)
+    print(f"  resident memory {result['rss_mb']} MB", file=out)
+    if args.json:
+        print(json.dumps(result))
+    tmp.cleanup()
+    return 0

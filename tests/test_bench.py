@@ -1,0 +1,57 @@
+"""edge-inspect bench: one run measures the model, the pipeline and a naive loop side by side."""
+
+import json
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+from agent.bundle import load_bundle, write_manifest
+from tests.test_agent_support import copy_bundle, make_image, make_video, tiny_bundle
+
+KEYS = {"invoke_ms_p50", "invoke_ms_p99", "pipeline_parts_per_s", "naive_parts_per_s",
+        "latency_ms_p50", "latency_ms_p99", "deadline_miss_rate", "rss_mb"}
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, "-m", "agent", "bench", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_bench_json_on_a_video(tmp_path):
+    pattern = "gdggd" * 12
+    video = tmp_path / "line.avi"
+    make_video(video, pattern)
+    r = run_bench(str(tiny_bundle()), "--source", str(video), "--seconds", "0.3",
+                  "--threads", "1", "--line-rate", "600", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)           # stdout is exactly one JSON object
+    assert KEYS <= out.keys()
+    # the three measurements saw the same parts
+    assert out["naive"]["parts"] == out["pipeline"]["parts"] == len(pattern)
+    assert out["naive"]["rejects"] == out["pipeline"]["rejects"] == pattern.count("d")
+    assert out["invoke_ms_p50"] > 0 and out["invoke_ms_p99"] >= out["invoke_ms_p50"]
+    assert out["pipeline_vs_naive"] == pytest.approx(
+        out["pipeline_parts_per_s"] / out["naive_parts_per_s"], rel=0.01)
+    assert out["headroom"] == pytest.approx(out["pipeline_parts_per_s"] / 10.0, rel=0.01)
+    assert out["verdict"] in ("keeps up", "too slow")
+    edgetpu = [row for row in out["invoke"] if row["backend"] == "edgetpu"]
+    assert edgetpu and (edgetpu[0]["available"] or "libedgetpu" in edgetpu[0]["reason"])
+
+
+def test_bench_default_source_is_the_bundle_sample_and_text_output(tmp_path):
+    b = load_bundle(copy_bundle(tmp_path / "b"))
+    cv2.imwrite(str(b.path / "sample.png"), make_image(True, 3))
+    write_manifest(b.path, labels=b.labels, good_label=b.good_label, input_spec=b.input,
+                   threshold=b.threshold, metrics={}, provenance={}, sample="sample.png")
+    r = run_bench(str(b.path), "--seconds", "0.2", "--threads", "1", "--frames", "40")
+    assert r.returncode == 0, r.stderr
+    assert "naive loop:" in r.stdout and "pipeline:" in r.stdout and "x naive" in r.stdout
+
+
+def test_bench_refuses_missing_bundle_and_source(tmp_path):
+    r = run_bench(str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run_bench(str(tiny_bundle()), "--source", str(tmp_path / "missing.avi"))
+    assert r.returncode == 2 and "--source" in r.stderr
