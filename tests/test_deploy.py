@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -296,3 +298,113 @@ def test_cli_runs_it_without_tensorflow(bundles, models):
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((models / "current" / "bundle.json").read_text())["name"] == "tiny b"
+
+
+def test_running_daemon_follows_deploy_and_rollback(bundles, models, tmp_path):
+    """The whole rollout on a live agent: deploy A, start `edge-inspect run` under a fake
+    systemd notify socket, deploy B with --pid-file (SIGHUP), refuse a tampered C without
+    disturbing the agent, roll back to A; READY/RELOADING/STOPPING arrive as they should."""
+    import socket
+
+    if not (ROOT / "agent" / "daemon.py").exists():
+        pytest.skip("agent/daemon.py not there yet")
+    import cv2
+    import numpy as np
+
+    sha = {k: load_bundle(v).model_sha256[:12] for k, v in bundles.items()}
+    assert run(bundles["a"], "--models-dir", models, "--no-reload") == 0
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        cv2.imwrite(str(imgs / f"{i}.png"), rng.integers(0, 256, (48, 40), dtype=np.uint8))
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [station]
+        id = "deploy-test"
+        [camera]
+        source = "{imgs}"
+        loop = true
+        fps = 20
+        [model]
+        bundle = "{models / 'current'}"
+        threads = 1
+        [gate]
+        kind = "none"
+        [mqtt]
+        enabled = false
+        [metrics]
+        port = 0
+        [recorder]
+        enabled = false
+        """))
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.2)
+    msgs: list[str] = []
+
+    def wait_msg(pred, timeout=30.0):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for m in msgs:
+                if pred(m):
+                    return m
+            try:
+                msgs.append(sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+        raise AssertionError(f"no such notification; got {msgs}")
+
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "4000000"}
+    log = open(tmp_path / "daemon.log", "w+")
+    d = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
+                         env=env, stdout=log, stderr=subprocess.STDOUT)
+    pid_file = tmp_path / "agent.pid"
+    pid_file.write_text(f"{d.pid}\n")
+
+    def daemon_log():
+        log.flush()
+        return (tmp_path / "daemon.log").read_text()
+
+    def wait_log(*words, timeout=30.0, after=0):
+        """A log line (past line `after`) holding all the words: the reload line names
+        the model's sha."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(all(w in ln for w in words) for ln in daemon_log().splitlines()[after:]):
+                return
+            assert d.poll() is None, daemon_log()[-3000:]
+            time.sleep(0.1)
+        raise AssertionError(f"no line with {words} in the daemon log:\n{daemon_log()[-3000:]}")
+
+    try:
+        wait_msg(lambda m: "READY=1" in m)
+        wait_log(sha["a"], timeout=1)
+        wait_msg(lambda m: "WATCHDOG=1" in m, timeout=10)
+
+        assert run(bundles["b"], "--models-dir", models, "--pid-file", pid_file) == 0
+        wait_log("reload", sha["b"])
+        wait_msg(lambda m: "RELOADING=1" in m)
+        n = len(msgs)
+
+        bad = copy_bundle(bundles["a"], tmp_path / "tampered")
+        (bad / "model.tflite").write_bytes((bad / "model.tflite").read_bytes() + b"x")
+        assert run(bad, "--models-dir", models, "--pid-file", pid_file) == 2
+        time.sleep(0.5)
+        assert not any("RELOADING=1" in m for m in msgs[n:])   # the agent was not disturbed
+
+        n_lines = len(daemon_log().splitlines())
+        assert run("--rollback", "--models-dir", models, "--pid-file", pid_file) == 0
+        wait_log("reload", sha["a"], after=n_lines)
+        assert d.poll() is None
+
+        d.send_signal(signal.SIGTERM)
+        wait_msg(lambda m: "STOPPING=1" in m)
+        assert d.wait(timeout=30) == 0, daemon_log()[-3000:]
+    finally:
+        if d.poll() is None:
+            d.kill()
+            d.wait()
+        sock.close()
+        log.close()
