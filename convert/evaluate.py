@@ -1,0 +1,148 @@
+"""`edge-inspect evaluate BUNDLE_DIR DATA_DIR [--json]`: measure a bundle on labelled images.
+
+Runs the bundle's int8 model through agent.preprocess and the agent's own engine, exactly as
+the line does. TensorFlow is imported nowhere on this path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.bundle import BundleError, load_bundle
+from agent.decide import defect_score
+from agent.preprocess import preprocess
+
+from .data import GOOD, DataError, read_image, scan_eval
+
+log = logging.getLogger("convert.evaluate")
+
+
+def verdict_metrics(truth: list[str], pred: list[str], good: str, labels: list[str]) -> dict:
+    """Accuracy (good-vs-defect verdict), escape rate (defects passed as good), false-reject
+    rate (good parts rejected), label accuracy and the confusion matrix truth x predicted."""
+    t_def = np.array([t != good for t in truth])
+    p_def = np.array([p != good for p in pred])
+    n = len(truth)
+    n_def, n_good = int(t_def.sum()), int((~t_def).sum())
+    escapes = int((t_def & ~p_def).sum())
+    false_rejects = int((~t_def & p_def).sum())
+    truth_names = sorted(set(truth), key=lambda c: (c != good, c))
+    pred_names = list(labels)
+    conf = {tn: {pn: 0 for pn in pred_names} for tn in truth_names}
+    for tn, pn in zip(truth, pred):
+        conf[tn][pn] = conf[tn].get(pn, 0) + 1
+    return {
+        "n": n,
+        "n_good": n_good,
+        "n_defect": n_def,
+        "accuracy": float((t_def == p_def).mean()) if n else 0.0,
+        "label_accuracy": float(np.mean([a == b for a, b in zip(truth, pred)])) if n else 0.0,
+        "escape_rate": escapes / n_def if n_def else 0.0,
+        "false_reject_rate": false_rejects / n_good if n_good else 0.0,
+        "escapes": escapes,
+        "false_rejects": false_rejects,
+        "confusion": conf,
+    }
+
+
+def run_engine(engine, bundle, images) -> tuple[list[float], list[str], float]:
+    """(scores, labels, mean ms per image incl. preprocess) for decoded images."""
+    scores, preds = [], []
+    buf = np.empty(bundle.input.shape, dtype=np.uint8)
+    t0 = time.perf_counter()
+    for img in images:
+        px = preprocess(img, bundle.input, out=buf)
+        s, lbl = defect_score(engine.invoke(px), bundle)
+        scores.append(s)
+        preds.append(lbl if s >= bundle.threshold else bundle.good_label)
+    ms = (time.perf_counter() - t0) * 1000.0 / max(1, len(images))
+    return scores, preds, ms
+
+
+def _format_text(m: dict, bundle) -> str:
+    lines = [f"bundle {bundle.path}  (threshold {bundle.threshold:.4f}, model {bundle.model_sha256[:12]})",
+             f"images: {m['n']} ({m['n_good']} good, {m['n_defect']} defect)"
+             + (f", {m['unreadable']} unreadable skipped" if m.get("unreadable") else ""),
+             f"accuracy:          {100 * m['accuracy']:.2f} %",
+             f"escape rate:       {100 * m['escape_rate']:.2f} %  ({m['escapes']} defects passed as good)",
+             f"false-reject rate: {100 * m['false_reject_rate']:.2f} %  ({m['false_rejects']} good parts rejected)",
+             f"label accuracy:    {100 * m['label_accuracy']:.2f} %",
+             f"mean time:         {m['ms_per_image']:.2f} ms per image (decode excluded; preprocess + int8 inference)",
+             "confusion (rows: truth, columns: predicted):"]
+    cols = list(next(iter(m["confusion"].values())).keys()) if m["confusion"] else []
+    w = max([len(c) for c in cols + list(m["confusion"])] + [6]) + 2
+    lines.append(" " * w + "".join(c.rjust(w) for c in cols))
+    for tn, row in m["confusion"].items():
+        lines.append(tn.ljust(w) + "".join(str(row.get(c, 0)).rjust(w) for c in cols))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=argv[0] if argv else "edge-inspect evaluate",
+                                description="Measure a model bundle on a labelled image folder "
+                                            "(class folders, or a folder holding test/).")
+    p.add_argument("bundle", type=Path, help="bundle directory (from 'edge-inspect train')")
+    p.add_argument("data", type=Path, help="class-folder directory, or one holding test/")
+    p.add_argument("--json", action="store_true", help="print ONE JSON object on stdout")
+    p.add_argument("--threads", type=int, default=2, help="inference threads (default 2)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="override the bundle's decision threshold")
+    try:
+        args = p.parse_args(argv[1:])
+    except SystemExit as e:
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    prog = p.prog
+    try:
+        bundle = load_bundle(args.bundle)
+        split = scan_eval(args.data)
+    except (BundleError, DataError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    if args.threshold is not None:
+        if not 0.0 <= args.threshold <= 1.0:
+            print(f"{prog}: --threshold must be within [0, 1]", file=sys.stderr)
+            return 2
+        bundle.threshold = args.threshold
+    from agent.engines import EngineError, create_engine
+    try:
+        engine = create_engine("cpu", bundle.model_path, bundle.input, len(bundle.labels),
+                               threads=args.threads)
+    except EngineError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    truth, images, bad = [], [], []
+    for path, cls in split.items():
+        img = read_image(path)
+        if img is None:
+            bad.append(str(path))
+            continue
+        # Folders named like a bundle label keep it; any other non-good folder is a defect.
+        truth.append(cls)
+        images.append(img)
+    for b in bad:
+        log.warning("unreadable image skipped: %s", b)
+    if not images:
+        print(f"{prog}: no readable images under {split.root}", file=sys.stderr)
+        return 2
+    scores, preds, ms = run_engine(engine, bundle, images)
+    good = bundle.good_label if bundle.good_label in split.files or GOOD not in split.files else GOOD
+    m = verdict_metrics(truth, preds, good, bundle.labels)
+    m.update(ms_per_image=ms, unreadable=len(bad), threshold=bundle.threshold,
+             bundle=str(bundle.path), data=str(split.root), model_sha256=bundle.model_sha256)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(_format_text(m, bundle))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

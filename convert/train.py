@@ -1,0 +1,631 @@
+"""`edge-inspect train DATA_DIR --out BUNDLE_DIR`: dataset -> Keras -> int8 TFLite bundle.
+
+Steps: scan and read the images (unreadable ones listed and skipped), group near-duplicates
+(flips/rotations included) so no group straddles train/validation/test, preprocess once
+through agent.preprocess (the runtime's own function), train a small Edge-TPU-mappable CNN
+with inspection augmentation, class balancing and early stopping, convert to float and
+full-integer int8 TFLite (static batch 1), pick the decision threshold on validation for a
+target escape rate, check float-vs-int8 parity, and write the bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, write_manifest
+from agent.preprocess import InputSpec, preprocess
+
+from .data import (GOOD, DataError, dihedral_hashes, fingerprint, group_split, hash_distances,
+                   is_color, near_duplicate_groups, read_image, scan_dataset)
+
+log = logging.getLogger("convert.train")
+
+MIN_PER_CLASS = 2          # readable images a class needs to be trained on at all
+DEFAULT_MAX_SIDE = 320     # default input: ~320 px, enough for ~20 px defects on 640 px frames
+SAMPLE = "sample.png"
+
+
+class TrainError(Exception):
+    """Training or export failed in a way the user must see (non-zero exit)."""
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 30
+    input_size: tuple[int, int] | None = None      # (w, h); None = auto from the data
+    color: str = "auto"                             # auto | gray | rgb
+    fit: str = "stretch"
+    tiles: tuple[int, int] = (1, 1)
+    seed: int = 0
+    val_fraction: float = 0.2
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    patience: int = 8
+    max_escape: float = 0.01
+    parity_margin: float = 0.01                     # max int8 accuracy drop (fraction)
+    weights: Path | None = None
+    edgetpu: bool = False
+    flips: bool = True
+    keep_float: bool = True
+    representative: int = 200
+    dup_distance: int = 24
+    verbose: bool = True
+    extra_args: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def parse_size(text: str) -> tuple[int, int]:
+    t = text.lower().strip()
+    try:
+        if "x" in t:
+            w, h = (int(v) for v in t.split("x", 1))
+        else:
+            w = h = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be N or WxH, got {text!r}") from None
+    if not (16 <= w <= 2048 and 16 <= h <= 2048):
+        raise argparse.ArgumentTypeError(f"size must be within 16..2048, got {text!r}")
+    return w, h
+
+
+def parse_tiles(text: str) -> tuple[int, int]:
+    """'RxC' (rows x columns) or 'N' (N x N) -> (rows, cols)."""
+    t = text.lower().strip()
+    try:
+        r, c = (int(v) for v in t.split("x", 1)) if "x" in t else (int(t), int(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tiles must be N or RxC, got {text!r}") from None
+    if not (1 <= r <= 16 and 1 <= c <= 16):
+        raise argparse.ArgumentTypeError(f"tiles must be within 1..16, got {text!r}")
+    return r, c
+
+
+def select_threshold(scores, is_defect, max_escape: float = 0.01, cap: float = 0.5) -> float:
+    """The decision threshold (defect if score >= threshold) for a target escape rate.
+
+    Lets at most floor(max_escape * n_defects) validation defects score below it, sits in
+    the middle of the gap under the lowest defect score it must catch (a margin for unseen
+    parts), and never exceeds `cap` (0.5: the argmax point), so the escape target can only
+    make the model stricter than plain argmax.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    is_defect = np.asarray(is_defect, dtype=bool)
+    d = np.sort(scores[is_defect])
+    if d.size == 0:
+        return cap
+    k = int(math.floor(max_escape * d.size + 1e-9))
+    if k >= d.size:
+        return cap
+    t = d[k]
+    below = scores[scores < t]
+    lower = float(below.max()) if below.size else 0.0
+    return float(min(cap, (t + lower) / 2.0))
+
+
+def _auto_spec(images: list[np.ndarray], opts: TrainOptions) -> InputSpec:
+    color = opts.color
+    if color == "auto":
+        sample = images[:: max(1, len(images) // 200)]
+        color = "rgb" if any(is_color(im) for im in sample) else "gray"
+    if opts.input_size:
+        w, h = opts.input_size
+    else:
+        rows, cols = opts.tiles
+        hs = np.array([im.shape[0] / rows for im in images])
+        ws = np.array([im.shape[1] / cols for im in images])
+        aspect = float(np.median(ws / hs))
+        side = min(DEFAULT_MAX_SIDE, float(np.sqrt(np.median(hs * ws))))
+        side = max(64.0, side)
+        # Keep the frame's aspect ratio at about side*side pixels, multiples of 16.
+        w = int(max(32, round(side * math.sqrt(aspect) / 16) * 16))
+        h = int(max(32, round(side / math.sqrt(aspect) / 16) * 16))
+    return InputSpec(width=w, height=h, channels=3 if color != "gray" else 1, color=color,
+                     fit=opts.fit, tiles=opts.tiles)
+
+
+def _load(split, role: str) -> tuple[list[Path], list[str], list[np.ndarray], list[str]]:
+    paths, classes, images, bad = [], [], [], []
+    for p, c in split.items():
+        img = read_image(p)
+        if img is None:
+            bad.append(str(p))
+            continue
+        paths.append(p)
+        classes.append(c)
+        images.append(img)
+    for b in bad:
+        log.warning("unreadable image skipped (%s): %s", role, b)
+    if bad:
+        log.warning("%d unreadable %s image(s) skipped", len(bad), role)
+    return paths, classes, images, bad
+
+
+def _versions() -> dict:
+    import tensorflow as tf
+    import keras
+    from agent import __version__
+    v = {"edge_inspect": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+         "numpy": np.__version__, "opencv": cv2.__version__, "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+        v["ai_edge_litert"] = version("ai-edge-litert")
+    except Exception:
+        pass
+    return v
+
+
+class _Progress:
+    """Per-epoch progress line on stderr; keeps the best weights by validation loss."""
+
+    def __init__(self, epochs: int, verbose: bool):
+        import keras
+
+        outer = self
+
+        class CB(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                outer.t0 = time.perf_counter()
+
+            def on_epoch_begin(self, epoch, logs=None):
+                outer.te = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                logs = logs or {}
+                vl = float(logs.get("val_loss", np.inf))
+                if vl < outer.best:
+                    outer.best, outer.best_epoch = vl, epoch + 1
+                    outer.best_weights = self.model.get_weights()
+                outer.epochs_run = epoch + 1
+                if verbose:
+                    el = time.perf_counter() - outer.t0
+                    eta = el / (epoch + 1) * (epochs - epoch - 1)
+                    print(f"epoch {epoch + 1:>3}/{epochs}  loss {logs.get('loss', 0):.4f}  "
+                          f"acc {logs.get('accuracy', 0):.3f}  val_loss {vl:.4f}  "
+                          f"val_acc {logs.get('val_accuracy', 0):.3f}  "
+                          f"{time.perf_counter() - outer.te:5.1f}s  (best {outer.best:.4f} @ "
+                          f"{outer.best_epoch}, elapsed {el:.0f}s, at most {eta:.0f}s left)",
+                          file=sys.stderr, flush=True)
+
+            def on_train_end(self, logs=None):
+                if outer.best_weights is not None:
+                    self.model.set_weights(outer.best_weights)
+
+        self.best, self.best_epoch, self.best_weights, self.epochs_run = np.inf, 0, None, 0
+        self.callback = CB()
+
+
+def _augmenter(spec: InputSpec, flips: bool, seed: int):
+    """Inspection augmentation on a float batch (B, H, W, C) of raw 0..255 pixels: flips and
+    (square inputs) transposes = the 8 dihedral views, small rotations (+-3.6 deg) and shifts
+    (+-5 %), brightness (+-8 %) and contrast (+-15 %)."""
+    import tensorflow as tf
+    from keras import layers
+
+    rot = layers.RandomRotation(0.01, fill_mode="reflect", seed=seed)
+    shift = layers.RandomTranslation(0.05, 0.05, fill_mode="reflect", seed=seed + 1)
+    square = spec.width == spec.height
+
+    def aug(x):
+        b = tf.shape(x)[0]
+        if flips:
+            def coin():
+                return tf.random.uniform([b, 1, 1, 1]) < 0.5
+            x = tf.where(coin(), tf.reverse(x, [2]), x)
+            x = tf.where(coin(), tf.reverse(x, [1]), x)
+            if square:
+                x = tf.where(coin(), tf.transpose(x, [0, 2, 1, 3]), x)
+        x = rot(x, training=True)
+        x = shift(x, training=True)
+        mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+        c = tf.random.uniform([b, 1, 1, 1], 0.85, 1.15)
+        br = tf.random.uniform([b, 1, 1, 1], -20.0, 20.0)
+        return tf.clip_by_value((x - mean) * c + mean + br, 0.0, 255.0)
+
+    return aug
+
+
+def _mil_model(tile_model, n_tiles: int, spec: InputSpec, good_idx: int):
+    """Multiple-instance wrapper for tiles > 1: the image's prediction is that of its tile with
+    the highest defect score (1 - P(good)), exactly as agent.decide scores a frame."""
+    import keras
+    from keras import layers, ops
+
+    inp = keras.Input((n_tiles, spec.height, spec.width, spec.channels), name="tiles")
+    p = layers.TimeDistributed(tile_model, name="per_tile")(inp)      # (B, T, K)
+
+    def pick(p):
+        d = 1.0 - p[..., good_idx]
+        onehot = ops.one_hot(ops.argmax(d, axis=1), n_tiles)
+        return ops.sum(p * ops.expand_dims(onehot, -1), axis=1)
+
+    return keras.Model(inp, layers.Lambda(pick, name="max_tile")(p), name="mil")
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
+    """Train and export. Returns a summary dict; raises DataError (bad data: exit 2) or
+    TrainError (export/parity failures: exit 1)."""
+    t_start = time.perf_counter()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    train_split, test_split = scan_dataset(data_dir)
+    labels = [GOOD] + [c for c in train_split.classes if c != GOOD]
+    log.info("classes: %s (good = pass class); train counts %s%s", ", ".join(labels),
+             train_split.counts(), f"; test counts {test_split.counts()}" if test_split else "")
+    if train_split.ignored_dirs:
+        log.info("note: folders with no images were ignored: %s", ", ".join(train_split.ignored_dirs))
+
+    tr_paths, tr_cls, tr_imgs, tr_bad = _load(train_split, "train")
+    counts = {c: tr_cls.count(c) for c in labels}
+    too_few = {c: n for c, n in counts.items() if n < MIN_PER_CLASS}
+    if too_few:
+        raise DataError("too few readable images to train: " + ", ".join(
+            f"class '{c}' has {n}" for c, n in too_few.items()) + f" (need >= {MIN_PER_CLASS} each)")
+    te_paths, te_cls, te_imgs, te_bad = _load(test_split, "test") if test_split else ([], [], [], [])
+    unknown = sorted(set(te_cls) - set(labels))
+    if unknown:
+        raise DataError(f"test classes not seen in training: {', '.join(unknown)}")
+
+    spec = _auto_spec(tr_imgs, opts)
+    log.info("input spec: %dx%d %s, fit %s, tiles %dx%d", spec.width, spec.height, spec.color,
+             spec.fit, *spec.tiles)
+
+    # --- data hygiene: near-duplicate groups (flips/rotations), split by group
+    th = time.perf_counter()
+    tr_hash = [dihedral_hashes(im) for im in tr_imgs]
+    stems = [p.stem for p in tr_paths]
+    groups, dup_d = near_duplicate_groups(tr_hash, stems, max_distance=opts.dup_distance)
+    hash_only, _ = near_duplicate_groups(tr_hash, None, max_distance=dup_d)
+    multi = [g for g in np.unique(hash_only) if (hash_only == g).sum() > 1]
+    dup_report = {"hash_distance_bits": int(dup_d), "groups": int(groups.max() + 1),
+                  "near_duplicate_groups": len(multi),
+                  "near_duplicate_images": int(sum((hash_only == g).sum() for g in multi))}
+    if multi:
+        ex = [str(tr_paths[i].relative_to(train_split.root)) for i in np.nonzero(hash_only == multi[0])[0][:3]]
+        log.info("near-duplicates found: %d groups covering %d images (e.g. %s); each group "
+                 "is kept on one side of the split", len(multi), dup_report["near_duplicate_images"],
+                 " ~ ".join(ex))
+    leak_drop = np.zeros(len(tr_imgs), dtype=bool)
+    if te_imgs:
+        te_hash = [dihedral_hashes(im) for im in te_imgs]
+        cross = hash_distances(tr_hash, te_hash) <= dup_d
+        leak_drop = cross.any(axis=1)
+        if leak_drop.any():
+            log.warning("%d training image(s) are near-duplicates of test images and are left "
+                        "out of training (e.g. %s)", int(leak_drop.sum()),
+                        tr_paths[int(np.nonzero(leak_drop)[0][0])])
+    dup_report["train_images_dropped_as_test_duplicates"] = int(leak_drop.sum())
+    y_all = np.array([labels.index(c) for c in tr_cls])
+    keep = np.nonzero(~leak_drop)[0]
+    tr_i, va_i = group_split(groups[keep], y_all[keep], opts.val_fraction, opts.seed)
+    tr_i, va_i = keep[tr_i], keep[va_i]
+    for c in labels:
+        if not np.any(y_all[va_i] == labels.index(c)) or not np.any(y_all[tr_i] == labels.index(c)):
+            raise DataError(f"class '{c}' has too few distinct images (after near-duplicate "
+                            "grouping) for both a training and a validation part")
+    log.info("split by near-duplicate group (seed %d): %d train, %d validation%s  [%.1fs]",
+             opts.seed, len(tr_i), len(va_i), f", {len(te_imgs)} test" if te_imgs else "",
+             time.perf_counter() - th)
+
+    # --- preprocess once, through the runtime's own function
+    def prep(imgs):
+        out = np.empty((len(imgs),) + spec.shape, dtype=np.uint8)
+        for i, im in enumerate(imgs):
+            preprocess(im, spec, out=out[i])
+        return out
+
+    X = prep(tr_imgs)
+    Xte = prep(te_imgs) if te_imgs else None
+    y = y_all
+
+    # --- model
+    import tensorflow as tf
+    import keras
+    from .model import build_model
+
+    keras.utils.set_random_seed(opts.seed)
+    tile_model = build_model(spec.height, spec.width, spec.channels, len(labels))
+    if opts.weights:
+        try:
+            tile_model.load_weights(str(opts.weights))
+        except Exception as e:   # noqa: BLE001 - any load failure is a user error here
+            raise DataError(f"cannot load --weights {opts.weights}: {e}") from None
+        log.info("initial weights from %s", opts.weights)
+    T = spec.n_tiles
+    model = tile_model if T == 1 else _mil_model(tile_model, T, spec, labels.index(GOOD))
+
+    def fit_x(a):
+        return a[:, 0] if T == 1 else a
+
+    n_cls = np.bincount(y[tr_i], minlength=len(labels)).astype(np.float64)
+    cw = len(tr_i) / (len(labels) * np.maximum(n_cls, 1))
+    sw = cw[y].astype(np.float32)
+    aug = _augmenter(spec, opts.flips, opts.seed)
+
+    def aug_batch(x, yy, ww):
+        x = tf.cast(x, tf.float32)
+        if T > 1:
+            s = tf.shape(x)
+            x = tf.reshape(aug(tf.reshape(x, [-1, spec.height, spec.width, spec.channels])), s)
+        else:
+            x = aug(x)
+        return x, yy, ww
+
+    ds_tr = (tf.data.Dataset.from_tensor_slices((fit_x(X[tr_i]), y[tr_i], sw[tr_i]))
+             .shuffle(len(tr_i), seed=opts.seed, reshuffle_each_iteration=True)
+             .batch(opts.batch_size)
+             .map(aug_batch, num_parallel_calls=tf.data.AUTOTUNE)
+             .prefetch(tf.data.AUTOTUNE))
+    ds_va = (tf.data.Dataset.from_tensor_slices((fit_x(X[va_i]), y[va_i], sw[va_i]))
+             .batch(32).map(lambda a, b, c: (tf.cast(a, tf.float32), b, c)).cache())
+    model.compile(optimizer=keras.optimizers.Adam(opts.learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    prog = _Progress(opts.epochs, opts.verbose)
+    cbs = [prog.callback,
+           keras.callbacks.EarlyStopping("val_loss", patience=opts.patience),
+           keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=max(2, opts.patience // 3),
+                                             min_lr=opts.learning_rate / 32, verbose=0)]
+    t_fit = time.perf_counter()
+    log.info("training %d epochs at most (early stopping on validation loss, patience %d)",
+             opts.epochs, opts.patience)
+    model.fit(ds_tr, validation_data=ds_va, epochs=opts.epochs, callbacks=cbs, verbose=0)
+    fit_s = time.perf_counter() - t_fit
+    log.info("trained %d epochs in %.0fs; best validation loss %.4f at epoch %d (weights restored)",
+             prog.epochs_run, fit_s, prog.best, prog.best_epoch)
+
+    # --- export
+    from .export import edgetpu_report, format_edgetpu_report, representative_images, to_tflite
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (MANIFEST, INT8_MODEL, FLOAT_MODEL, EDGETPU_MODEL, SAMPLE):
+        (out_dir / stale).unlink(missing_ok=True)
+    hwc = (spec.height, spec.width, spec.channels)
+    te0 = time.perf_counter()
+    flat_tr = X[tr_i].reshape((-1,) + hwc)
+    int8_bytes = to_tflite(tile_model, hwc, representative_images(flat_tr, opts.representative, opts.seed))
+    float_bytes = to_tflite(tile_model, hwc)
+    (out_dir / INT8_MODEL).write_bytes(int8_bytes)
+    float_path = out_dir / FLOAT_MODEL
+    float_path.write_bytes(float_bytes)
+    log.info("converted: int8 %.0f kB, float %.0f kB  [%.1fs]", len(int8_bytes) / 1024,
+             len(float_bytes) / 1024, time.perf_counter() - te0)
+
+    # --- evaluate through the agent's own engine and decision function
+    from agent.decide import defect_score
+    from agent.engines import create_engine
+
+    class _B:   # what agent.decide needs of a bundle
+        pass
+
+    dec = _B()
+    dec.labels, dec.good_label, dec.threshold = labels, GOOD, 0.5
+    dec.defect_labels = [c for c in labels if c != GOOD]
+    dec.defect_indices = [labels.index(c) for c in dec.defect_labels]
+
+    def verdict(p):
+        s, lbl = defect_score(p, dec)
+        return lbl if s >= dec.threshold else GOOD
+
+    def run(path, Xs):
+        eng = create_engine("cpu", path, spec, len(labels), threads=2)
+        return np.stack([eng.invoke(Xs[i]) for i in range(len(Xs))])          # (N, T, K)
+
+    def scores_of(P):
+        return np.array([defect_score(p, dec)[0] for p in P])
+
+    P8_va = run(out_dir / INT8_MODEL, X[va_i])
+    is_def_va = y[va_i] != labels.index(GOOD)
+    threshold = select_threshold(scores_of(P8_va), is_def_va, opts.max_escape)
+    dec.threshold = threshold
+
+    from .evaluate import verdict_metrics
+
+    def metrics_for(P, truth):
+        preds = [verdict(p) for p in P]
+        return verdict_metrics(truth, preds, GOOD, labels), preds
+
+    val_m, _ = metrics_for(P8_va, [labels[i] for i in y[va_i]])
+    log.info("threshold %.4f chosen on validation int8 scores for max escape %.1f%% "
+             "(validation: escape %.2f%%, false reject %.2f%%)", threshold, 100 * opts.max_escape,
+             100 * val_m["escape_rate"], 100 * val_m["false_reject_rate"])
+    if Xte is not None and len(Xte):
+        Xh, truth_h, held = Xte, te_cls, "test"
+    else:
+        Xh, truth_h, held = X[va_i], [labels[i] for i in y[va_i]], "validation"
+    P8 = run(out_dir / INT8_MODEL, Xh)
+    Pf = run(float_path, Xh)
+    Pk = tile_model.predict(Xh.reshape((-1,) + hwc).astype(np.float32), batch_size=32, verbose=0)
+    Pk = Pk.reshape(len(Xh), T, -1)
+    m8, pred8 = metrics_for(P8, truth_h)
+    mf, predf = metrics_for(Pf, truth_h)
+    mk, _ = metrics_for(Pk, truth_h)
+    agreement = float(np.mean(np.argmax(P8.reshape(-1, len(labels)), 1) ==
+                              np.argmax(Pf.reshape(-1, len(labels)), 1)))
+    verdict_agreement = float(np.mean([(a == GOOD) == (b == GOOD) for a, b in zip(pred8, predf)]))
+    rep = edgetpu_report(out_dir / INT8_MODEL)
+    print(format_edgetpu_report(rep), file=sys.stderr)
+    metrics = {
+        "eval_split": held,
+        "n_eval": int(len(Xh)),
+        "int8_accuracy": m8["accuracy"],
+        "float_accuracy": mf["accuracy"],
+        "keras_accuracy": mk["accuracy"],
+        "agreement": agreement,
+        "verdict_agreement": verdict_agreement,
+        "escape_rate": m8["escape_rate"],
+        "false_reject_rate": m8["false_reject_rate"],
+        "float_escape_rate": mf["escape_rate"],
+        "float_false_reject_rate": mf["false_reject_rate"],
+        "label_accuracy": m8["label_accuracy"],
+        "confusion": m8["confusion"],
+        "validation": {k: val_m[k] for k in ("n", "accuracy", "escape_rate", "false_reject_rate")},
+        "threshold_selection": {"max_escape": opts.max_escape, "threshold": threshold,
+                                "on": "validation int8 scores"},
+        "parity_margin": opts.parity_margin,
+        "model_bytes": len(int8_bytes),
+        "float_model_bytes": len(float_bytes),
+        "params": int(tile_model.count_params()),
+        "epochs_run": prog.epochs_run,
+        "best_epoch": prog.best_epoch,
+        "best_val_loss": float(prog.best),
+        "train_seconds": round(fit_s, 1),
+        "edgetpu": rep,
+    }
+    log.info("%s (%d images): int8 accuracy %.2f%%, float %.2f%% (Keras %.2f%%), top-1 agreement "
+             "%.2f%%, escape %.2f%%, false reject %.2f%%", held, len(Xh), 100 * m8["accuracy"],
+             100 * mf["accuracy"], 100 * mk["accuracy"], 100 * agreement, 100 * m8["escape_rate"],
+             100 * m8["false_reject_rate"])
+    drop = mf["accuracy"] - m8["accuracy"]
+    if drop > opts.parity_margin:
+        (out_dir / "metrics_failed.json").write_text(json.dumps(metrics, indent=2))
+        raise TrainError(f"int8 parity check failed: int8 accuracy {100 * m8['accuracy']:.2f}% is "
+                         f"{100 * drop:.2f} points below float {100 * mf['accuracy']:.2f}% (allowed "
+                         f"{100 * opts.parity_margin:.2f}; --parity-margin); no bundle written, "
+                         f"models and {out_dir / 'metrics_failed.json'} left for inspection")
+    (out_dir / "metrics_failed.json").unlink(missing_ok=True)
+
+    # --- sample image: a held-back defect frame if there is one
+    cands = [i for i, c in enumerate(truth_h) if c != GOOD] or list(range(len(truth_h)))
+    src_imgs = te_imgs if held == "test" else [tr_imgs[i] for i in va_i]
+    sample_img = src_imgs[cands[0]]
+    if sample_img.dtype != np.uint8:
+        sample_img = cv2.normalize(sample_img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    cv2.imwrite(str(out_dir / SAMPLE), sample_img)
+
+    if opts.edgetpu:
+        from .export import ExportError, compile_edgetpu
+        try:
+            compile_edgetpu(out_dir / INT8_MODEL, out_dir)
+            log.info("Edge TPU model written: %s", out_dir / EDGETPU_MODEL)
+        except ExportError as e:
+            log.warning("--edgetpu: %s", e)
+    if not opts.keep_float:
+        float_path.unlink(missing_ok=True)
+
+    all_paths = [p for p, _ in train_split.items()] + ([p for p, _ in test_split.items()] if test_split else [])
+    provenance = {
+        "dataset": str(data_dir.resolve()),
+        "dataset_fingerprint": fingerprint(all_paths),
+        "counts": {"train_folder": train_split.counts(),
+                   "test_folder": test_split.counts() if test_split else None,
+                   "train": {c: int((y[tr_i] == k).sum()) for k, c in enumerate(labels)},
+                   "validation": {c: int((y[va_i] == k).sum()) for k, c in enumerate(labels)},
+                   "test": {c: te_cls.count(c) for c in labels} if te_imgs else None},
+        "unreadable": {"count": len(tr_bad) + len(te_bad), "files": (tr_bad + te_bad)[:50]},
+        "ignored_folders": train_split.ignored_dirs,
+        "near_duplicates": dup_report,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "seed": opts.seed,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in
+                 {**opts.__dict__, **opts.extra_args}.items() if k != "extra_args"},
+        "architecture": tile_model.name,
+        "host": platform.node(),
+    }
+    write_manifest(out_dir, labels=labels, good_label=GOOD, input_spec=spec, threshold=threshold,
+                   metrics=metrics, provenance=provenance, sample=SAMPLE)
+    total_s = time.perf_counter() - t_start
+    log.info("bundle written to %s  (total %.0fs)", out_dir, total_s)
+    return {"bundle": str(out_dir), "metrics": metrics, "threshold": threshold,
+            "total_seconds": total_s, "spec": spec.to_dict()}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Train a defect classifier and export an int8 TFLite bundle. "
+        "DATA_DIR holds one folder per class ('good' = pass; every other folder is a defect "
+        "class), or train/ and test/ each holding such folders.")
+    p.add_argument("data", type=Path, metavar="DATA_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
+    p.add_argument("--epochs", type=int, default=30, help="max epochs (early stopping; default 30)")
+    p.add_argument("--input-size", type=parse_size, default=None, metavar="N|WxH",
+                   help="model input (per tile); default: about 320x320 pixels, keeping the "
+                        "images' aspect ratio, never above the native size")
+    p.add_argument("--color", choices=["auto", "gray", "rgb"], default="auto",
+                   help="colour mode; auto = rgb if any image has colour, else gray")
+    p.add_argument("--fit", choices=["stretch", "letterbox", "center_crop"], default="stretch")
+    p.add_argument("--tiles", type=parse_tiles, default=(1, 1), metavar="RxC",
+                   help="cut each frame into R rows x C columns of tiles (frame score = max "
+                        "over tiles; trained as multiple-instance). Default 1x1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
+    p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs")
+    p.add_argument("--max-escape", type=float, default=0.01,
+                   help="target max escape rate (defects passed as good) for the threshold; default 0.01")
+    p.add_argument("--parity-margin", type=float, default=1.0,
+                   help="max int8 accuracy drop vs float, in points (default 1.0)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="start from this Keras weights file (.weights.h5); nothing is downloaded")
+    p.add_argument("--no-flips", action="store_true",
+                   help="no flip/transpose augmentation (when orientation is itself a defect)")
+    p.add_argument("--no-float", action="store_true", help="leave model_float.tflite out of the bundle")
+    p.add_argument("--edgetpu", action="store_true",
+                   help="also compile model_edgetpu.tflite with edgetpu_compiler (when installed)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch progress")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    prog = argv[0] if argv else "edge-inspect train"
+    p = build_parser(prog)
+    try:
+        a = p.parse_args(argv[1:])
+    except SystemExit as e:
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    problems = []
+    if a.epochs < 1:
+        problems.append("--epochs must be >= 1")
+    if not 0.0 < a.val_fraction < 0.9:
+        problems.append("--val-fraction must be within (0, 0.9)")
+    if not 0.0 <= a.max_escape < 1.0:
+        problems.append("--max-escape must be within [0, 1)")
+    if a.weights is not None and not a.weights.is_file():
+        problems.append(f"--weights {a.weights}: no such file")
+    if problems:
+        print(f"{prog}: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    opts = TrainOptions(epochs=a.epochs, input_size=a.input_size, color=a.color, fit=a.fit,
+                        tiles=a.tiles, seed=a.seed, val_fraction=a.val_fraction,
+                        batch_size=a.batch_size, learning_rate=a.lr, patience=a.patience,
+                        max_escape=a.max_escape, parity_margin=a.parity_margin / 100.0,
+                        weights=a.weights, edgetpu=a.edgetpu, flips=not a.no_flips,
+                        keep_float=not a.no_float, verbose=not a.quiet)
+    try:
+        res = train_bundle(a.data, a.out, opts)
+    except DataError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except TrainError as e:
+        print(f"{prog}: FAILED: {e}", file=sys.stderr)
+        return 1
+    m = res["metrics"]
+    print(f"bundle {res['bundle']}: int8 accuracy {100 * m['int8_accuracy']:.2f}% on {m['eval_split']} "
+          f"(float {100 * m['float_accuracy']:.2f}%, agreement {100 * m['agreement']:.2f}%), escape "
+          f"{100 * m['escape_rate']:.2f}%, false reject {100 * m['false_reject_rate']:.2f}%, threshold "
+          f"{res['threshold']:.4f}, model {m['model_bytes'] / 1024:.0f} kB, {res['total_seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
