@@ -85,7 +85,8 @@ class Pipeline:
     sinks         callables(Inspection) run in the output thread, in order
     deadline_ms   capture + deadline: later than this and the part is FAILSAFE
     failsafe      "reject" (default) or "pass": the gate action for a FAILSAFE part
-    queue_size    inspect queue depth (1-2 keeps latency low; more only adds waiting)
+    queue_size    inspect queue depth for live sources (1-2 keeps latency low)
+    pull_queue_size  depth for file/folder sources read as fast as inspected (default 1)
     fps           pace a file/folder source to this rate (0: as fast as inspected)
     on_state      callable(component, state, reason) when the source state changes
     """
@@ -97,7 +98,7 @@ class Pipeline:
                  reconnect_max_s: float = 10.0, stall_timeout_s: float = 5.0,
                  part_prefix: str | None = None, out_queue_size: int = 1024,
                  on_state: Callable[[str, str, str], None] | None = None,
-                 keep_images: bool = True):
+                 keep_images: bool = True, pull_queue_size: int = 1):
         if failsafe not in ("reject", "pass"):
             raise ValueError(f"failsafe must be 'reject' or 'pass', not {failsafe!r}")
         self.source = source
@@ -119,7 +120,10 @@ class Pipeline:
         self.pull = not getattr(source, "live", False) and self.fps <= 0
 
         self._in_q: queue.SimpleQueue = queue.SimpleQueue()
-        self._slots = threading.Semaphore(self.queue_size)
+        # Pull mode (files): one frame decoded ahead is all the overlap there is to gain; a
+        # deeper queue only adds an invoke time of waiting to every part's latency.
+        self.depth = max(1, min(pull_queue_size, self.queue_size)) if self.pull else self.queue_size
+        self._slots = threading.Semaphore(self.depth)
         self._in_depth = 0
         self._out_q: queue.Queue = queue.Queue(out_queue_size)
         self._stop = threading.Event()

@@ -111,7 +111,7 @@ def test_every_defect_reaches_gate_and_mqtt(kind, tmp_path, rig, mqtt_broker):
         assert ev.at == insp.gate_target and ev.at.startswith("d")
         assert abs(int(ev.at[1:]) - (DELAY - insp.latency_ms)) <= 2
         # the pulse was due when the part reaches the gate: capture + travel delay
-        assert abs((ev.scheduled_ns - insp.t_capture_ns) / 1e6 - DELAY) < 15
+        assert abs((ev.scheduled_ns - insp.t_capture_ns) / 1e6 - DELAY) < 30
     events = wait_for(lambda: len(col.on("events/reject")) >= len(ids) and col.on("events/reject"),
                       timeout=10, what="MQTT reject events")
     time.sleep(0.2)
@@ -202,18 +202,23 @@ def test_failsafe_pass_policy_and_pause(tmp_path, mqtt_broker):
     try:
         wait_for(lambda: len(got) >= 4, what="parts")
         agent.command("pause", {})
+        t_pause = time.monotonic_ns()
         n0 = len(got)
         wait_for(lambda: len(got) >= n0 + 6, what="paused parts")
+        assert agent.overall_state() == "paused"
         agent.command("resume", {})
+        t_resume = time.monotonic_ns()
         n1 = len(got)
         wait_for(lambda: len(got) >= n1 + 6, what="resumed parts")
-        paused = [i for i in got[n0 + 2:n1] if i.reason == "paused"]
-        assert paused and all(i.verdict is Verdict.FAILSAFE for i in paused)
-        assert all(i.reason != "paused" for i in got[n1 + 2:])
+        during = [i for i in got if t_pause < i.t_capture_ns and i.t_capture_ns + 20e6 < t_resume]
+        assert during and all(i.reason == "paused" and i.verdict is Verdict.FAILSAFE
+                              for i in during)
+        assert all(i.reason != "paused" for i in got if i.t_capture_ns > t_resume)
         assert agent.command("threshold", {"value": 0.99})["threshold"] == 0.99
+        t_thr = time.monotonic_ns()
         n2 = len(got)
         wait_for(lambda: len(got) >= n2 + 4, what="parts at new threshold")
-        assert got[-1].threshold == 0.99
+        assert all(i.threshold == 0.99 for i in got if i.t_capture_ns > t_thr)
     finally:
         agent.request_stop()
         th.join(10)
@@ -295,15 +300,18 @@ def test_gate_and_broker_vanish_no_alert_lost(tmp_path, rig, own_broker):
         rig.unplug()
         wait_for(lambda: agent.gate.state() == "down", what="gate down")
         wait_for(lambda: agent.overall_state() == "degraded", what="agent degraded")
+        t_down = time.monotonic_ns()
         n = len(got)
         wait_for(lambda: len(got) >= n + 4, what="parts while the gate is away")
-        missed = [i for i in got[n:] if i.verdict is Verdict.REJECT]
+        missed = [i for i in got if i.verdict is Verdict.REJECT and i.t_capture_ns > t_down]
         assert missed and all(i.gate_error for i in missed)          # counted, reported
         rig.plug()
         wait_for(lambda: agent.gate.state() == "connected", timeout=10, what="gate back")
+        t_up = time.monotonic_ns()
         n = len(got)
         wait_for(lambda: len(got) >= n + 4, what="parts after the gate returned")
-        back = [i for i in got[n + 1:] if i.verdict is Verdict.REJECT]
+        back = [i for i in got if i.verdict is Verdict.REJECT and i.t_capture_ns > t_up]
+        assert back and not any(i.gate_error for i in back)
         wait_for(lambda: {i.part_id for i in back} <= {e.part for e in rig.sim.fired},
                  what="rejects fire again")
         # -- the broker vanishes and comes back
