@@ -267,7 +267,7 @@ class MqttLink:
         self._wake.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._stop.is_set():
             self._count("disconnects")
             log.warning("mqtt: disconnected (%s); reconnecting", reason_code)
         self._connected.clear()
