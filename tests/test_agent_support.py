@@ -210,8 +210,9 @@ def agent_cfg(tmp: Path, source, *, broker=None, gate_port: str | None = None, d
         "camera": {"source": str(source), "reconnect_max_s": 0.5, "stall_timeout_s": 2},
         "model": {"bundle": str(tiny_bundle()), "threads": 1},
         "inspection": {"deadline_ms": deadline_ms, "queue_size": 2},
-        "gate": ({"kind": "serial", "port": gate_port, "delay_ms": delay_ms,
-                  "ack_timeout_ms": 50, "heartbeat_ms": 200} if gate_port else {"kind": "none"}),
+        "gate": ({"kind": "serial", "port": gate_port, "ack_timeout_ms": 50, "heartbeat_ms": 200,
+                  **({"delay_ms": delay_ms} if delay_ms else {})} if gate_port
+                 else {"kind": "none"}),
         "mqtt": ({"enabled": True, "host": broker.host, "port": broker.port,
                   "outbox": str(tmp / "outbox.sqlite"), "commands": True,
                   "metrics_interval_s": 1} if broker else {"enabled": False}),
@@ -220,4 +221,6 @@ def agent_cfg(tmp: Path, source, *, broker=None, gate_port: str | None = None, d
     }
     for k, v in sections.items():
         raw.setdefault(k, {}).update(v)
+        for key in [key for key, val in raw[k].items() if val is None]:
+            del raw[k][key]
     return parse_config(raw, tmp)

@@ -355,3 +355,22 @@ def test_live_source_overload_is_failsafe_not_dropped(tmp_path):
     reasons = {i.reason for i in got if i.verdict is Verdict.FAILSAFE}
     assert "overload" in reasons
     assert any(i.verdict is Verdict.PASS for i in got)
+
+
+def test_encoder_mode_uses_trigger_counts(tmp_path, rig):
+    """Encoder mode: the gate controller's TRG latches an encoder count; the next frame
+    carries it and its reject targets e<count + offset>."""
+    make_folder(tmp_path / "imgs", "dddd")
+    rig.sim.encoder_rate = 10_000.0
+    rig.sim.trigger_hz = 100.0
+    cfg = agent_cfg(tmp_path, tmp_path / "imgs", gate_port=str(rig.link), delay_ms=None,
+                    camera={"fps": 20}, gate={"encoder_offset": 3000})
+    got = []
+    agent = Agent(cfg, sinks=(got.append,))
+    run_agent(agent).join(20)
+    with_enc = [i for i in got if i.encoder is not None]
+    assert with_enc, "frames should carry trigger encoder counts"
+    for i in with_enc:
+        assert i.gate_target == f"e{i.encoder + 3000}"
+    wait_for(lambda: {i.part_id for i in with_enc} <= {e.part for e in rig.sim.fired},
+             timeout=3, what="encoder-timed rejects fired")
