@@ -40,7 +40,10 @@ def _find_amqtt() -> list[str] | None:
 class LocalBroker:
     """Start/stop/restart an MQTT broker bound to 127.0.0.1:port."""
 
-    def __init__(self, port: int | None = None, prefer: str | None = None):
+    def __init__(self, port: int | None = None, prefer: str | None = None,
+                 persistent: bool = False):
+        """persistent: keep sessions and queued messages across restart() (Mosquitto only;
+        lets a durable subscriber in a test tell lost messages from missed ones)."""
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="edge-inspect-broker-"))
@@ -49,8 +52,10 @@ class LocalBroker:
         if mosq:
             self.kind = "mosquitto"
             conf = self._dir / "mosquitto.conf"
+            persist = (f"persistence true\npersistence_location {self._dir}/\n" if persistent
+                       else "persistence false\n")
             conf.write_text(
-                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persist}"
                 "max_queued_messages 100000\nmax_inflight_messages 100\n"
             )
             self._cmd = [mosq, "-c", str(conf)]
@@ -61,6 +66,8 @@ class LocalBroker:
                     "no MQTT broker available: install Debian's 'mosquitto' package "
                     "or the 'amqtt' Python package (pip install 'edge-inspect[runtime]')"
                 )
+            if persistent:
+                raise RuntimeError("a persistent broker needs Mosquitto (apt-get install mosquitto)")
             self.kind = "amqtt"
             conf = self._dir / "amqtt.yaml"
             conf.write_text(

@@ -35,6 +35,18 @@ def own_broker():
     broker.stop()
 
 
+@pytest.fixture
+def persistent_broker():
+    """Like own_broker, but Mosquitto with persistence: sessions and queued QoS 1 messages
+    survive stop()/start(). Skips where only amqtt is available."""
+    try:
+        broker = LocalBroker(persistent=True).start()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    yield broker
+    broker.stop()
+
+
 class PtyPair:
     """A real serial line: `host_path` is a tty device pyserial can open; `peer_fd` is the
     other end (the 'gate controller' side), a raw file descriptor."""

@@ -174,21 +174,9 @@ def test_outbox_order_and_cap(tmp_path):
 # --------------------------------------------------------------------------- durability
 
 
-def _persistent(broker):
-    """Turn on Mosquitto persistence so a durable subscriber keeps its queue across the
-    restart (otherwise the *subscriber* could miss messages, which is not what we test)."""
-    if broker.kind != "mosquitto":
-        pytest.skip("needs mosquitto persistence")
-    conf = broker._dir / "mosquitto.conf"
-    conf.write_text(conf.read_text().replace("persistence false\n", "")
-                    + f"persistence true\npersistence_location {broker._dir}/\n")
-    broker.restart()
-
-
-def test_broker_restart_mid_burst_of_1000(own_broker, tmp_path):
-    _persistent(own_broker)
-    s = settings_for(own_broker, tmp_path, outbox_sync="NORMAL")
-    sub = Subscriber(own_broker, f"{s.prefix}/{s.station}/events/reject",
+def test_broker_restart_mid_burst_of_1000(persistent_broker, tmp_path):
+    s = settings_for(persistent_broker, tmp_path, outbox_sync="NORMAL")
+    sub = Subscriber(persistent_broker, f"{s.prefix}/{s.station}/events/reject",
                      client_id=f"durable-{uuid.uuid4().hex[:6]}", clean_session=False)
     link = MqttLink(s)
     link.start()
@@ -197,9 +185,9 @@ def test_broker_restart_mid_burst_of_1000(own_broker, tmp_path):
         for i in range(1000):
             link.publish_alert({"part": f"P{i}", "i": i})
             if i == 300:
-                own_broker.stop()                   # broker gone mid-burst
+                persistent_broker.stop()                   # broker gone mid-burst
             if i == 700:
-                own_broker.start()                  # and back
+                persistent_broker.start()                  # and back
         assert link.wait_drained(30), link.counters()
         assert wait_until(lambda: len({b["alert_id"] for b in sub.on("events/reject")}) == 1000,
                           timeout=20)
