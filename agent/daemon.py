@@ -446,6 +446,9 @@ class Agent:
         self.close()
 
     def close(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.recorder is not None:

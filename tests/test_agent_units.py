@@ -260,3 +260,29 @@ def test_prometheus_own_registry_and_scrape(insp):
                    'edge_inspect_recorder_dropped_total{reason="disk_full"} 1.0'):
         assert needle in text, needle
     assert m2.registry.get_sample_value("edge_inspect_frames_total") == 0.0
+
+
+def test_stalled_live_source_is_reported_degraded(insp):
+    import threading
+
+    release = threading.Event()
+
+    class Stuck(ListSource):
+        live = True
+
+        def read(self):
+            if len(self.images) == 2:
+                release.wait(5)               # a camera that stops delivering
+            return super().read()
+
+    states = []
+    got = []
+    p = Pipeline(Stuck([make_image(False, i) for i in range(4)]), insp, sinks=[got.append],
+                 stall_timeout_s=0.2, on_state=lambda c, s, r: states.append((s, r))).start()
+    wait_for(lambda: len(got) == 2)
+    time.sleep(0.3)
+    assert p.check_stall() and p.source_state == "degraded"
+    assert "stalled" in p.source_reason
+    release.set()
+    assert p.wait(5) and len(got) == 4
+    assert [s for s, _r in states][:3] == ["connected", "degraded", "connected"]

@@ -109,9 +109,12 @@ def test_every_defect_reaches_gate_and_mqtt(kind, tmp_path, rig, mqtt_broker):
     for insp in rejected:
         (ev,) = fired[insp.part_id]                           # exactly once
         assert ev.at == insp.gate_target and ev.at.startswith("d")
-        assert abs(int(ev.at[1:]) - (DELAY - insp.latency_ms)) <= 2
-        # the pulse was due when the part reaches the gate: capture + travel delay
-        assert abs((ev.scheduled_ns - insp.t_capture_ns) / 1e6 - DELAY) < 30
+        # d<ms> = travel delay - time already spent when the gate was called
+        spent = insp.latency_ms - insp.timings_ms["gate"]
+        assert abs(int(ev.at[1:]) - (DELAY - spent)) <= 1.5
+        # the pulse was due when the part reaches the gate: capture + travel delay (plus
+        # the pty transit, which a loaded CI box can stretch)
+        assert DELAY - 3 < (ev.scheduled_ns - insp.t_capture_ns) / 1e6 < DELAY + 100
     events = wait_for(lambda: len(col.on("events/reject")) >= len(ids) and col.on("events/reject"),
                       timeout=10, what="MQTT reject events")
     time.sleep(0.2)
@@ -192,21 +195,30 @@ def test_inference_error_and_corrupt_image_are_failsafe(tmp_path):
                                                       if i.verdict is Verdict.FAILSAFE}
 
 
-def test_failsafe_pass_policy_and_pause(tmp_path, mqtt_broker):
+def test_pause_resume_threshold_over_mqtt(tmp_path, mqtt_broker):
     make_folder(tmp_path / "imgs", "gdgd" * 3)
     cfg = agent_cfg(tmp_path, tmp_path / "imgs", broker=mqtt_broker,
                     camera={"loop": True, "fps": 50})
+    col = MqttCollector(mqtt_broker.host, mqtt_broker.port, "edge-inspect/test-st/#")
     got = []
     agent = Agent(cfg, sinks=(got.append,))
     th = run_agent(agent)
+
+    def cmd(verb, body="{}"):
+        k = len(col.on(f"cmd/{verb}/reply"))
+        col.c.publish(f"edge-inspect/test-st/cmd/{verb}", body, qos=1)
+        return wait_for(lambda: col.on(f"cmd/{verb}/reply")[k:], what=f"{verb} reply")[0]
+
     try:
-        wait_for(lambda: len(got) >= 4, what="parts")
-        agent.command("pause", {})
+        wait_for(lambda: agent.link.connected() and len(got) >= 4, what="parts")
+        assert cmd("pause")["ok"]
         t_pause = time.monotonic_ns()
         n0 = len(got)
         wait_for(lambda: len(got) >= n0 + 6, what="paused parts")
         assert agent.overall_state() == "paused"
-        agent.command("resume", {})
+        wait_for(lambda: any(s.get("state") == "paused" for s in col.on("status")),
+                 what="paused status")
+        assert cmd("resume")["ok"]
         t_resume = time.monotonic_ns()
         n1 = len(got)
         wait_for(lambda: len(got) >= n1 + 6, what="resumed parts")
@@ -214,7 +226,11 @@ def test_failsafe_pass_policy_and_pause(tmp_path, mqtt_broker):
         assert during and all(i.reason == "paused" and i.verdict is Verdict.FAILSAFE
                               for i in during)
         assert all(i.reason != "paused" for i in got if i.t_capture_ns > t_resume)
-        assert agent.command("threshold", {"value": 0.99})["threshold"] == 0.99
+        # a bad command changes nothing
+        bad = cmd("threshold", '{"value": 7}')
+        assert bad["ok"] is False and agent.pipeline.inspector.threshold == 0.5
+        rep = cmd("threshold", '{"value": 0.99}')
+        assert rep["ok"] and rep["threshold"] == 0.99 and rep["previous"] == 0.5
         t_thr = time.monotonic_ns()
         n2 = len(got)
         wait_for(lambda: len(got) >= n2 + 4, what="parts at new threshold")
@@ -222,7 +238,24 @@ def test_failsafe_pass_policy_and_pause(tmp_path, mqtt_broker):
     finally:
         agent.request_stop()
         th.join(10)
+        col.close()
     assert not th.is_alive()
+
+
+def test_failsafe_pass_policy(tmp_path, mqtt_broker):
+    """failsafe = "pass": FAILSAFE parts are let through (gate.accept) but still alerted."""
+    make_folder(tmp_path / "imgs", "gggg")
+    cfg = agent_cfg(tmp_path, tmp_path / "imgs", broker=mqtt_broker, deadline_ms=40,
+                    inspection={"failsafe": "pass"})
+    col = MqttCollector(mqtt_broker.host, mqtt_broker.port, "edge-inspect/test-st/events/#")
+    got = []
+    agent = Agent(cfg, engine_wrap=lambda e: Slow(e, delay_s=0.06), sinks=(got.append,))
+    run_agent(agent).join(20)
+    assert len(got) == 4 and all(i.verdict is Verdict.FAILSAFE for i in got)
+    assert agent.gate.records == [] and agent.gate.counters().get("accepted") == 4
+    wait_for(lambda: len(col.on("events/reject")) >= 4, what="alerts")
+    assert {e["action"] for e in col.on("events/reject")} == {"pass"}
+    col.close()
 
 
 @pytest.mark.parametrize("kind", ["folder", "video", "raising"])
