@@ -34,17 +34,17 @@ def _defect(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     h, w = img.shape
     m = max(4, min(h, w) // 8)
     cx, cy = int(rng.integers(m, w - m)), int(rng.integers(m, h - m))
-    delta = float(rng.choice([-1, 1]) * rng.uniform(70, 110))
+    delta = float(rng.choice([-1, 1]) * rng.uniform(100, 140))
     mask = np.zeros((h, w), np.float32)
     if rng.random() < 0.5:
-        r = max(2, int(min(h, w) * rng.uniform(0.05, 0.09)))
+        r = max(3, int(min(h, w) * rng.uniform(0.08, 0.13)))
         cv2.circle(mask, (cx, cy), r, 1.0, -1)
     else:
         L = min(h, w) * rng.uniform(0.2, 0.4)
         a = rng.uniform(0, np.pi)
         p1 = (int(cx - L / 2 * np.cos(a)), int(cy - L / 2 * np.sin(a)))
         p2 = (int(cx + L / 2 * np.cos(a)), int(cy + L / 2 * np.sin(a)))
-        cv2.line(mask, p1, p2, 1.0, max(1, min(h, w) // 40))
+        cv2.line(mask, p1, p2, 1.0, max(2, min(h, w) // 20))
     mask = cv2.GaussianBlur(mask, (0, 0), 0.8)
     return img + delta * mask
 
@@ -78,7 +78,7 @@ def make_synthetic_dataset(root, n_per_class: int = 20, size: int = 64, seed: in
     return root
 
 
-def train_tiny_bundle(data_dir, out_dir, *, epochs: int = 8, input_size: int = 48, seed: int = 0,
+def train_tiny_bundle(data_dir, out_dir, *, epochs: int = 12, input_size: int = 48, seed: int = 0,
                       **overrides) -> dict:
     """Train a small bundle quickly (a few seconds on 2 cores). Returns train_bundle's summary.
 
@@ -87,6 +87,6 @@ def train_tiny_bundle(data_dir, out_dir, *, epochs: int = 8, input_size: int = 4
     from .train import TrainOptions, train_bundle
 
     opts = TrainOptions(epochs=epochs, input_size=(input_size, input_size), seed=seed,
-                        patience=epochs, verbose=False, representative=50, color="gray",
+                        patience=epochs, verbose=False, representative=50, color="gray", batch_size=8,
                         **overrides)
     return train_bundle(Path(data_dir), Path(out_dir), opts)

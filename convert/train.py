@@ -64,6 +64,7 @@ class TrainOptions:
     representative: int = 200
     dup_distance: int = 24
     verbose: bool = True
+    save_keras: Path | None = None
     extra_args: dict = field(default_factory=dict)
 
 
@@ -388,6 +389,10 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     log.info("trained %d epochs in %.0fs; best validation loss %.4f at epoch %d (weights restored)",
              prog.epochs_run, fit_s, prog.best, prog.best_epoch)
 
+    if opts.save_keras:
+        tile_model.save(str(opts.save_keras))
+        log.info("Keras model saved to %s (not part of the bundle)", opts.save_keras)
+
     # --- export
     from .export import edgetpu_report, format_edgetpu_report, representative_images, to_tflite
 
@@ -580,6 +585,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--no-float", action="store_true", help="leave model_float.tflite out of the bundle")
     p.add_argument("--edgetpu", action="store_true",
                    help="also compile model_edgetpu.tflite with edgetpu_compiler (when installed)")
+    p.add_argument("--save-keras", type=Path, default=None, metavar="FILE.keras",
+                   help="also save the trained Keras model here (for benchmarks/fine-tuning)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch progress")
     return p
 
@@ -610,7 +617,8 @@ def main(argv: list[str]) -> int:
                         batch_size=a.batch_size, learning_rate=a.lr, patience=a.patience,
                         max_escape=a.max_escape, parity_margin=a.parity_margin / 100.0,
                         weights=a.weights, edgetpu=a.edgetpu, flips=not a.no_flips,
-                        keep_float=not a.no_float, verbose=not a.quiet)
+                        keep_float=not a.no_float, verbose=not a.quiet,
+                        save_keras=a.save_keras)
     try:
         res = train_bundle(a.data, a.out, opts)
     except DataError as e:

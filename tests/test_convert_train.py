@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "b"
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "train", str(root), "--out", str(out), "--epochs", "20",
-         "--input-size", "48", "--seed", "3", "--patience", "20", "--edgetpu", "-q"],
+         "--input-size", "48", "--seed", "3", "--patience", "20", "--batch-size", "8", "--edgetpu", "-q"],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, out, proc
@@ -175,13 +175,14 @@ def test_missing_good_and_missing_dir(tmp_path, capsys):
     assert rc == 2 and "does not exist" in err
 
 
-def test_all_unreadable_class_stops_training(tmp_path, capsys):
+def test_all_unreadable_class_stops_training(tmp_path, capsys, caplog):
     make_synthetic_dataset(tmp_path / "d", 4, 32, classes=("good",))
     (tmp_path / "d" / "defect").mkdir()
     for i in range(3):
         (tmp_path / "d" / "defect" / f"x{i}.png").write_bytes(b"garbage")
     rc, err = _run_train(tmp_path / "d", tmp_path, capsys)
-    assert rc == 2 and "too few readable images" in err and "x0.png" in err
+    assert rc == 2 and "too few readable images" in err
+    assert "x0.png" in caplog.text + err          # each unreadable file is listed
 
 
 def test_layouts_and_non_image_folders(tmp_path):
