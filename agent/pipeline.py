@@ -123,9 +123,13 @@ class Pipeline:
         # Pull mode (files): one frame decoded ahead is all the overlap there is to gain; a
         # deeper queue only adds an invoke time of waiting to every part's latency.
         self.depth = max(1, min(pull_queue_size, self.queue_size)) if self.pull else self.queue_size
-        self._slots = threading.Semaphore(self.depth)
+        # Free inspect-queue slots as tokens in a C-level SimpleQueue (a cheaper semaphore).
+        self._slots: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.depth):
+            self._slots.put(None)
         self._in_depth = 0
-        self._out_q: queue.Queue = queue.Queue(out_queue_size)
+        self._out_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._out_max = out_queue_size
         self._stop = threading.Event()
         self._done = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -286,9 +290,13 @@ class Pipeline:
                         backoff = min(self.reconnect_max_s, backoff * 2)
                         continue
                 if self.pull:
-                    while not self._slots.acquire(timeout=0.1):
-                        if stop.is_set():
-                            return
+                    while True:
+                        try:
+                            self._slots.get(timeout=0.1)
+                            break
+                        except queue.Empty:
+                            if stop.is_set():
+                                return
                 elif period_ns:
                     now = time.monotonic_ns()
                     if next_ns > now:
@@ -303,7 +311,7 @@ class Pipeline:
                 except Exception as e:  # noqa: BLE001
                     self._in_read_since = 0
                     if self.pull:
-                        self._slots.release()
+                        self._slots.put(None)
                     self._set_source_state("degraded", str(e) or type(e).__name__)
                     try:
                         src.close()
@@ -316,7 +324,7 @@ class Pipeline:
                 self._in_read_since = 0
                 if got is None:
                     if self.pull:
-                        self._slots.release()
+                        self._slots.put(None)
                     self.ended = True
                     self._set_source_state("ended", "end of source")
                     return
@@ -341,12 +349,15 @@ class Pipeline:
         enc, self._pending_encoder = self._pending_encoder, None
         frame = Frame(seq, f"{self.prefix}-{seq}", got.t_capture_ns, time.time(), got.image,
                       got.ref, enc, got.t_decoded_ns, got.error)
-        if not self.pull and not self._slots.acquire(blocking=False):
-            # A live frame and the inspector is behind: this part cannot be inspected in
-            # time. FAILSAFE it now rather than drop it or let latency grow.
-            self._finish(frame, Verdict.FAILSAFE, math.nan, "", OVERLOAD, self._inspector,
-                         got.t_decoded_ns, got.t_decoded_ns, 0, 0, 0)
-            return
+        if not self.pull:
+            try:
+                self._slots.get_nowait()
+            except queue.Empty:
+                # A live frame and the inspector is behind: this part cannot be inspected in
+                # time. FAILSAFE it now rather than drop it or let latency grow.
+                self._finish(frame, Verdict.FAILSAFE, math.nan, "", OVERLOAD, self._inspector,
+                             got.t_decoded_ns, got.t_decoded_ns, 0, 0, 0)
+                return
         insp = self._inspector
         pixels = None
         if frame.error is None:
@@ -361,14 +372,14 @@ class Pipeline:
     def _inspect_loop(self) -> None:
         get = self._in_q.get
         mono = time.monotonic_ns
-        release = self._slots.release
+        release = self._slots.put
         deadline_ns = self.deadline_ns
         try:
             while True:
                 item = get()
                 if item is _END:
                     break
-                release()
+                release(None)
                 self._in_depth -= 1
                 frame = item.frame
                 insp = self._inspector
@@ -463,9 +474,9 @@ class Pipeline:
             if gerr is not None and act_reject:
                 c["gate_errors"] += 1
             self.latency_ms.append(timings["total"])
-        try:
-            self._out_q.put_nowait(insp_rec)
-        except queue.Full:
+        if self._out_q.qsize() < self._out_max:
+            self._out_q.put(insp_rec)
+        else:
             with self._lock:
                 self.counts["reports_dropped"] += 1
 
