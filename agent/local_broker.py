@@ -54,6 +54,10 @@ class LocalBroker:
             conf = self._dir / "mosquitto.conf"
             persist = (f"persistence true\npersistence_location {self._dir}/\n" if persistent
                        else "persistence false\n")
+            if os.geteuid() == 0:
+                # Run as root, Mosquitto drops to user 'mosquitto', which cannot write our
+                # private temp dir (its persistence file would silently not be saved).
+                persist += "user root\n"
             conf.write_text(
                 f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persist}"
                 "max_queued_messages 100000\nmax_inflight_messages 100\n"

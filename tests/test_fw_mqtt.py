@@ -189,8 +189,10 @@ def test_broker_restart_mid_burst_of_1000(persistent_broker, tmp_path):
             if i == 700:
                 persistent_broker.start()                  # and back
         assert link.wait_drained(30), link.counters()
-        assert wait_until(lambda: len({b["alert_id"] for b in sub.on("events/reject")}) == 1000,
-                          timeout=20)
+        ok = wait_until(lambda: len({b["alert_id"] for b in sub.on("events/reject")}) == 1000,
+                        timeout=20)
+        ids = sorted({b["i"] for b in sub.on("events/reject")})
+        assert ok, (len(ids), sorted(set(range(1000)) - set(ids))[:20], link.counters())
         got = sub.on("events/reject")
         assert {b["i"] for b in got} == set(range(1000))
         c = link.counters()
