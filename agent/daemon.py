@@ -111,6 +111,8 @@ class Agent:
     source        a ready Source instead of the one cfg.camera.source names
     sinks         extra callables(Inspection) in the output thread (live printing)
     on_fired      callable(part, gate, t_ms) for FIRED reports from a serial gate
+    on_drained    callable() after the last part's gate command, before the gate and
+                  the MQTT link close (the demo waits there for the last FIRED reports)
     notifier      an agent.notify.Notifier (default: from the environment)
     """
 
@@ -119,7 +121,8 @@ class Agent:
                  sinks: tuple[Callable[[Inspection], None], ...] = (),
                  on_fired: Callable[[str, int, int], None] | None = None,
                  notifier=None, ready_timeout_s: float = 30.0,
-                 status_interval_s: float = 5.0, gate_wait_s: float = 3.0):
+                 status_interval_s: float = 5.0, gate_wait_s: float = 3.0,
+                 on_drained: Callable[[], None] | None = None):
         self.cfg = cfg
         self.config_path = Path(config_path) if config_path else None
         self.engine_wrap = engine_wrap
@@ -129,6 +132,7 @@ class Agent:
         self.notifier = notifier if notifier is not None else Notifier(os.environ)
         self.ready_timeout_s = ready_timeout_s
         self.gate_wait_s = gate_wait_s
+        self.on_drained = on_drained
         self.status_interval_s = status_interval_s
         self.inspector: Inspector | None = None
         self.pipeline: Pipeline | None = None
@@ -302,8 +306,9 @@ class Agent:
             self._publish_status()
             return {"ok": True, "paused": False}
         if verb == "threshold":
-            old = p.inspector.threshold
-            p.set_threshold(float(args["value"]))
+            with self._reload_lock:
+                old = p.inspector.threshold
+                p.set_threshold(float(args["value"]))
             self.prom.set_model(p.inspector.info())
             log.info("threshold %g -> %g by command", old, p.inspector.threshold)
             self._publish_status()
@@ -407,7 +412,10 @@ class Agent:
                     self.notifier.ready(self.status_line())
                     log.info("ready: %s", self.status_line())
                 if p.finished:
-                    log.info("source ended: %s", p.source_reason or "done")
+                    if p.error:
+                        log.error("pipeline failed: %s", p.error)
+                    else:
+                        log.info("source ended: %s", p.source_reason or "done")
                     break
                 if now >= next_tick:
                     next_tick = now + 0.5
@@ -428,7 +436,7 @@ class Agent:
                     self.link.publish_metrics(self.metrics_payload())
         finally:
             self.shutdown()
-        return 0
+        return 1 if p.error else 0
 
     def shutdown(self, drain_timeout: float = 10.0) -> None:
         """STOPPING; finish every part in flight (gate + reports), then close everything."""
@@ -441,6 +449,16 @@ class Agent:
             log.info("stopped: %s parts (%s pass, %s reject, %s failsafe) in flight drained %s "
                      "in %.0f ms", s["parts"], s["pass"], s["reject"], s["failsafe"],
                      "fully" if drained else "NOT fully", (time.monotonic() - t) * 1e3)
+            # the last reject commands: give the gate a moment to ACK them
+            t_end = time.monotonic() + 1.0
+            while self.gate is not None and self.gate.counters().get("pending", 0) and \
+                    time.monotonic() < t_end:
+                time.sleep(0.01)
+            if self.on_drained is not None:
+                try:
+                    self.on_drained()
+                except Exception:  # noqa: BLE001
+                    log.exception("on_drained hook failed")
             if self.link is not None:
                 self.link.publish_metrics(self.metrics_payload())
         self.close()

@@ -158,8 +158,15 @@ def main(argv: list[str]) -> int:
             out.write(f"{part:>14}  FIRED gate {gate} {after}\n")
             out.flush()
 
+    def last_fires() -> None:
+        # the last parts are still travelling to the gate: wait for their FIRED reports
+        want = {i.part_id for i in results if i.verdict is not Verdict.PASS and not i.gate_error}
+        end = time.monotonic() + args.delay_ms / 1000 + 1.0
+        while time.monotonic() < end and not want <= set(fired):
+            time.sleep(0.02)
+
     agent = Agent(cfg, sinks=(line,), on_fired=on_fired, notifier=_NoNotify(),
-                  source=_Passes(str(args.images), args.loops))
+                  source=_Passes(str(args.images), args.loops), on_drained=last_fires)
     code = 0
     t0 = time.monotonic()
     try:
@@ -179,11 +186,6 @@ def main(argv: list[str]) -> int:
         agent.run()
         signal.signal(signal.SIGINT, prev)
         elapsed = time.monotonic() - t0
-        # the last parts are still travelling to the gate
-        want = {i.part_id for i in results if i.verdict is not Verdict.PASS and not i.gate_error}
-        end = time.monotonic() + args.delay_ms / 1000 + 1.0
-        while time.monotonic() < end and not want <= {e.part for e in sim.fired}:
-            time.sleep(0.02)
         summary(results, {e.part for e in sim.fired}, elapsed, agent, out)
     finally:
         agent.close()
@@ -212,6 +214,8 @@ def summary(results: list[Inspection], fired: set[str], elapsed: float, agent, o
     rej = [i for i in results if i.verdict is Verdict.REJECT]
     fs = [i for i in results if i.verdict is Verdict.FAILSAFE]
     lat = sorted(i.latency_ms for i in results)
+    span = (results[-1].t_capture_ns - results[0].t_capture_ns) / 1e9 if n > 1 else 0.0
+    rate = (n - 1) / span if span > 0 else 0.0
 
     def q(p):
         return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
@@ -224,7 +228,7 @@ def summary(results: list[Inspection], fired: set[str], elapsed: float, agent, o
     lines = [
         "",
         "summary",
-        f"  parts        {n} in {elapsed:.1f} s ({n / elapsed if elapsed else 0:.1f} parts/s)",
+        f"  parts        {n} in {elapsed:.1f} s ({rate:.1f} parts/s)",
         f"  verdicts     {n - len(rej) - len(fs)} pass, {len(rej)} reject, {len(fs)} failsafe"
         + (f" ({', '.join(sorted({i.reason.split(':')[0] for i in fs}))})" if fs else ""),
         f"  latency      capture -> gate command p50 {q(0.5):.2f} ms, p99 {q(0.99):.2f} ms",

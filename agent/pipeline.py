@@ -146,6 +146,7 @@ class Pipeline:
         self.source_state = "starting"
         self.source_reason = ""
         self.ended = False             # the source ran out (not looping)
+        self.error: str | None = None  # a stage thread died (a bug): the run is a failure
         self.counts: dict[str, int] = collections.Counter()
         self.failsafes: dict[str, int] = collections.Counter()
         self.latency_ms: collections.deque = collections.deque(maxlen=2048)
@@ -332,8 +333,9 @@ class Pipeline:
                 if self.source_state != "connected":
                     self._set_source_state("connected")
                 self._admit(got)
-        except Exception:  # a bug must not leave the line without a capture thread silently
+        except Exception as e:  # a bug must not end the line's capture silently
             log.exception("capture thread crashed")
+            self.error = f"capture thread crashed: {type(e).__name__}: {e}"
             self._set_source_state("degraded", "capture thread crashed")
         finally:
             try:
@@ -416,8 +418,10 @@ class Pipeline:
                         verdict, reason = Verdict.FAILSAFE, DEADLINE
                 self._finish(frame, verdict, score, label, reason, insp, item.t_pre_ns, t_deq,
                              t_inv, t_dec, 1)
-        except Exception:
+        except Exception as e:
             log.exception("inspect thread crashed")
+            self.error = f"inspect thread crashed: {type(e).__name__}: {e}"
+            self._stop.set()
         finally:
             self._out_q.put(_END)
 
