@@ -121,6 +121,38 @@ def read_image(path: Path) -> np.ndarray | None:
     return img
 
 
+ANNOTATIONS = "annotations"
+
+
+def read_boxes(split_root: Path, image: Path) -> list[tuple[float, float, float, float]] | None:
+    """Optional defect boxes for an image: `<split>/annotations/<stem>.txt`, one box a line,
+    `x1 y1 x2 y2 [anything]` in the image's pixels (commas allowed; DeepPCB's format).
+    None when the image has no annotation file; malformed lines are skipped with a warning."""
+    f = Path(split_root) / ANNOTATIONS / f"{Path(image).stem}.txt"
+    if not f.is_file():
+        return None
+    boxes = []
+    for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+        v = line.replace(",", " ").split()
+        if not v:
+            continue
+        try:
+            x1, y1, x2, y2 = (float(a) for a in v[:4])
+        except ValueError:
+            log.warning("%s:%d: not 'x1 y1 x2 y2 ...', line skipped", f, n)
+            continue
+        boxes.append((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
+    return boxes
+
+
+def box_mask(shape: tuple[int, ...], boxes) -> np.ndarray:
+    """uint8 (H, W) mask of an image's size: 255 inside any box."""
+    m = np.zeros(shape[:2], np.uint8)
+    for x1, y1, x2, y2 in boxes:
+        m[max(0, int(y1)):int(np.ceil(y2)) + 1, max(0, int(x1)):int(np.ceil(x2)) + 1] = 255
+    return m
+
+
 def is_color(img: np.ndarray) -> bool:
     """True for a 3/4-channel image whose channels actually differ."""
     if img.ndim != 3 or img.shape[2] < 3:

@@ -46,13 +46,14 @@ def _defect(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
         p2 = (int(cx + L / 2 * np.cos(a)), int(cy + L / 2 * np.sin(a)))
         cv2.line(mask, p1, p2, 1.0, max(2, min(h, w) // 20))
     mask = cv2.GaussianBlur(mask, (0, 0), 0.8)
-    return img + delta * mask
+    return img + delta * mask, mask
 
 
 def make_synthetic_dataset(root, n_per_class: int = 20, size: int = 64, seed: int = 0, *,
                            classes=("good", "defect"), vary_size: bool = True,
-                           mixed_formats: bool = True) -> Path:
-    """Write root/<class>/*.{png,jpg,bmp}; returns root. Any non-'good' class gets defects."""
+                           mixed_formats: bool = True, annotate: bool = False) -> Path:
+    """Write root/<class>/*.{png,jpg,bmp}; returns root. Any non-'good' class gets defects.
+    With annotate, each defect's box goes to root/annotations/<stem>.txt (x1 y1 x2 y2)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     for cls in classes:
@@ -65,8 +66,11 @@ def make_synthetic_dataset(root, n_per_class: int = 20, size: int = 64, seed: in
             elif vary_size and i % 3 == 2:
                 s = int(size * 0.875)
             img = _surface(rng, s, s)
+            box = None
             if cls != "good":
-                img = _defect(rng, img)
+                img, mask = _defect(rng, img)
+                ys, xs = np.nonzero(mask > 0.1)
+                box = (xs.min(), ys.min(), xs.max(), ys.max())
             img = np.clip(img, 0, 255).astype(np.uint8)
             if mixed_formats and i % 2 == 1:   # colour: a tinted copy
                 tint = rng.uniform(0.9, 1.1, 3)
@@ -75,6 +79,9 @@ def make_synthetic_dataset(root, n_per_class: int = 20, size: int = 64, seed: in
             name = d / f"{cls}_{i:04d}{ext}"
             params = [cv2.IMWRITE_JPEG_QUALITY, 95] if ext == ".jpg" else []
             cv2.imwrite(str(name), img, params)
+            if annotate and box is not None:
+                (root / "annotations").mkdir(exist_ok=True)
+                (root / "annotations" / f"{name.stem}.txt").write_text("%d %d %d %d 1\n" % box)
     return root
 
 

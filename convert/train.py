@@ -11,6 +11,7 @@ target escape rate, check float-vs-int8 parity, and write the bundle.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -29,8 +30,9 @@ import numpy as np
 from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, write_manifest
 from agent.preprocess import InputSpec, preprocess
 
-from .data import (GOOD, DataError, dihedral_hashes, fingerprint, group_split, hash_distances,
-                   is_color, near_duplicate_groups, read_image, scan_dataset)
+from .data import (GOOD, DataError, box_mask, dihedral_hashes, fingerprint, group_split,
+                   hash_distances, is_color, near_duplicate_groups, read_boxes, read_image,
+                   scan_dataset)
 
 log = logging.getLogger("convert.train")
 
@@ -196,8 +198,9 @@ class _Progress:
                     el = time.perf_counter() - outer.t0
                     eta = el / (epoch + 1) * (epochs - epoch - 1)
                     print(f"epoch {epoch + 1:>3}/{epochs}  loss {logs.get('loss', 0):.4f}  "
-                          f"acc {logs.get('accuracy', 0):.3f}  val_loss {vl:.4f}  "
-                          f"val_acc {logs.get('val_accuracy', 0):.3f}  "
+                          f"acc {logs.get('probs_accuracy', logs.get('accuracy', 0)):.3f}  "
+                          f"val_loss {vl:.4f}  val_acc "
+                          f"{logs.get('val_probs_accuracy', logs.get('val_accuracy', 0)):.3f}  "
                           f"{time.perf_counter() - outer.te:5.1f}s  (best {outer.best:.4f} @ "
                           f"{outer.best_epoch}, elapsed {el:.0f}s, at most {eta:.0f}s left)",
                           file=sys.stderr, flush=True)
@@ -212,16 +215,20 @@ class _Progress:
 
 def _augmenter(spec: InputSpec, flips: bool, seed: int):
     """Inspection augmentation on a float batch (B, H, W, C) of raw 0..255 pixels: flips and
-    (square inputs) transposes = the 8 dihedral views, small rotations (+-3.6 deg) and shifts
-    (+-5 %), brightness (+-8 %) and contrast (+-15 %)."""
-    import tensorflow as tf
-    from keras import layers
+    (square inputs) transposes = the 8 dihedral views, brightness (+-20 levels) and contrast
+    (+-15 %). A defect mask batch, when given, gets the same flips (and no photometric ones).
 
-    rot = layers.RandomRotation(0.01, fill_mode="reflect", seed=seed)
-    shift = layers.RandomTranslation(0.05, 0.05, fill_mode="reflect", seed=seed + 1)
+    No rotations or sub-pixel shifts: inspection images come from a fixtured camera, their
+    interpolation blurs exactly the fine edges defects live on, and on a 2-core box the
+    projective warps cost about as much as a training step."""
+    import tensorflow as tf
+
     square = spec.width == spec.height
 
-    def aug(x):
+    def aug(x, mask=None):
+        c = x.shape[-1]
+        if mask is not None:
+            x = tf.concat([x, mask], -1)
         b = tf.shape(x)[0]
         if flips:
             def coin():
@@ -230,12 +237,13 @@ def _augmenter(spec: InputSpec, flips: bool, seed: int):
             x = tf.where(coin(), tf.reverse(x, [1]), x)
             if square:
                 x = tf.where(coin(), tf.transpose(x, [0, 2, 1, 3]), x)
-        x = rot(x, training=True)
-        x = shift(x, training=True)
+        if mask is not None:
+            x, mask = x[..., :c], x[..., c:]
         mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-        c = tf.random.uniform([b, 1, 1, 1], 0.85, 1.15)
+        k = tf.random.uniform([b, 1, 1, 1], 0.85, 1.15)
         br = tf.random.uniform([b, 1, 1, 1], -20.0, 20.0)
-        return tf.clip_by_value((x - mean) * c + mean + br, 0.0, 255.0)
+        x = tf.clip_by_value((x - mean) * k + mean + br, 0.0, 255.0)
+        return x if mask is None else (x, mask)
 
     return aug
 
@@ -255,6 +263,26 @@ def _mil_model(tile_model, n_tiles: int, spec: InputSpec, good_idx: int):
         return ops.sum(p * ops.expand_dims(onehot, -1), axis=1)
 
     return keras.Model(inp, layers.Lambda(pick, name="max_tile")(p), name="mil")
+
+
+def _defect_masks(spec: InputSpec, root: Path, paths, classes, images):
+    """Per-image uint8 masks (N, H, W, 1) in model-input geometry (through agent.preprocess,
+    so ROI/fit match the pixels), and per-image weights of the cell loss: 1 where every cell
+    is known (good images; defect images with boxes), 0 where only the image label is."""
+    mspec = dataclasses.replace(spec, channels=1, color="gray")
+    masks = np.zeros((len(images), spec.height, spec.width, 1), np.uint8)
+    weights = np.zeros(len(images), np.float32)
+    n_boxed = 0
+    for i, (p, c, im) in enumerate(zip(paths, classes, images)):
+        if c == GOOD:
+            weights[i] = 1.0
+            continue
+        boxes = read_boxes(root, p)
+        if boxes:
+            preprocess(box_mask(im.shape, boxes), mspec, out=masks[i:i + 1])
+            weights[i] = 1.0
+            n_boxed += 1
+    return masks, weights, n_boxed
 
 
 # ----------------------------------------------------------------------------- training
@@ -337,10 +365,10 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     # --- model
     import tensorflow as tf
     import keras
-    from .model import build_model
+    from .model import MAP_STRIDE, build_model, map_loss
 
     keras.utils.set_random_seed(opts.seed)
-    tile_model = build_model(spec.height, spec.width, spec.channels, len(labels))
+    train_model, tile_model = build_model(spec.height, spec.width, spec.channels, len(labels))
     if opts.weights:
         try:
             tile_model.load_weights(str(opts.weights))
@@ -348,34 +376,57 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
             raise DataError(f"cannot load --weights {opts.weights}: {e}") from None
         log.info("initial weights from %s", opts.weights)
     T = spec.n_tiles
-    model = tile_model if T == 1 else _mil_model(tile_model, T, spec, labels.index(GOOD))
-
-    def fit_x(a):
-        return a[:, 0] if T == 1 else a
-
+    K = len(labels) - 1
     n_cls = np.bincount(y[tr_i], minlength=len(labels)).astype(np.float64)
     cw = len(tr_i) / (len(labels) * np.maximum(n_cls, 1))
     sw = cw[y].astype(np.float32)
     aug = _augmenter(spec, opts.flips, opts.seed)
 
-    def aug_batch(x, yy, ww):
-        x = tf.cast(x, tf.float32)
-        if T > 1:
-            s = tf.shape(x)
-            x = tf.reshape(aug(tf.reshape(x, [-1, spec.height, spec.width, spec.channels])), s)
-        else:
-            x = aug(x)
-        return x, yy, ww
+    if T == 1:
+        # Cell supervision of the defect map (see convert/model.py): all of a good image is
+        # good; a defect image's cells are known only where it has boxes (annotations/).
+        M, mw, n_boxed = _defect_masks(spec, train_split.root, tr_paths, tr_cls, tr_imgs)
+        log.info("defect map supervised on %d good images%s", int(sum(c == GOOD for c in tr_cls)),
+                 f" and {n_boxed} defect images with boxes" if n_boxed else
+                 " (no defect boxes found: defects are learnt from image labels alone)")
+        fit_model = train_model
 
-    ds_tr = (tf.data.Dataset.from_tensor_slices((fit_x(X[tr_i]), y[tr_i], sw[tr_i]))
-             .shuffle(len(tr_i), seed=opts.seed, reshuffle_each_iteration=True)
-             .batch(opts.batch_size)
-             .map(aug_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        def batch_fn(augment):
+            def fn(x, yy, m, ww, mww):
+                x, m = tf.cast(x[:, 0], tf.float32), tf.cast(m, tf.float32)
+                if augment:
+                    x, m = aug(x, m)
+                cell = tf.cast(tf.nn.max_pool2d(m, MAP_STRIDE, MAP_STRIDE, "SAME") > 127.0,
+                               tf.float32) * tf.one_hot(yy - 1, K)[:, None, None, :]
+                return x, {"probs": yy, "defect_map": cell}, {"probs": ww, "defect_map": mww}
+            return fn
+
+        def dataset(idx, augment):
+            return tf.data.Dataset.from_tensor_slices((X[idx], y[idx], M[idx], sw[idx], mw[idx])), \
+                batch_fn(augment)
+        loss = {"probs": "sparse_categorical_crossentropy", "defect_map": map_loss()}
+        metrics = {"probs": ["accuracy"]}
+    else:
+        fit_model = _mil_model(tile_model, T, spec, labels.index(GOOD))
+
+        def dataset(idx, augment):
+            def fn(x, yy, ww):
+                x = tf.cast(x, tf.float32)
+                if augment:
+                    s = tf.shape(x)
+                    x = tf.reshape(aug(tf.reshape(x, [-1, spec.height, spec.width, spec.channels])), s)
+                return x, yy, ww
+            return tf.data.Dataset.from_tensor_slices((X[idx], y[idx], sw[idx])), fn
+        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
+
+    base, fn = dataset(tr_i, True)
+    ds_tr = (base.shuffle(len(tr_i), seed=opts.seed, reshuffle_each_iteration=True)
+             .batch(opts.batch_size).map(fn, num_parallel_calls=tf.data.AUTOTUNE)
              .prefetch(tf.data.AUTOTUNE))
-    ds_va = (tf.data.Dataset.from_tensor_slices((fit_x(X[va_i]), y[va_i], sw[va_i]))
-             .batch(32).map(lambda a, b, c: (tf.cast(a, tf.float32), b, c)).cache())
-    model.compile(optimizer=keras.optimizers.Adam(opts.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    base, fn = dataset(va_i, False)
+    ds_va = base.batch(32).map(fn).cache()
+    fit_model.compile(optimizer=keras.optimizers.Adam(opts.learning_rate), loss=loss,
+                      metrics=metrics)
     prog = _Progress(opts.epochs, opts.verbose)
     cbs = [prog.callback,
            keras.callbacks.EarlyStopping("val_loss", patience=opts.patience),
@@ -384,7 +435,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     t_fit = time.perf_counter()
     log.info("training %d epochs at most (early stopping on validation loss, patience %d)",
              opts.epochs, opts.patience)
-    model.fit(ds_tr, validation_data=ds_va, epochs=opts.epochs, callbacks=cbs, verbose=0)
+    fit_model.fit(ds_tr, validation_data=ds_va, epochs=opts.epochs, callbacks=cbs, verbose=0)
     fit_s = time.perf_counter() - t_fit
     log.info("trained %d epochs in %.0fs; best validation loss %.4f at epoch %d (weights restored)",
              prog.epochs_run, fit_s, prog.best, prog.best_epoch)

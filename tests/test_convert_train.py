@@ -58,7 +58,7 @@ def test_bundle_loads_and_records_everything(trained):
         assert 0.0 <= m[k] <= 1.0, k
     assert m["eval_split"] == "test" and m["n_eval"] == 40
     assert m["edgetpu"]["all_supported"], m["edgetpu"]
-    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"} <= set(m["edgetpu"]["ops"])
+    assert {"CONV_2D", "REDUCE_MAX", "FULLY_CONNECTED"} <= set(m["edgetpu"]["ops"])
     assert {"model.tflite", "model_float.tflite", "sample.png"} <= set(b.files)
     assert cv2.imread(str(out / "sample.png")) is not None
     p = b.provenance
@@ -267,3 +267,47 @@ def test_demo_bundle_on_deeppcb_test(deeppcb, capsys):
     # The figure evaluate measures is the one train recorded (same preprocess, engine, rule).
     from agent.bundle import load_bundle as lb
     assert res["accuracy"] == pytest.approx(lb(bundle).metrics["int8_accuracy"])
+
+
+# --------------------------------------------------------------------------- defect boxes
+
+def test_read_boxes_formats_and_missing(tmp_path):
+    from convert.data import read_boxes
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "a.txt").write_text("10 20 30 40 3\n5,6,1,2\nnot a box\n\n")
+    assert read_boxes(tmp_path, tmp_path / "defect" / "a.png") == [(10, 20, 30, 40), (1, 2, 5, 6)]
+    assert read_boxes(tmp_path, tmp_path / "defect" / "b.png") is None
+
+
+def test_defect_masks_follow_the_preprocessing_geometry(tmp_path):
+    """A box in source pixels lands on the same place of the model input as the pixels do."""
+    import numpy as np
+
+    from agent.preprocess import InputSpec
+    from convert.train import _defect_masks
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "d.txt").write_text("0 0 31 31\n")     # top-left quarter
+    img = np.zeros((64, 128), np.uint8)
+    spec = InputSpec(32, 32, fit="letterbox")                           # 128x64 -> 32x16 band
+    masks, weights, n = _defect_masks(spec, tmp_path, [tmp_path / "good" / "g.png",
+                                                       tmp_path / "defect" / "d.png",
+                                                       tmp_path / "defect" / "e.png"],
+                                      ["good", "defect", "defect"], [img, img, img])
+    assert n == 1 and weights.tolist() == [1.0, 1.0, 0.0]              # e.png has no boxes
+    m = masks[1, :, :, 0]
+    assert m[8:16, 0:8].min() == 255 and m[:8].max() == 0 and m[16:].max() == 0
+    assert m[8:16, 8:].max() == 0 and masks[0].max() == 0
+
+
+def test_training_uses_boxes_when_present(tmp_path, caplog):
+    import logging
+
+    from convert.synthetic import make_synthetic_dataset, train_tiny_bundle
+
+    data = make_synthetic_dataset(tmp_path / "data", 12, 48, seed=5, annotate=True)
+    with caplog.at_level(logging.INFO, logger="convert.train"):
+        summary = train_tiny_bundle(data, tmp_path / "b", epochs=3)
+    assert "12 defect images with boxes" in caplog.text
+    assert summary["metrics"]["n_eval"] > 0
