@@ -121,6 +121,25 @@ def read_image(path: Path) -> np.ndarray | None:
     return img
 
 
+def load_split(split: Split, role: str) -> tuple[list[Path], list[str], list[np.ndarray], list[str]]:
+    """(paths, classes, images, unreadable paths) of a split; unreadable images are logged,
+    skipped and returned so callers can count and report them."""
+    paths, classes, images, bad = [], [], [], []
+    for p, c in split.items():
+        img = read_image(p)
+        if img is None:
+            bad.append(str(p))
+            continue
+        paths.append(p)
+        classes.append(c)
+        images.append(img)
+    for b in bad:
+        log.warning("unreadable %s image skipped: %s", role, b)
+    if bad:
+        log.warning("%d unreadable %s image(s) skipped", len(bad), role)
+    return paths, classes, images, bad
+
+
 ANNOTATIONS = "annotations"
 
 

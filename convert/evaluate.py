@@ -19,7 +19,7 @@ from agent.bundle import BundleError, load_bundle
 from agent.decide import defect_score
 from agent.preprocess import preprocess
 
-from .data import GOOD, DataError, read_image, scan_eval
+from .data import GOOD, DataError, load_split, scan_eval
 
 log = logging.getLogger("convert.evaluate")
 
@@ -118,17 +118,7 @@ def main(argv: list[str]) -> int:
     except EngineError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    truth, images, bad = [], [], []
-    for path, cls in split.items():
-        img = read_image(path)
-        if img is None:
-            bad.append(str(path))
-            continue
-        # Folders named like a bundle label keep it; any other non-good folder is a defect.
-        truth.append(cls)
-        images.append(img)
-    for b in bad:
-        log.warning("unreadable image skipped: %s", b)
+    _, truth, images, bad = load_split(split, "evaluation")
     if not images:
         print(f"{prog}: no readable images under {split.root}", file=sys.stderr)
         return 2

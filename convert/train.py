@@ -31,7 +31,7 @@ from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, write
 from agent.preprocess import InputSpec, preprocess
 
 from .data import (GOOD, DataError, box_mask, dihedral_hashes, fingerprint, group_split,
-                   hash_distances, is_color, near_duplicate_groups, read_boxes, read_image,
+                   hash_distances, is_color, load_split, near_duplicate_groups, read_boxes,
                    scan_dataset)
 
 log = logging.getLogger("convert.train")
@@ -139,23 +139,6 @@ def _auto_spec(images: list[np.ndarray], opts: TrainOptions) -> InputSpec:
         h = int(max(32, round(side / math.sqrt(aspect) / 16) * 16))
     return InputSpec(width=w, height=h, channels=3 if color != "gray" else 1, color=color,
                      fit=opts.fit, tiles=opts.tiles)
-
-
-def _load(split, role: str) -> tuple[list[Path], list[str], list[np.ndarray], list[str]]:
-    paths, classes, images, bad = [], [], [], []
-    for p, c in split.items():
-        img = read_image(p)
-        if img is None:
-            bad.append(str(p))
-            continue
-        paths.append(p)
-        classes.append(c)
-        images.append(img)
-    for b in bad:
-        log.warning("unreadable image skipped (%s): %s", role, b)
-    if bad:
-        log.warning("%d unreadable %s image(s) skipped", len(bad), role)
-    return paths, classes, images, bad
 
 
 def _versions() -> dict:
@@ -299,13 +282,13 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     if train_split.ignored_dirs:
         log.info("note: folders with no images were ignored: %s", ", ".join(train_split.ignored_dirs))
 
-    tr_paths, tr_cls, tr_imgs, tr_bad = _load(train_split, "train")
+    tr_paths, tr_cls, tr_imgs, tr_bad = load_split(train_split, "train")
     counts = {c: tr_cls.count(c) for c in labels}
     too_few = {c: n for c, n in counts.items() if n < MIN_PER_CLASS}
     if too_few:
         raise DataError("too few readable images to train: " + ", ".join(
             f"class '{c}' has {n}" for c, n in too_few.items()) + f" (need >= {MIN_PER_CLASS} each)")
-    te_paths, te_cls, te_imgs, te_bad = _load(test_split, "test") if test_split else ([], [], [], [])
+    te_paths, te_cls, te_imgs, te_bad = load_split(test_split, "test") if test_split else ([], [], [], [])
     unknown = sorted(set(te_cls) - set(labels))
     if unknown:
         raise DataError(f"test classes not seen in training: {', '.join(unknown)}")

@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.helpers import wait_until as _wait_until  # noqa: E402
 from firmware_io.gates import GateSettings, create_gate
 from firmware_io.mqtt_link import MqttLink, MqttSettings
 from firmware_io.outbox import Outbox
@@ -27,13 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "firmware_io" / "schemas"
 
 
+
 def wait_until(pred, timeout=5.0, step=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
+    return _wait_until(pred, timeout, step)
 
 
 class Subscriber:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until as _wait_until  # noqa: E402
 from firmware_io.gate_sim import GateSimulator
 from firmware_io.gates import GateSettings, create_gate, gate_kinds
 from firmware_io.timing import RejectTiming
@@ -19,13 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MS = 1_000_000
 
 
+
 def wait_until(pred, timeout=3.0, step=0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
+    return _wait_until(pred, timeout, step)
 
 
 @pytest.fixture
