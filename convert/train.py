@@ -98,26 +98,25 @@ def parse_tiles(text: str) -> tuple[int, int]:
     return r, c
 
 
-def select_threshold(scores, is_defect, max_escape: float = 0.01, cap: float = 0.5) -> float:
+def select_threshold(scores, is_defect, max_escape: float = 0.01) -> float:
     """The decision threshold (defect if score >= threshold) for a target escape rate.
 
-    Lets at most floor(max_escape * n_defects) validation defects score below it, sits in
+    Lets at most floor(max_escape * n_defects) validation defects score below it and sits in
     the middle of the gap under the lowest defect score it must catch (a margin for unseen
-    parts), and never exceeds `cap` (0.5: the argmax point), so the escape target can only
-    make the model stricter than plain argmax.
+    parts). It is not capped at 0.5: the escape target alone sets it, so a model that is
+    sure of its defects does not reject good parts it merely finds unusual. Without
+    validation defects it is 0.5 (argmax).
     """
     scores = np.asarray(scores, dtype=np.float64)
     is_defect = np.asarray(is_defect, dtype=bool)
     d = np.sort(scores[is_defect])
-    if d.size == 0:
-        return cap
     k = int(math.floor(max_escape * d.size + 1e-9))
-    if k >= d.size:
-        return cap
+    if d.size == 0 or k >= d.size:
+        return 0.5
     t = d[k]
     below = scores[scores < t]
     lower = float(below.max()) if below.size else 0.0
-    return float(min(cap, (t + lower) / 2.0))
+    return float((t + lower) / 2.0)
 
 
 def _auto_spec(images: list[np.ndarray], opts: TrainOptions) -> InputSpec:

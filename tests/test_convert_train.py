@@ -237,15 +237,15 @@ def test_select_threshold_known_scores():
     # 0% escapes: must catch the 0.20 defect; midway to the next lower score (0.10).
     assert tr.select_threshold(s, is_def, 0.0) == pytest.approx(0.15)
     # 10% of 10 defects = 1 may escape: the lowest kept defect is 0.60, next below is 0.30
-    # -> 0.45 (under the 0.5 cap).
+    # -> 0.45.
     assert tr.select_threshold(s, is_def, 0.10) == pytest.approx(0.45)
-    # 20%: 0.70 / 0.60 -> 0.65, capped at 0.5.
-    assert tr.select_threshold(s, is_def, 0.20) == pytest.approx(0.5)
+    # 20%: 0.70 / 0.60 -> 0.65: above argmax's 0.5, the escape target alone decides.
+    assert tr.select_threshold(s, is_def, 0.20) == pytest.approx(0.65)
     # The chosen threshold meets the target on these scores.
     for target in (0.0, 0.1, 0.2, 0.35):
         t = tr.select_threshold(s, is_def, target)
         assert np.mean(s[is_def] < t) <= target + 1e-9
-    assert tr.select_threshold([0.1], [False], 0.01) == 0.5      # no defects: the cap
+    assert tr.select_threshold([0.1], [False], 0.01) == 0.5      # no defects: argmax
 
 
 def test_parse_size_and_tiles():
