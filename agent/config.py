@@ -63,6 +63,9 @@ class Model(_Section):
     device: Optional[str] = None
     cpu_fallback: bool = False
     threads: int = Field(2, ge=1, le=64)
+    # Inspect threads, each with its own interpreter. On a 2-core box, workers = 2 with
+    # threads = 1 outruns one 2-thread interpreter (edge-inspect bench measures it).
+    workers: int = Field(1, ge=1, le=16)
 
     @field_validator("device")
     @classmethod
@@ -163,6 +166,9 @@ class Config(_Section):
         if g.encoder_offset is not None and g.kind != "serial":
             raise ValueError(f"gate.encoder_offset: encoder mode needs a gate controller that "
                              f"counts the encoder (kind = 'serial'), not {g.kind!r}")
+        if self.model.workers > 1 and self.model.delegate != "cpu":
+            raise ValueError("model.workers: several inspect workers need delegate = 'cpu' "
+                             "(one Edge TPU serves one interpreter)")
         if g.kind == "mqtt" and not self.mqtt.enabled:
             raise ValueError("gate.kind: an mqtt gate needs [mqtt] enabled = true")
         if g.delay_ms is not None and g.delay_ms <= self.inspection.deadline_ms:

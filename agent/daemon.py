@@ -209,7 +209,7 @@ class Agent:
                 queue_size=cfg.inspection.queue_size, gate_number=cfg.gate.gate,
                 fps=cfg.camera.fps, reconnect_max_s=cfg.camera.reconnect_max_s,
                 stall_timeout_s=cfg.camera.stall_timeout_s, on_state=self._on_state,
-                keep_images=self.recorder is not None)
+                keep_images=self.recorder is not None, workers=cfg.model.workers)
             log.info("part ids: %s-<seq>", self.pipeline.prefix)
             self.pipeline.start()
             self.watchdog.start()

@@ -20,7 +20,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError, load_bundle
 from .decide import defect_score
-from .engines import Engine, EngineError, create_engine
+from .engines import Engine, EngineError, EnginePool, create_engine
 from .preprocess import preprocess
 from .types import Verdict
 
@@ -50,7 +50,7 @@ class Inspector:
              device: str | None = None, cpu_fallback: bool = False,
              threshold: float | None = None,
              wrap: Callable[[Engine], Engine] | None = None,
-             smoke_test: bool = True) -> "Inspector":
+             smoke_test: bool = True, workers: int = 1) -> "Inspector":
         """Load and verify a bundle, build its engine and check it runs. Raises
         InspectorError with one clear line (hash mismatch, unloadable model, ...)."""
         try:
@@ -61,11 +61,13 @@ class Inspector:
         if delegate == "edgetpu" and bundle.file("model_edgetpu.tflite") is not None:
             model = bundle.file("model_edgetpu.tflite")
         try:
-            engine = create_engine(delegate, model, bundle.input, len(bundle.labels),
-                                   threads=threads, device=device, cpu_fallback=cpu_fallback,
-                                   cpu_model_path=bundle.model_path)
+            engines = [create_engine(delegate, model, bundle.input, len(bundle.labels),
+                                     threads=threads, device=device, cpu_fallback=cpu_fallback,
+                                     cpu_model_path=bundle.model_path)
+                       for _ in range(max(1, workers))]
         except EngineError as e:
             raise InspectorError(str(e)) from None
+        engine = engines[0] if len(engines) == 1 else EnginePool(engines)
         if wrap is not None:
             engine = wrap(engine)
         insp = cls(bundle, engine, threshold=threshold, delegate=delegate)
@@ -77,7 +79,8 @@ class Inspector:
     def from_config(cls, cfg, wrap=None) -> "Inspector":
         m = cfg.model
         return cls.load(m.bundle, delegate=m.delegate, threads=m.threads, device=m.device,
-                        cpu_fallback=m.cpu_fallback, threshold=m.threshold, wrap=wrap)
+                        cpu_fallback=m.cpu_fallback, threshold=m.threshold, wrap=wrap,
+                        workers=m.workers)
 
     def smoke_test(self) -> None:
         """Run the model once (on the bundle's sample image when it has one)."""

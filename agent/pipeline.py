@@ -89,6 +89,9 @@ class Pipeline:
     pull_queue_size  depth for file/folder sources read as fast as inspected (default 1)
     fps           pace a file/folder source to this rate (0: as fast as inspected)
     on_state      callable(component, state, reason) when the source state changes
+    workers       inspect threads; give the inspector as many engines (Inspector.load
+                  workers=N). Parts may then finish slightly out of order; each still gets
+                  exactly one decision, gate action and report.
     """
 
     def __init__(self, source: Source, inspector: Inspector, *, gate=None,
@@ -98,7 +101,7 @@ class Pipeline:
                  reconnect_max_s: float = 10.0, stall_timeout_s: float = 5.0,
                  part_prefix: str | None = None, out_queue_size: int = 1024,
                  on_state: Callable[[str, str, str], None] | None = None,
-                 keep_images: bool = True, pull_queue_size: int = 1):
+                 keep_images: bool = True, pull_queue_size: int = 1, workers: int = 1):
         if failsafe not in ("reject", "pass"):
             raise ValueError(f"failsafe must be 'reject' or 'pass', not {failsafe!r}")
         self.source = source
@@ -118,11 +121,13 @@ class Pipeline:
         self.keep_images = keep_images
         self.paused = False
         self.pull = not getattr(source, "live", False) and self.fps <= 0
+        self.workers = max(1, int(workers))
 
         self._in_q: queue.SimpleQueue = queue.SimpleQueue()
         # Pull mode (files): one frame decoded ahead is all the overlap there is to gain; a
         # deeper queue only adds an invoke time of waiting to every part's latency.
-        self.depth = max(1, min(pull_queue_size, self.queue_size)) if self.pull else self.queue_size
+        self.depth = (max(self.workers, min(pull_queue_size, self.queue_size)) if self.pull
+                      else max(self.workers, self.queue_size))
         # Free inspect-queue slots as tokens in a C-level SimpleQueue (a cheaper semaphore).
         self._slots: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(self.depth):
@@ -180,8 +185,9 @@ class Pipeline:
 
     def start(self) -> "Pipeline":
         self.t_started = time.monotonic()
-        for name, fn in (("output", self._output_loop), ("inspect", self._inspect_loop),
-                         ("capture", self._capture_loop)):
+        stages = [("output", self._output_loop)]
+        stages += [(f"inspect{i or ''}", self._inspect_loop) for i in range(self.workers)]
+        for name, fn in stages + [("capture", self._capture_loop)]:
             t = threading.Thread(target=fn, name=f"pipeline-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -266,8 +272,8 @@ class Pipeline:
     # -- capture ---------------------------------------------------------------------------
     def _buffer(self, insp: Inspector) -> np.ndarray:
         if self._pool_spec is not insp.spec:
-            # queue_size in the queue + 1 being inspected + 1 being filled, and a spare.
-            self._pool = [insp.new_buffer() for _ in range(self.queue_size + 3)]
+            # depth in the queue + one being inspected per worker + 1 being filled, a spare.
+            self._pool = [insp.new_buffer() for _ in range(self.depth + self.workers + 2)]
             self._pool_spec = insp.spec
         self._pool_i = (self._pool_i + 1) % len(self._pool)
         return self._pool[self._pool_i]
@@ -380,6 +386,7 @@ class Pipeline:
             while True:
                 item = get()
                 if item is _END:
+                    self._in_q.put(_END)     # for the sibling inspect threads
                     break
                 release(None)
                 self._in_depth -= 1
@@ -488,11 +495,15 @@ class Pipeline:
     def _output_loop(self) -> None:
         get = self._out_q.get
         n = 0
+        ends = 0
         try:
             while True:
                 rec = get()
                 if rec is _END:
-                    break
+                    ends += 1
+                    if ends == self.workers:
+                        break
+                    continue
                 for sink in self.sinks:
                     try:
                         sink(rec)

@@ -24,12 +24,16 @@ def test_bench_json_on_a_video(tmp_path):
     video = tmp_path / "line.avi"
     make_video(video, pattern)
     r = run_bench(str(tiny_bundle()), "--source", str(video), "--seconds", "0.3",
-                  "--threads", "1", "--line-rate", "600", "--json")
+                  "--threads", "1", "--workers", "2", "--line-rate", "600", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)           # stdout is exactly one JSON object
     assert KEYS <= out.keys()
     # the three measurements saw the same parts
     assert out["naive"]["parts"] == out["pipeline"]["parts"] == len(pattern)
+    # every engine configuration was run on the same parts; the headline is the best of each
+    assert {(r["threads"], r["workers"]) for r in out["pipeline_runs"]} == {(1, 1), (1, 2)}
+    assert all(r["parts"] == len(pattern) for r in out["pipeline_runs"] + out["naive_runs"])
+    assert out["pipeline_parts_per_s"] == max(r["parts_per_s"] for r in out["pipeline_runs"])
     assert out["naive"]["rejects"] == out["pipeline"]["rejects"] == pattern.count("d")
     assert out["invoke_ms_p50"] > 0 and out["invoke_ms_p99"] >= out["invoke_ms_p50"]
     assert out["pipeline_vs_naive"] == pytest.approx(
@@ -47,7 +51,8 @@ def test_bench_default_source_is_the_bundle_sample_and_text_output(tmp_path):
                    threshold=b.threshold, metrics={}, provenance={}, sample="sample.png")
     r = run_bench(str(b.path), "--seconds", "0.2", "--threads", "1", "--frames", "40")
     assert r.returncode == 0, r.stderr
-    assert "naive loop:" in r.stdout and "pipeline:" in r.stdout and "x naive" in r.stdout
+    assert "naive loop  threads=1" in r.stdout and "pipeline    threads=1 workers=1" in r.stdout
+    assert "best pipeline" in r.stdout and "x naive" in r.stdout
 
 
 def test_bench_refuses_missing_bundle_and_source(tmp_path):

@@ -6,5 +6,5 @@ and decorating it with @register; the pipeline never changes.
 
 from __future__ import annotations
 
-from .base import Engine, EngineError, ENGINES, register, create_engine  # noqa: F401
+from .base import Engine, EngineError, EnginePool, ENGINES, register, create_engine  # noqa: F401
 from . import litert, edgetpu  # noqa: F401,E402  (registration side effect)

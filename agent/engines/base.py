@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import queue
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,6 +31,30 @@ class Engine(abc.ABC):
 
     def describe(self) -> str:
         return self.name
+
+
+class EnginePool(Engine):
+    """N engines of one model behind one invoke(), for N inspect threads: a LiteRT
+    interpreter must not be used by two threads at once, and on a small CPU two
+    single-threaded interpreters keep both cores busier than one two-threaded one."""
+
+    name = "pool"
+
+    def __init__(self, engines: list[Engine]):
+        self.engines = list(engines)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for e in self.engines:
+            self._free.put(e)
+
+    def invoke(self, pixels: np.ndarray) -> np.ndarray:
+        engine = self._free.get()
+        try:
+            return engine.invoke(pixels)
+        finally:
+            self._free.put(engine)
+
+    def describe(self) -> str:
+        return f"{self.engines[0].describe()} x{len(self.engines)}"
 
 
 ENGINES: dict[str, type[Engine]] = {}

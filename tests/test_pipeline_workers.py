@@ -1,0 +1,39 @@
+"""Several inspect workers (one interpreter each): every part still gets exactly one decision."""
+
+from agent.engines import EnginePool
+from agent.inspector import Inspector
+from agent.pipeline import Pipeline
+from agent.sources import open_source
+from agent.types import Verdict
+from firmware_io.gates import GateSettings, create_gate
+from tests.test_agent_support import make_folder, tiny_bundle
+
+
+def test_two_workers_decide_every_part_once(tmp_path):
+    truth = make_folder(tmp_path / "imgs", "gdgddggdgd" * 4)
+    insp = Inspector.load(tiny_bundle(), threads=1, workers=2)
+    assert isinstance(insp.engine, EnginePool) and len(insp.engine.engines) == 2
+    gate = create_gate("none", GateSettings())
+    got = []
+    pipe = Pipeline(open_source(str(tmp_path / "imgs")), insp, gate=gate, sinks=[got.append],
+                    workers=2, keep_images=False)
+    pipe.start()
+    assert pipe.wait(30)
+    assert sorted(r.source_ref for r in got) == [name for name, _ in truth]
+    assert len({r.part_id for r in got}) == len(truth)
+    want = {name: Verdict.REJECT if d else Verdict.PASS for name, d in truth}
+    assert all(r.verdict is want[r.source_ref] for r in got)
+    rejected = {r.part_id for r in got if r.verdict is Verdict.REJECT}
+    assert sorted(o.part_id for o in gate.records) == sorted(rejected)   # one command each
+
+
+def test_workers_need_the_cpu_delegate(write_config, tmp_path):
+    import pytest
+
+    from agent.config import ConfigError, load_config
+
+    path = write_config('[model]\nworkers = 2\ndelegate = "edgetpu"\n[gate]\nkind = "none"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path, check_env=False)
+    assert e.value.problems == ["model.workers: several inspect workers need delegate = 'cpu' "
+                                "(one Edge TPU serves one interpreter)"]
