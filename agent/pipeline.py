@@ -45,6 +45,8 @@ PREPROCESS = "preprocess_error"  # the frame could not be fitted to the model in
 PAUSED = "paused"                # inspection paused by command: nothing passes uninspected
 FAILSAFE_REASONS = (DEADLINE, OVERLOAD, INFERENCE, DECODE, PREPROCESS, PAUSED)
 
+IMAGE_BACKLOG = 16               # reports in the output queue beyond which images are dropped
+
 STAGES = ("decode", "preprocess", "queue", "invoke", "decide", "gate", "total")
 
 
@@ -260,6 +262,7 @@ class Pipeline:
             "failsafe": self.counts["FAILSAFE"],
             "failsafe_reasons": dict(self.failsafes),
             "reports_dropped": self.counts["reports_dropped"],
+            "images_dropped": self.counts["images_dropped"],
             "gate_errors": self.counts["gate_errors"],
             "rate": round(rate, 2),
             "latency_ms": {"p50": q(lat, 0.5), "p99": q(lat, 0.99), "max": lat[-1] if lat else None},
@@ -470,11 +473,14 @@ class Pipeline:
             why = frame.error if frame.error.startswith(reason) else f"{reason}: {frame.error}"
         else:
             why = reason
+        # Frames are ~1 MB: while the output thread is behind, reports keep flowing but
+        # stop carrying images (counted as images_dropped), so memory stays bounded.
+        image = frame.image if self.keep_images and self._out_q.qsize() < IMAGE_BACKLOG else None
         insp_rec = Inspection(
             frame.part_id, frame.seq, frame.source_ref, tc, frame.t_wall, verdict,
             label or (insp.good_label if verdict is Verdict.PASS else ""), score,
             insp.threshold, why, frame.encoder, timings,
-            frame.image if self.keep_images else None,
+            image,
             insp.model_sha256, timings["total"], target, late, gerr)
         with self._lock:
             c = self.counts
@@ -485,6 +491,8 @@ class Pipeline:
             if gerr is not None and act_reject:
                 c["gate_errors"] += 1
             self.latency_ms.append(timings["total"])
+            if self.keep_images and image is None:
+                c["images_dropped"] += 1
         if self._out_q.qsize() < self._out_max:
             self._out_q.put(insp_rec)
         else:

@@ -37,3 +37,30 @@ def test_workers_need_the_cpu_delegate(write_config, tmp_path):
         load_config(path, check_env=False)
     assert e.value.problems == ["model.workers: several inspect workers need delegate = 'cpu' "
                                 "(one Edge TPU serves one interpreter)"]
+
+
+def test_images_are_not_hoarded_while_the_output_thread_lags(tmp_path):
+    """A slow report sink must not make the pipeline keep every ~1 MB frame in memory."""
+    import threading
+
+    from agent.pipeline import IMAGE_BACKLOG
+
+    truth = make_folder(tmp_path / "imgs", "gd" * 30)
+    insp = Inspector.load(tiny_bundle(), threads=1)
+    release = threading.Event()
+    got = []
+
+    def slow_sink(rec):
+        release.wait(10)          # the output thread is stuck until everything is captured
+        got.append(rec.image is not None)
+
+    pipe = Pipeline(open_source(str(tmp_path / "imgs")), insp, sinks=[slow_sink],
+                    keep_images=True)
+    pipe.start()
+    from tests.helpers import wait_until
+    assert wait_until(lambda: pipe.counts["parts"] == len(truth), timeout=20)
+    release.set()
+    assert pipe.wait(20)
+    assert len(got) == len(truth)                       # every report still delivered
+    assert sum(got) <= IMAGE_BACKLOG + 1                # but only a bounded number of images
+    assert pipe.stats()["images_dropped"] == len(truth) - sum(got)
