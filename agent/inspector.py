@@ -54,7 +54,9 @@ class Inspector:
         """Load and verify a bundle, build its engine and check it runs. Raises
         InspectorError with one clear line (hash mismatch, unloadable model, ...)."""
         try:
-            bundle = load_bundle(bundle_path)
+            # Resolve models/current once: a deploy that swaps the link mid-load must not
+            # give us half of one bundle and half of the other.
+            bundle = load_bundle(Path(bundle_path).resolve())
         except BundleError as e:
             raise InspectorError(str(e)) from None
         model = bundle.model_path
