@@ -52,8 +52,10 @@ def test_bundle_loads_and_records_everything(trained):
     b = load_bundle(out)                       # verifies every sha256
     assert b.labels == ["good", "defect"] and b.defect_labels == ["defect"]
     assert (b.input.width, b.input.height, b.input.channels) == (48, 48, 3)   # colour images seen
-    assert 0.0 < b.threshold <= 0.5
     m = b.metrics
+    # the threshold is the one chosen on validation, and meets the escape target there
+    assert 0.0 < b.threshold < 1.0 and b.threshold == m["threshold_selection"]["threshold"]
+    assert m["validation"]["escape_rate"] <= m["threshold_selection"]["max_escape"]
     for k in ("int8_accuracy", "float_accuracy", "agreement", "escape_rate", "false_reject_rate"):
         assert 0.0 <= m[k] <= 1.0, k
     assert m["eval_split"] == "test" and m["n_eval"] == 40
