@@ -26,13 +26,10 @@ from .engines import ENGINES, EngineError, create_engine
 from .inspector import Inspector, InspectorError
 from .pipeline import Pipeline
 from .preprocess import preprocess
-from .sources import open_source
+from .sources import SourceError, open_source
 from .types import Inspection, Verdict
 
 log = logging.getLogger("bench")
-
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
 
 def pct(values, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
@@ -100,25 +97,16 @@ def make_video(image: np.ndarray, path: Path, frames: int = 300, fps: float = 30
 
 
 def iter_source(src: str):
-    """Decoded frames of a video file or image folder, in order (the naive loop's reader)."""
-    p = Path(src)
-    if p.is_dir():
-        for f in sorted(x for x in p.iterdir() if x.suffix.lower() in IMAGE_EXT):
-            img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
-            if img is not None:
-                yield img
-        return
-    cap = cv2.VideoCapture(src)
-    if not cap.isOpened():
-        raise RuntimeError(f"cannot open source {src}")
+    """Decoded frames of a video file or image folder, in order, through the daemon's own
+    sources (so the naive loop decodes exactly what the pipeline decodes)."""
+    source = open_source(src)
+    source.open()
     try:
-        while True:
-            ok, img = cap.read()
-            if not ok:
-                return
-            yield img
+        while (got := source.read()) is not None:
+            if got.image is not None:
+                yield got.image
     finally:
-        cap.release()
+        source.close()
 
 
 def naive_loop(inspector: Inspector, src: str) -> dict:
@@ -210,7 +198,11 @@ def main(argv: list[str]) -> int:
         if not os.path.exists(src):
             print(f"error: --source {src} does not exist", file=sys.stderr)
             return 2
-        sample = next(iter_source(src), None)
+        try:
+            sample = next(iter_source(src), None)
+        except SourceError as e:
+            print(f"error: --source {src}: {e}", file=sys.stderr)
+            return 2
     else:
         if not bundle.sample:
             print("error: the bundle has no sample image; pass --source", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, load_config, summary
+from .config import ConfigError, load_config, print_problems, summary
 
 
 def main(argv: list[str]) -> int:
@@ -17,8 +17,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, strict_devices=not args.no_devices)
     except ConfigError as e:
-        for line in e.problems:
-            print(f"error: {line}", file=sys.stderr)
+        print_problems(e.problems)
         print(f"{args.config}: {len(e.problems)} problem(s)", file=sys.stderr)
         return 2
     print(summary(cfg))

@@ -244,6 +244,13 @@ def _format(e: ValidationError) -> list[str]:
     return out
 
 
+def print_problems(problems: list[str]) -> int:
+    """One 'error: …' line per problem on stderr; returns 2, the exit code for them."""
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    return 2
+
+
 def parse_config(raw: dict, base: Path = Path(".")) -> Config:
     _resolve_paths(raw, base)
     try:
@@ -322,11 +329,11 @@ def summary(cfg: Config) -> str:
         f"deadline  {cfg.inspection.deadline_ms:g} ms, uninspected parts: {cfg.inspection.failsafe}",
         f"gate      {g.kind}" + ("" if g.kind == "none" else f" {g.port or ''} fires {timing}, "
                                  f"pulse {g.pulse_ms} ms"),
-        f"mqtt      " + (f"{m.host}:{m.port} prefix {m.prefix}/{cfg.station.id}"
+        "mqtt      " + (f"{m.host}:{m.port} prefix {m.prefix}/{cfg.station.id}"
                          f"{' tls' if m.tls else ''}, outbox {m.outbox}" if m.enabled else "off"),
-        f"metrics   " + (f"http://{cfg.metrics.bind}:{cfg.metrics.port}/metrics"
+        "metrics   " + (f"http://{cfg.metrics.bind}:{cfg.metrics.port}/metrics"
                          if cfg.metrics.port else "off"),
-        f"recorder  " + (f"{cfg.recorder.dir} (max {cfg.recorder.max_mb:g} MB)"
+        "recorder  " + (f"{cfg.recorder.dir} (max {cfg.recorder.max_mb:g} MB)"
                          if cfg.recorder.enabled else "off"),
     ]
     return "\n".join(lines)

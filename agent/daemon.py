@@ -16,14 +16,13 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, print_problems
 from .inspector import Inspector, InspectorError
 from .pipeline import Pipeline
 from .prom import PromMetrics
@@ -495,9 +494,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, strict_devices=not args.no_devices)
     except ConfigError as e:
-        for line in e.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        return print_problems(e.problems)
     logging.getLogger().setLevel(cfg.log.level)
     log.info("edge-inspect %s starting: station %s, config %s", __version__, cfg.station.id,
              args.config)
@@ -505,9 +502,7 @@ def main(argv: list[str]) -> int:
     try:
         agent.start()
     except StartupError as e:
-        for line in e.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        return print_problems(e.problems)
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())

@@ -10,7 +10,6 @@ and a summary at the end (truth from file names: good_* should pass, defect_* re
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ import time
 import tty
 from pathlib import Path
 
-from .config import parse_config
+from .config import parse_config, print_problems
 from .sources import FolderSource
 from .types import Inspection, Verdict
 
@@ -81,9 +80,7 @@ def main(argv: list[str]) -> int:
     if args.loops < 1:
         problems.append("--loops: must be at least 1")
     if problems:
-        for p in problems:
-            print(f"error: {p}", file=sys.stderr)
-        return 2
+        return print_problems(problems)
 
     from firmware_io.gate_sim import GateSimulator
 
@@ -173,9 +170,7 @@ def main(argv: list[str]) -> int:
         try:
             agent.start()
         except StartupError as e:
-            for p in e.problems:
-                print(f"error: {p}", file=sys.stderr)
-            return 2
+            return print_problems(e.problems)
         where = f"{mqtt['host']}:{mqtt['port']}" if mqtt["enabled"] else "off"
         if not args.quiet:
             print(f"edge-inspect demo: {agent.inspector.describe()}\n"

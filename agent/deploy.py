@@ -229,8 +229,8 @@ def reload_agent(args) -> int:
         return 0
     systemctl = shutil.which("systemctl")
     if systemctl is None:
-        _say(f"systemctl not found: reload the agent yourself (kill -HUP <its pid>, or "
-             f"--pid-file); it loads the new model at its next start anyway")
+        _say("systemctl not found: reload the agent yourself (kill -HUP <its pid>, or "
+             "--pid-file); it loads the new model at its next start anyway")
         return 0
     unit = args.service
     active = subprocess.run([systemctl, "is-active", "--quiet", unit]).returncode == 0

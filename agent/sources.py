@@ -20,7 +20,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -169,7 +168,6 @@ class VideoFileSource(Source):
     def read(self) -> Captured | None:
         if self.cap is None:
             raise SourceError(f"{self.name} is not open")
-        t0 = time.monotonic_ns()
         ok = self.cap.grab()
         if not ok:
             if self.count and self.index < self.count - 1:
@@ -181,7 +179,6 @@ class VideoFileSource(Source):
             self.close()
             self.index = 0
             self.open()
-            t0 = time.monotonic_ns()
             if not self.cap.grab():
                 raise SourceError(f"{self.name}: no frame after reopening")
         t1 = time.monotonic_ns()

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field

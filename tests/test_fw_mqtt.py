@@ -4,7 +4,6 @@ status + last will, commands, the MQTT gate, the outbox cap."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.helpers import wait_until as _wait_until  # noqa: E402

@@ -183,7 +183,6 @@ def test_heartbeat_loss_failsafe_and_back(rig):
     # host-visible side: heartbeats slower than the gate's timeout -> FAULT seen, degraded
     g2.close()
     sim.hb_timeout_ms = 150
-    faults = []
     g3 = make(heartbeat_ms=400)
     assert wait_until(lambda: g3.counters().get("faults", 0) >= 1, timeout=2)
     assert g3.fault[0] == "HBLOST" and g3.state() == "degraded"
