@@ -50,10 +50,21 @@ def build_model(height: int, width: int, channels: int, n_labels: int, *,
         x = layers.ReLU(6.0, name=f"conv{i}_relu6")(x)
     dmap = layers.Conv2D(n_labels - 1, 1, name="defect_map")(x)     # logits per cell and class
     z = layers.GlobalMaxPooling2D(name="max_cell")(dmap)
-    probs = layers.Dense(n_labels, activation="softmax", name="probs")(z)
+    probs = layers.Dense(n_labels, activation="softmax", name="probs",
+                         kernel_initializer=_monotone_head)(z)
     model = keras.Model(inp, probs, name=name)
     train_model = keras.Model(inp, {"probs": probs, "defect_map": dmap}, name=f"{name}_train")
     return train_model, model
+
+
+def _monotone_head(shape, dtype=None):
+    """(K, K+1) kernel: good logit 0, defect k's logit = its own evidence z_k. A random init
+    gives a coin-flip chance that more evidence *lowers* P(defect); then the image loss
+    pushes the defect cell down while the cell loss pushes every good cell down, the two
+    agree, and training sits at chance until the head flips (seen on data without boxes)."""
+    from keras import ops
+    k = shape[0]
+    return ops.concatenate([ops.zeros((k, 1), dtype=dtype), ops.eye(k, dtype=dtype)], axis=1)
 
 
 def map_loss(pos_weight: float = 10.0):
