@@ -9,12 +9,14 @@ Why this shape: a defect may be anywhere and may be small. The body maps the ima
 grid of cells (stride 16, each seeing ~90 px of input) and a 1x1 conv gives every cell a
 logit per defect class: a *defect map*. The image's evidence for a class is the max over
 cells ("a defective patch anywhere": multiple-instance learning inside the network), and a
-dense layer turns those maxima into class probabilities.
+fixed dense layer turns those maxima into class probabilities (P(defect) = sigmoid(max)
+for one defect class).
 
-The defect map is also a training output, so cells can be supervised directly: every cell
-of a good image is good (always known), and where a defect image comes with boxes, the
-cells under them are defective. That dense signal makes the net learn from a few hundred
-images in minutes instead of waiting for the image-level max to find the defect alone.
+The defect map is the training output (map_loss), so cells can be supervised directly:
+every cell of a good image is good (always known), and where a defect image comes with
+boxes, the cells under them are defective. That dense signal makes the net learn from a few
+hundred images in minutes. Without boxes a defect image asks only for one confident cell.
+The training model takes any input size, so boxed data can train on crops.
 Plain 3x3 convs, not depthwise-separable ones: on a few hundred images they learn far
 faster, and at this width they cost a few ms of int8 on a small CPU.
 """
@@ -22,6 +24,7 @@ faster, and at this width they cost a few ms of int8 on a small CPU.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers
 
 # (filters, stride) of the body: stride 16 overall.
@@ -41,41 +44,71 @@ def build_model(height: int, width: int, channels: int, n_labels: int, *,
                 stages=DEFAULT_STAGES, name: str = "edge_inspect_fcn") -> tuple[keras.Model, keras.Model]:
     """(train_model, model): train_model outputs {"probs", "defect_map"}; model outputs
     only probs (B, n_labels) and is what gets exported. They share every layer."""
-    inp = keras.Input(shape=(height, width, channels), name="pixels")
-    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inp)
+    body = [layers.Rescaling(1.0 / 255.0, name="rescale")]
     for i, (filters, stride) in enumerate(stages):
-        x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
-                          name=f"conv{i}")(x)
-        x = layers.BatchNormalization(momentum=0.9, name=f"conv{i}_bn")(x)
-        x = layers.ReLU(6.0, name=f"conv{i}_relu6")(x)
-    dmap = layers.Conv2D(n_labels - 1, 1, name="defect_map")(x)     # logits per cell and class
-    z = layers.GlobalMaxPooling2D(name="max_cell")(dmap)
-    probs = layers.Dense(n_labels, activation="softmax", name="probs",
-                         kernel_initializer=_monotone_head)(z)
-    model = keras.Model(inp, probs, name=name)
-    train_model = keras.Model(inp, {"probs": probs, "defect_map": dmap}, name=f"{name}_train")
+        body += [layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
+                               name=f"conv{i}"),
+                 layers.BatchNormalization(momentum=0.9, name=f"conv{i}_bn"),
+                 layers.ReLU(6.0, name=f"conv{i}_relu6")]
+    body.append(layers.Conv2D(n_labels - 1, 1, name="defect_map"))     # logits per cell and class
+    pool = layers.GlobalMaxPooling2D(name="max_cell")
+    # Fixed, not learnt: P(defect k) = softmax([0, z_1..z_K])_k, so the verdict is exactly
+    # the defect map's max (which map_loss trains) and more evidence never lowers it.
+    head = layers.Dense(n_labels, activation="softmax", name="probs", trainable=False)
+
+    def apply(inp):
+        x = inp
+        for layer in body:
+            x = layer(x)
+        return x, head(pool(x))
+
+    # The exported model has the static input shape; the training model takes any size, so
+    # it can learn from crops (see convert.train) with the very same layers.
+    inp = keras.Input(shape=(height, width, channels), name="pixels")
+    model = keras.Model(inp, apply(inp)[1], name=name)
+    any_inp = keras.Input(shape=(None, None, channels), name="pixels")
+    dmap, probs = apply(any_inp)
+    train_model = keras.Model(any_inp, {"probs": probs, "defect_map": dmap}, name=f"{name}_train")
+    head.set_weights([_monotone_head(n_labels - 1), np.zeros(n_labels, "float32")])
     return train_model, model
 
 
-def _monotone_head(shape, dtype=None):
-    """(K, K+1) kernel: good logit 0, defect k's logit = its own evidence z_k. A random init
-    gives a coin-flip chance that more evidence *lowers* P(defect); then the image loss
-    pushes the defect cell down while the cell loss pushes every good cell down, the two
-    agree, and training sits at chance until the head flips (seen on data without boxes)."""
+def _monotone_head(k: int) -> np.ndarray:
+    """(K, K+1) kernel: good logit 0, defect k's logit = its own evidence z_k. (A random,
+    learnt head gave a coin-flip chance that more evidence *lowered* P(defect): the image
+    loss then pushed the defect cell down along with the cell loss, and training sat at
+    chance on data without boxes until the head flipped.)"""
+    return np.concatenate([np.zeros((k, 1)), np.eye(k)], axis=1).astype("float32")
+
+
+def map_loss(pos_weight: float = 10.0, max_weight: float = 1.0):
+    """The training loss, all on the defect map (logits z, (B, h, w, K)).
+
+    y_true per cell and class: 1 = defect, 0 = good, -1 = "somewhere in this image" (a defect
+    image without boxes: only the image label is known). Three terms per image:
+    * cell: sigmoid cross-entropy on every known cell, defect cells weighted up (they are a
+      few % of cells);
+    * hardest good cell: cross-entropy of the MAX over known-good cells against 0. The frame
+      score is that max, so this trains exactly the statistic that false rejects come from
+      (hard-negative mining), where the mean cell loss barely sees one bad cell in 400;
+    * defect evidence: cross-entropy of the max over defect (or unknown) cells against 1, the
+      multiple-instance term: a defect image needs one confident cell, not every box cell.
+    The evidence for a defect thus only ever comes from where the defect can be, never from
+    "whichever cell is highest" of a boxed image (that reinforced false alarms)."""
     from keras import ops
-    k = shape[0]
-    return ops.concatenate([ops.zeros((k, 1), dtype=dtype), ops.eye(k, dtype=dtype)], axis=1)
 
-
-def map_loss(pos_weight: float = 10.0):
-    """Per-image cell loss on the defect map: sigmoid cross-entropy, positive cells weighted
-    up (they are a few % of cells). y_true: (B, h, w, K) in {0, 1}."""
-    from keras import ops
-
-    def loss(y_true, y_pred):
-        y_true = ops.cast(y_true, y_pred.dtype)
-        w = 1.0 + (pos_weight - 1.0) * y_true
-        ce = ops.maximum(y_pred, 0) - y_pred * y_true + ops.log1p(ops.exp(-ops.abs(y_pred)))
-        return ops.sum(w * ce, axis=(1, 2, 3)) / ops.sum(w, axis=(1, 2, 3))
+    def loss(y_true, z):
+        y = ops.cast(y_true, z.dtype)
+        known = ops.cast(y >= 0, z.dtype)
+        t = ops.maximum(y, 0.0)
+        w = known * (1.0 + (pos_weight - 1.0) * t)
+        ce = ops.maximum(z, 0) - z * t + ops.log1p(ops.exp(-ops.abs(z)))
+        cell = ops.sum(w * ce, axis=(1, 2, 3)) / ops.maximum(ops.sum(w, axis=(1, 2, 3)), 1.0)
+        neg, pos = y == 0, y != 0
+        z_neg = ops.max(ops.where(neg, z, -1e4), axis=(1, 2))
+        z_pos = ops.max(ops.where(pos, z, -1e4), axis=(1, 2))
+        l_neg = ops.where(ops.any(neg, axis=(1, 2)), ops.softplus(z_neg), 0.0)
+        l_pos = ops.where(ops.any(pos, axis=(1, 2)), ops.softplus(-z_pos), 0.0)
+        return cell + max_weight * ops.sum(l_neg + l_pos, axis=-1)
 
     return loss

@@ -36,8 +36,17 @@ from .data import (GOOD, DataError, box_mask, dihedral_hashes, fingerprint, grou
 log = logging.getLogger("convert.train")
 
 MIN_PER_CLASS = 2          # readable images a class needs to be trained on at all
-DEFAULT_MAX_SIDE = 320     # default input: ~320 px, enough for ~20 px defects on 640 px frames
+# Default input side (about; aspect ratio kept, never above native). Whole-frame training
+# at 640 px costs four times 320 px per epoch; crop training (every defect boxed) costs the
+# same at any input size, so boxed data gets the resolution that small defects need.
+DEFAULT_MAX_SIDE = 320
+DEFAULT_MAX_SIDE_BOXED = 640
 SAMPLE = "sample.png"
+# A validation loss gain under this is noise, not progress: without it a model that has
+# already separated its validation set (loss ~0.01, falling by 1e-4 an epoch) trains on to
+# the last epoch for nothing.
+MIN_DELTA = 0.002
+BOX_CENTRED = 0.7          # share of a boxed defect image's crops centred on a box
 
 
 class TrainError(Exception):
@@ -46,7 +55,7 @@ class TrainError(Exception):
 
 @dataclass
 class TrainOptions:
-    epochs: int = 30
+    epochs: int = 20
     input_size: tuple[int, int] | None = None      # (w, h); None = auto from the data
     color: str = "auto"                             # auto | gray | rgb
     fit: str = "stretch"
@@ -66,6 +75,7 @@ class TrainOptions:
     dup_distance: int = 24
     verbose: bool = True
     save_keras: Path | None = None
+    crops: bool = True                              # crop training where every cell is known
     extra_args: dict = field(default_factory=dict)
 
 
@@ -118,7 +128,7 @@ def select_threshold(scores, is_defect, max_escape: float = 0.01) -> float:
     return float((t + lower) / 2.0)
 
 
-def _auto_spec(images: list[np.ndarray], opts: TrainOptions) -> InputSpec:
+def _auto_spec(images: list[np.ndarray], opts: TrainOptions, max_side: int = DEFAULT_MAX_SIDE) -> InputSpec:
     color = opts.color
     if color == "auto":
         sample = images[:: max(1, len(images) // 200)]
@@ -130,13 +140,27 @@ def _auto_spec(images: list[np.ndarray], opts: TrainOptions) -> InputSpec:
         hs = np.array([im.shape[0] / rows for im in images])
         ws = np.array([im.shape[1] / cols for im in images])
         aspect = float(np.median(ws / hs))
-        side = min(DEFAULT_MAX_SIDE, float(np.sqrt(np.median(hs * ws))))
+        side = min(max_side, float(np.sqrt(np.median(hs * ws))))
         side = max(64.0, side)
         # Keep the frame's aspect ratio at about side*side pixels, multiples of 16.
         w = int(max(32, round(side * math.sqrt(aspect) / 16) * 16))
         h = int(max(32, round(side / math.sqrt(aspect) / 16) * 16))
     return InputSpec(width=w, height=h, channels=3 if color != "gray" else 1, color=color,
                      fit=opts.fit, tiles=opts.tiles)
+
+
+def _crop_side(spec: InputSpec) -> int | None:
+    """Side of the training crops: half the input's short side (a quarter of the pixels, so
+    four times the steps per second) up to 160 px, never under 96 px (the cells' receptive
+    field is ~90 px); None when the input is too small for crops to pay."""
+    side = min(160, (min(spec.width, spec.height) // 2) // 16 * 16)
+    return side if side >= 96 else None
+
+
+def _crops_per_image(spec: InputSpec, crop: int) -> int:
+    """Crops per image and epoch: about a quarter of the frame's pixels, 2 to 4 crops (an
+    epoch then costs 0.5-1x a whole-frame epoch at 320 px)."""
+    return int(np.clip(round(0.25 * spec.width * spec.height / crop ** 2), 2, 4))
 
 
 def _versions() -> dict:
@@ -153,13 +177,50 @@ def _versions() -> dict:
     return v
 
 
-class _Progress:
-    """Per-epoch progress line on stderr; keeps the best weights by validation loss."""
+def _auc(scores, positive) -> float:
+    """ROC AUC of scores for a boolean truth (ties count half)."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    p, n = scores[positive], scores[~positive]
+    if not p.size or not n.size:
+        return float("nan")
+    return float(((p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum())
+                 / (p.size * n.size))
 
-    def __init__(self, epochs: int, verbose: bool):
+
+class _Progress:
+    """Validates after every epoch, prints a progress line, keeps the best weights and stops
+    early.
+
+    "Best" is ranked by validation ROC AUC of the defect score, then loss: the threshold is
+    chosen afterwards for the escape target, so what the model must get right is the
+    ORDER of good and defect frames. The loss also measures calibration, which swings from
+    epoch to epoch (a frame's score is the max of hundreds of cells; crop-trained models see
+    more cells on a whole frame than in training) and picked poor epochs."""
+
+    def __init__(self, epochs: int, verbose: bool, val_batches, good_idx: int, loss, patience: int):
         import keras
 
         outer = self
+        self.best, self.best_epoch, self.best_weights, self.epochs_run = -np.inf, 0, None, 0
+        self.best_auc, self.best_loss = float("nan"), float("nan")
+
+        def validate(model):
+            losses, weights, scores, truth = [], [], [], []
+            for x, ys, ws in val_batches:
+                out = model(x, training=False)
+                if isinstance(out, dict):
+                    l, w = loss(ys["defect_map"], out["defect_map"]), ws["defect_map"]
+                    probs, yy = out["probs"], ys["probs"]
+                else:
+                    l = keras.losses.sparse_categorical_crossentropy(ys, out)
+                    w, probs, yy = ws, out, ys
+                losses.append(np.asarray(l) * np.asarray(w))
+                weights.append(np.asarray(w))
+                scores.append(1.0 - np.asarray(probs)[:, good_idx])
+                truth.append(np.asarray(yy) != good_idx)
+            sc, tr = np.concatenate(scores), np.concatenate(truth)
+            vl = float(np.concatenate(losses).sum() / max(np.concatenate(weights).sum(), 1e-9))
+            return vl, _auc(sc, tr), float(np.mean((sc >= 0.5) == tr))
 
         class CB(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
@@ -169,28 +230,32 @@ class _Progress:
                 outer.te = time.perf_counter()
 
             def on_epoch_end(self, epoch, logs=None):
-                logs = logs or {}
-                vl = float(logs.get("val_loss", np.inf))
-                if vl < outer.best:
-                    outer.best, outer.best_epoch = vl, epoch + 1
+                logs = logs if logs is not None else {}
+                vl, auc, acc = validate(self.model)
+                logs.update(val_loss=vl, val_auc=auc, val_accuracy=acc)
+                # AUC first; a loss gain under MIN_DELTA is noise (it ends training on data
+                # the model has already separated, loss ~0.01 and falling 1e-4 an epoch)
+                key = auc - 0.001 * vl
+                if key > outer.best + 0.001 * MIN_DELTA:
+                    outer.best, outer.best_epoch = key, epoch + 1
+                    outer.best_auc, outer.best_loss = auc, vl
                     outer.best_weights = self.model.get_weights()
+                elif epoch + 1 - outer.best_epoch >= patience:
+                    self.model.stop_training = True
                 outer.epochs_run = epoch + 1
                 if verbose:
                     el = time.perf_counter() - outer.t0
                     eta = el / (epoch + 1) * (epochs - epoch - 1)
                     print(f"epoch {epoch + 1:>3}/{epochs}  loss {logs.get('loss', 0):.4f}  "
-                          f"acc {logs.get('probs_accuracy', logs.get('accuracy', 0)):.3f}  "
-                          f"val_loss {vl:.4f}  val_acc "
-                          f"{logs.get('val_probs_accuracy', logs.get('val_accuracy', 0)):.3f}  "
-                          f"{time.perf_counter() - outer.te:5.1f}s  (best {outer.best:.4f} @ "
-                          f"{outer.best_epoch}, elapsed {el:.0f}s, at most {eta:.0f}s left)",
-                          file=sys.stderr, flush=True)
+                          f"val_loss {vl:.4f}  val_auc {auc:.4f}  val_acc {acc:.3f}  "
+                          f"{time.perf_counter() - outer.te:5.1f}s  (best @ {outer.best_epoch}: "
+                          f"auc {outer.best_auc:.4f} loss {outer.best_loss:.4f}; elapsed "
+                          f"{el:.0f}s, at most {eta:.0f}s left)", file=sys.stderr, flush=True)
 
             def on_train_end(self, logs=None):
                 if outer.best_weights is not None:
                     self.model.set_weights(outer.best_weights)
 
-        self.best, self.best_epoch, self.best_weights, self.epochs_run = np.inf, 0, None, 0
         self.callback = CB()
 
 
@@ -291,7 +356,9 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     if unknown:
         raise DataError(f"test classes not seen in training: {', '.join(unknown)}")
 
-    spec = _auto_spec(tr_imgs, opts)
+    boxed = all(read_boxes(train_split.root, p) is not None for p, c in zip(tr_paths, tr_cls) if c != GOOD)
+    spec = _auto_spec(tr_imgs, opts, DEFAULT_MAX_SIDE_BOXED if boxed and opts.crops and opts.tiles == (1, 1)
+                      else DEFAULT_MAX_SIDE)
     log.info("input spec: %dx%d %s, fit %s, tiles %dx%d", spec.width, spec.height, spec.color,
              spec.fit, *spec.tiles)
 
@@ -363,6 +430,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     sw = cw[y].astype(np.float32)
     aug = _augmenter(spec, opts.flips, opts.seed)
 
+    crops_per_image = 1
     if T == 1:
         # Cell supervision of the defect map (see convert/model.py): all of a good image is
         # good; a defect image's cells are known only where it has boxes (annotations/).
@@ -371,21 +439,53 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
                  f" and {n_boxed} defect images with boxes" if n_boxed else
                  " (no defect boxes found: defects are learnt from image labels alone)")
         fit_model = train_model
+        crop = _crop_side(spec) if opts.crops and bool(np.all(mw[tr_i] > 0)) else None
+        crops_per_image = _crops_per_image(spec, crop) if crop else 1
+        if crop:
+            log.info("every training cell is known: training on %dx%d crops (%d per image and "
+                     "epoch, centred on a box for %d%% of defect crops), validating on whole "
+                     "frames", crop, crop, crops_per_image, round(100 * BOX_CENTRED))
+
+        def crop_fn(x, yy, m, ww, mww):
+            # One crop: centred (with jitter) on a random defect pixel, or anywhere. Its label
+            # is what its own cells say, so a defect image's clean area teaches 'good' too.
+            h, w = spec.height, spec.width
+            pos = tf.cast(tf.where(m[..., 0] > 127), tf.int32)
+            n = tf.shape(pos)[0]
+            pos = tf.concat([pos, tf.zeros([1, 2], tf.int32)], 0)     # gather-safe when n == 0
+            lim = tf.constant([h - crop, w - crop])
+            centred = tf.logical_and(n > 0, tf.random.uniform([]) < BOX_CENTRED)
+            near = pos[tf.random.uniform([], 0, tf.maximum(n, 1), tf.int32)] - crop // 2 + \
+                tf.random.uniform([2], -(crop // 4), crop // 4 + 1, tf.int32)
+            anywhere = tf.cast(tf.random.uniform([2]) * tf.cast(lim + 1, tf.float32), tf.int32)
+            o = tf.clip_by_value(tf.where(centred, near, anywhere), 0, lim)
+            x = x[:, o[0]:o[0] + crop, o[1]:o[1] + crop]
+            m = m[o[0]:o[0] + crop, o[1]:o[1] + crop]
+            yy = tf.where(tf.reduce_max(m) > 127, yy, tf.zeros_like(yy))
+            return x, yy, m, ww, mww
 
         def batch_fn(augment):
             def fn(x, yy, m, ww, mww):
                 x, m = tf.cast(x[:, 0], tf.float32), tf.cast(m, tf.float32)
                 if augment:
                     x, m = aug(x, m)
-                cell = tf.cast(tf.nn.max_pool2d(m, MAP_STRIDE, MAP_STRIDE, "SAME") > 127.0,
-                               tf.float32) * tf.one_hot(yy - 1, K)[:, None, None, :]
-                return x, {"probs": yy, "defect_map": cell}, {"probs": ww, "defect_map": mww}
+                # map_loss targets: boxed/good images 1 = defect cell, 0 = good cell; a defect
+                # image without boxes -1 ("somewhere") in its class's channel, 0 in the others.
+                inside = tf.cast(tf.nn.max_pool2d(m, MAP_STRIDE, MAP_STRIDE, "SAME") > 127.0,
+                                 tf.float32)
+                cls = tf.one_hot(yy - 1, K)[:, None, None, :]
+                known = mww[:, None, None, None]
+                cell = known * inside * cls - (1.0 - known) * tf.ones_like(inside) * cls
+                return x, {"probs": yy, "defect_map": cell}, {"probs": ww, "defect_map": ww}
             return fn
 
         def dataset(idx, augment):
-            return tf.data.Dataset.from_tensor_slices((X[idx], y[idx], M[idx], sw[idx], mw[idx])), \
-                batch_fn(augment)
+            ds = tf.data.Dataset.from_tensor_slices((X[idx], y[idx], M[idx], sw[idx], mw[idx]))
+            if augment and crop:
+                ds = ds.repeat(crops_per_image).map(crop_fn, num_parallel_calls=tf.data.AUTOTUNE)
+            return ds, batch_fn(augment)
         loss = {"probs": "sparse_categorical_crossentropy", "defect_map": map_loss()}
+        loss_weights = {"probs": 0.0, "defect_map": 1.0}     # probs: reported, not trained
         metrics = {"probs": ["accuracy"]}
     else:
         fit_model = _mil_model(tile_model, T, spec, labels.index(GOOD))
@@ -398,28 +498,33 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
                     x = tf.reshape(aug(tf.reshape(x, [-1, spec.height, spec.width, spec.channels])), s)
                 return x, yy, ww
             return tf.data.Dataset.from_tensor_slices((X[idx], y[idx], sw[idx])), fn
-        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
+        loss, metrics, loss_weights = "sparse_categorical_crossentropy", ["accuracy"], None
 
     base, fn = dataset(tr_i, True)
-    ds_tr = (base.shuffle(len(tr_i), seed=opts.seed, reshuffle_each_iteration=True)
+    ds_tr = (base.shuffle(min(len(tr_i) * crops_per_image, 4096), seed=opts.seed, reshuffle_each_iteration=True)
              .batch(opts.batch_size).map(fn, num_parallel_calls=tf.data.AUTOTUNE)
              .prefetch(tf.data.AUTOTUNE))
     base, fn = dataset(va_i, False)
     ds_va = base.batch(32).map(fn).cache()
-    fit_model.compile(optimizer=keras.optimizers.Adam(opts.learning_rate), loss=loss,
-                      metrics=metrics)
-    prog = _Progress(opts.epochs, opts.verbose)
-    cbs = [prog.callback,
-           keras.callbacks.EarlyStopping("val_loss", patience=opts.patience),
-           keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=max(2, opts.patience // 3),
-                                             min_lr=opts.learning_rate / 32, verbose=0)]
+    # One warm-up epoch, then cosine decay to 2 % over the epoch budget: the max-cell losses
+    # are sharp, and a constant rate kept the validation loss jumping between epochs.
+    steps = math.ceil(len(tr_i) * crops_per_image / opts.batch_size)
+    lr = keras.optimizers.schedules.CosineDecay(
+        opts.learning_rate / 10, decay_steps=max(1, (opts.epochs - 1) * steps), alpha=0.02,
+        warmup_target=opts.learning_rate, warmup_steps=steps)
+    fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss,
+                      loss_weights=loss_weights, metrics=metrics)
+    prog = _Progress(opts.epochs, opts.verbose, ds_va, labels.index(GOOD),
+                     loss["defect_map"] if isinstance(loss, dict) else None, opts.patience)
     t_fit = time.perf_counter()
-    log.info("training %d epochs at most (early stopping on validation loss, patience %d)",
+    log.info("training %d epochs at most (best and early stopping by validation AUC, then "
+             "loss; patience %d)",
              opts.epochs, opts.patience)
-    fit_model.fit(ds_tr, validation_data=ds_va, epochs=opts.epochs, callbacks=cbs, verbose=0)
+    fit_model.fit(ds_tr, epochs=opts.epochs, callbacks=[prog.callback], verbose=0)
     fit_s = time.perf_counter() - t_fit
-    log.info("trained %d epochs in %.0fs; best validation loss %.4f at epoch %d (weights restored)",
-             prog.epochs_run, fit_s, prog.best, prog.best_epoch)
+    log.info("trained %d epochs in %.0fs; best validation AUC %.4f (loss %.4f) at epoch %d "
+             "(weights restored)", prog.epochs_run, fit_s, prog.best_auc, prog.best_loss,
+             prog.best_epoch)
 
     if opts.save_keras:
         tile_model.save(str(opts.save_keras))
@@ -519,7 +624,8 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         "params": int(tile_model.count_params()),
         "epochs_run": prog.epochs_run,
         "best_epoch": prog.best_epoch,
-        "best_val_loss": float(prog.best),
+        "best_val_loss": prog.best_loss,
+        "best_val_auc": prog.best_auc,
         "train_seconds": round(fit_s, 1),
         "edgetpu": rep,
     }
@@ -591,7 +697,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "class), or train/ and test/ each holding such folders.")
     p.add_argument("data", type=Path, metavar="DATA_DIR")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
-    p.add_argument("--epochs", type=int, default=30, help="max epochs (early stopping; default 30)")
+    p.add_argument("--epochs", type=int, default=20, help="max epochs (early stopping; default 20)")
     p.add_argument("--input-size", type=parse_size, default=None, metavar="N|WxH",
                    help="model input (per tile); default: about 320x320 pixels, keeping the "
                         "images' aspect ratio, never above the native size")
