@@ -46,6 +46,7 @@ SAMPLE = "sample.png"
 # already separated its validation set (loss ~0.01, falling by 1e-4 an epoch) trains on to
 # the last epoch for nothing.
 MIN_DELTA = 0.002
+CONVERGED = 0.01
 BOX_CENTRED = 0.7          # share of a boxed defect image's crops centred on a box
 
 
@@ -55,7 +56,7 @@ class TrainError(Exception):
 
 @dataclass
 class TrainOptions:
-    epochs: int = 20
+    epochs: int = 16
     input_size: tuple[int, int] | None = None      # (w, h); None = auto from the data
     color: str = "auto"                             # auto | gray | rgb
     fit: str = "stretch"
@@ -64,7 +65,7 @@ class TrainOptions:
     val_fraction: float = 0.2
     batch_size: int = 16
     learning_rate: float = 1e-3
-    patience: int = 8
+    patience: int = 5
     max_escape: float = 0.01
     parity_margin: float = 0.01                     # max int8 accuracy drop (fraction)
     weights: Path | None = None
@@ -205,11 +206,17 @@ class _Progress:
         outer = self
         self.best, self.best_epoch, self.best_weights, self.epochs_run = -np.inf, 0, None, 0
         self.best_auc, self.best_loss = float("nan"), float("nan")
+        self.separated = 0
+
+        infer = {}
 
         def validate(model):
+            if "fn" not in infer:
+                import tensorflow as tf
+                infer["fn"] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
             losses, weights, scores, truth = [], [], [], []
             for x, ys, ws in val_batches:
-                out = model(x, training=False)
+                out = infer["fn"](x)
                 if isinstance(out, dict):
                     l, w = loss(ys["defect_map"], out["defect_map"]), ws["defect_map"]
                     probs, yy = out["probs"], ys["probs"]
@@ -242,7 +249,12 @@ class _Progress:
                     outer.best, outer.best_epoch = key, epoch + 1
                     outer.best_auc, outer.best_loss = auc, vl
                     outer.best_weights = self.model.get_weights()
-                elif epoch + 1 - outer.best_epoch >= patience:
+                if epoch + 1 - outer.best_epoch >= patience:
+                    self.model.stop_training = True
+                # Validation perfectly ordered with margin (AUC 1, loss under CONVERGED) for
+                # two epochs: more epochs cannot improve the order, only the time.
+                outer.separated = outer.separated + 1 if auc >= 1.0 and vl < CONVERGED else 0
+                if outer.separated >= 2:
                     self.model.stop_training = True
                 outer.epochs_run = epoch + 1
                 if verbose:
@@ -262,7 +274,7 @@ class _Progress:
 
 
 def _augmenter(spec: InputSpec, flips: bool, seed: int):
-    """Inspection augmentation on a float batch (B, H, W, C) of raw 0..255 pixels: flips and
+    """Inspection augmentation on a uint8 batch (B, H, W, C), returning float 0..255: flips and
     (square inputs) transposes = the 8 dihedral views, brightness (+-20 levels) and contrast
     (+-15 %). A defect mask batch, when given, gets the same flips (and no photometric ones).
 
@@ -285,8 +297,9 @@ def _augmenter(spec: InputSpec, flips: bool, seed: int):
             x = tf.where(coin(), tf.reverse(x, [1]), x)
             if square:
                 x = tf.where(coin(), tf.transpose(x, [0, 2, 1, 3]), x)
-        if mask is not None:
-            x, mask = x[..., :c], x[..., c:]
+        if mask is not None:     # flipped as uint8: a quarter of the bytes of float
+            x, mask = x[..., :c], tf.cast(x[..., c:], tf.float32)
+        x = tf.cast(x, tf.float32)
         mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
         k = tf.random.uniform([b, 1, 1, 1], 0.85, 1.15)
         br = tf.random.uniform([b, 1, 1, 1], -20.0, 20.0)
@@ -468,9 +481,10 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
 
         def batch_fn(augment):
             def fn(x, yy, m, ww, mww):
-                x, m = tf.cast(x[:, 0], tf.float32), tf.cast(m, tf.float32)
                 if augment:
-                    x, m = aug(x, m)
+                    x, m = aug(x[:, 0], m)
+                else:
+                    x, m = tf.cast(x[:, 0], tf.float32), tf.cast(m, tf.float32)
                 # map_loss targets: boxed/good images 1 = defect cell, 0 = good cell; a defect
                 # image without boxes -1 ("somewhere") in its class's channel, 0 in the others.
                 inside = tf.cast(tf.nn.max_pool2d(m, MAP_STRIDE, MAP_STRIDE, "SAME") > 127.0,
@@ -494,11 +508,10 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
 
         def dataset(idx, augment):
             def fn(x, yy, ww):
-                x = tf.cast(x, tf.float32)
                 if augment:
                     s = tf.shape(x)
                     x = tf.reshape(aug(tf.reshape(x, [-1, spec.height, spec.width, spec.channels])), s)
-                return x, yy, ww
+                return tf.cast(x, tf.float32), yy, ww
             return tf.data.Dataset.from_tensor_slices((X[idx], y[idx], sw[idx])), fn
         loss, metrics, loss_weights = "sparse_categorical_crossentropy", ["accuracy"], None
 
@@ -699,7 +712,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "class), or train/ and test/ each holding such folders.")
     p.add_argument("data", type=Path, metavar="DATA_DIR")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
-    p.add_argument("--epochs", type=int, default=20, help="max epochs (early stopping; default 20)")
+    p.add_argument("--epochs", type=int, default=16, help="max epochs (early stopping; default 16)")
     p.add_argument("--input-size", type=parse_size, default=None, metavar="N|WxH",
                    help="model input (per tile); default: about 320x320 pixels, keeping the "
                         "images' aspect ratio, never above the native size")
@@ -709,11 +722,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--tiles", type=parse_tiles, default=(1, 1), metavar="RxC",
                    help="cut each frame into R rows x C columns of tiles (frame score = max "
                         "over tiles; trained as multiple-instance). Default 1x1")
+    p.add_argument("--no-crops", action="store_true",
+                   help="train on whole frames even when every defect image has boxes (the "
+                        "auto input then stays at ~320 px)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
-    p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs")
+    p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
     p.add_argument("--max-escape", type=float, default=0.01,
                    help="target max escape rate (defects passed as good) for the threshold; default 0.01")
     p.add_argument("--parity-margin", type=float, default=1.0,
@@ -757,7 +773,7 @@ def main(argv: list[str]) -> int:
                         batch_size=a.batch_size, learning_rate=a.lr, patience=a.patience,
                         max_escape=a.max_escape, parity_margin=a.parity_margin / 100.0,
                         weights=a.weights, edgetpu=a.edgetpu, flips=not a.no_flips,
-                        keep_float=not a.no_float, verbose=not a.quiet,
+                        keep_float=not a.no_float, verbose=not a.quiet, crops=not a.no_crops,
                         save_keras=a.save_keras)
     try:
         res = train_bundle(a.data, a.out, opts)
