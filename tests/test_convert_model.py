@@ -56,10 +56,11 @@ def test_map_loss_trains_the_hardest_good_cell_and_one_defect_cell():
 
 def test_learns_from_image_labels_alone_at_a_large_input(tmp_path):
     """Blobs of ~15 px on 160 px images, no boxes: 10 cells x 10 cells, one of which holds the
-    defect. The earlier learnt head sat at chance here for half of the seeds."""
+    defect. The earlier learnt head and image-level loss sat at chance here (56 % with this
+    seed, 62 % with seed 4; seeds 1 and 2 happened to learn): this seed is one it failed."""
     data = make_synthetic_dataset(tmp_path / "d", 40, 160, seed=21, mixed_formats=False,
                                   vary_size=False)
-    summary = train_tiny_bundle(data, tmp_path / "b", epochs=8, input_size=160, seed=1)
+    summary = train_tiny_bundle(data, tmp_path / "b", epochs=8, input_size=160, seed=3)
     m = summary["metrics"]
     assert m["validation"]["accuracy"] >= 0.9 and m["int8_accuracy"] >= 0.9, m["validation"]
 
