@@ -327,7 +327,7 @@ def _mil_model(tile_model, n_tiles: int, spec: InputSpec, good_idx: int):
     return keras.Model(inp, layers.Lambda(pick, name="max_tile")(p), name="mil")
 
 
-def _defect_masks(spec: InputSpec, root: Path, paths, classes, images):
+def _defect_masks(spec: InputSpec, boxes, classes, images):
     """Per-image uint8 masks (N, H, W, 1) in model-input geometry (through agent.preprocess,
     so ROI/fit match the pixels), and per-image weights of the cell loss: 1 where every cell
     is known (good images; defect images with boxes), 0 where only the image label is."""
@@ -335,13 +335,12 @@ def _defect_masks(spec: InputSpec, root: Path, paths, classes, images):
     masks = np.zeros((len(images), spec.height, spec.width, 1), np.uint8)
     weights = np.zeros(len(images), np.float32)
     n_boxed = 0
-    for i, (p, c, im) in enumerate(zip(paths, classes, images)):
+    for i, (b, c, im) in enumerate(zip(boxes, classes, images)):
         if c == GOOD:
             weights[i] = 1.0
             continue
-        boxes = read_boxes(root, p)
-        if boxes:
-            preprocess(box_mask(im.shape, boxes), mspec, out=masks[i:i + 1])
+        if b:
+            preprocess(box_mask(im.shape, b), mspec, out=masks[i:i + 1])
             weights[i] = 1.0
             n_boxed += 1
     return masks, weights, n_boxed
@@ -372,7 +371,8 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     if unknown:
         raise DataError(f"test classes not seen in training: {', '.join(unknown)}")
 
-    boxed = all(read_boxes(train_split.root, p) is not None for p, c in zip(tr_paths, tr_cls) if c != GOOD)
+    tr_boxes = [read_boxes(train_split.root, p) if c != GOOD else None for p, c in zip(tr_paths, tr_cls)]
+    boxed = all(b for b, c in zip(tr_boxes, tr_cls) if c != GOOD)        # as _defect_masks counts them
     spec = _auto_spec(tr_imgs, opts, DEFAULT_MAX_SIDE_BOXED if boxed and opts.crops and opts.tiles == (1, 1)
                       else DEFAULT_MAX_SIDE)
     log.info("input spec: %dx%d %s, fit %s, tiles %dx%d", spec.width, spec.height, spec.color,
@@ -450,7 +450,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     if T == 1:
         # Cell supervision of the defect map (see convert/model.py): all of a good image is
         # good; a defect image's cells are known only where it has boxes (annotations/).
-        M, mw, n_boxed = _defect_masks(spec, train_split.root, tr_paths, tr_cls, tr_imgs)
+        M, mw, n_boxed = _defect_masks(spec, tr_boxes, tr_cls, tr_imgs)
         log.info("defect map supervised on %d good images%s", int(sum(c == GOOD for c in tr_cls)),
                  f" and {n_boxed} defect images with boxes" if n_boxed else
                  " (no defect boxes found: defects are learnt from image labels alone)")
@@ -501,9 +501,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
             if augment and crop:
                 ds = ds.repeat(crops_per_image).map(crop_fn, num_parallel_calls=tf.data.AUTOTUNE)
             return ds, batch_fn(augment)
-        loss = {"probs": "sparse_categorical_crossentropy", "defect_map": map_loss()}
-        loss_weights = {"probs": 0.0, "defect_map": 1.0}     # probs: reported, not trained
-        metrics = {"probs": ["accuracy"]}
+        loss = {"defect_map": map_loss()}      # probs follow from the map (fixed head)
     else:
         fit_model = _mil_model(tile_model, T, spec, labels.index(GOOD))
 
@@ -514,7 +512,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
                     x = tf.reshape(aug(tf.reshape(x, [-1, spec.height, spec.width, spec.channels])), s)
                 return tf.cast(x, tf.float32), yy, ww
             return tf.data.Dataset.from_tensor_slices((X[idx], y[idx], sw[idx])), fn
-        loss, metrics, loss_weights = "sparse_categorical_crossentropy", ["accuracy"], None
+        loss = "sparse_categorical_crossentropy"
 
     # A crop epoch shows every image's defects but only part of its area, so it gets more
     # epochs; whole-frame epochs cost the most, and 16 keep 1,000 images of 300x300 under 5
@@ -532,8 +530,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     lr = keras.optimizers.schedules.CosineDecay(
         opts.learning_rate / 10, decay_steps=max(1, (epochs - 1) * steps), alpha=0.02,
         warmup_target=opts.learning_rate, warmup_steps=steps)
-    fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss,
-                      loss_weights=loss_weights, metrics=metrics)
+    fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss)
     prog = _Progress(epochs, opts.verbose, ds_va, labels.index(GOOD),
                      loss["defect_map"] if isinstance(loss, dict) else None, opts.patience)
     t_fit = time.perf_counter()

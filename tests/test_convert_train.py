@@ -287,16 +287,16 @@ def test_defect_masks_follow_the_preprocessing_geometry(tmp_path):
     import numpy as np
 
     from agent.preprocess import InputSpec
+    from convert.data import read_boxes
     from convert.train import _defect_masks
 
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "d.txt").write_text("0 0 31 31\n")     # top-left quarter
     img = np.zeros((64, 128), np.uint8)
     spec = InputSpec(32, 32, fit="letterbox")                           # 128x64 -> 32x16 band
-    masks, weights, n = _defect_masks(spec, tmp_path, [tmp_path / "good" / "g.png",
-                                                       tmp_path / "defect" / "d.png",
-                                                       tmp_path / "defect" / "e.png"],
-                                      ["good", "defect", "defect"], [img, img, img])
+    boxes = [read_boxes(tmp_path, tmp_path / c / f) for c, f in
+             (("good", "g.png"), ("defect", "d.png"), ("defect", "e.png"))]
+    masks, weights, n = _defect_masks(spec, boxes, ["good", "defect", "defect"], [img, img, img])
     assert n == 1 and weights.tolist() == [1.0, 1.0, 0.0]              # e.png has no boxes
     m = masks[1, :, :, 0]
     assert m[8:16, 0:8].min() == 255 and m[:8].max() == 0 and m[16:].max() == 0
