@@ -25,13 +25,11 @@ from firmware_io.gate_sim import GateSimulator  # noqa: E402
 from firmware_io.gates import GateSettings, create_gate  # noqa: E402
 from firmware_io.mqtt_link import MqttLink, MqttSettings  # noqa: E402
 from firmware_io.timing import RejectTiming  # noqa: E402
+from helpers import wait_until  # noqa: E402  (tests/helpers.py)
 
 
 def wait(pred, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and not pred():
-        time.sleep(0.002)
-    return pred()
+    return wait_until(pred, timeout, step=0.002)
 
 
 def bench_alerts(broker, n, sync):

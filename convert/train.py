@@ -274,7 +274,7 @@ class _Progress:
         self.callback = CB()
 
 
-def _augmenter(spec: InputSpec, flips: bool, seed: int):
+def _augmenter(spec: InputSpec, flips: bool):
     """Inspection augmentation on a uint8 batch (B, H, W, C), returning float 0..255: flips and
     (square inputs) transposes = the 8 dihedral views, brightness (+-20 levels) and contrast
     (+-15 %). A defect mask batch, when given, gets the same flips (and no photometric ones).
@@ -444,7 +444,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     n_cls = np.bincount(y[tr_i], minlength=len(labels)).astype(np.float64)
     cw = len(tr_i) / (len(labels) * np.maximum(n_cls, 1))
     sw = cw[y].astype(np.float32)
-    aug = _augmenter(spec, opts.flips, opts.seed)
+    aug = _augmenter(spec, opts.flips)
 
     crops_per_image = 1
     if T == 1:

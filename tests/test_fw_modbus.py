@@ -18,16 +18,11 @@ from pymodbus import FramerType  # noqa: E402
 from pymodbus.server import ModbusSerialServer  # noqa: E402
 from pymodbus.simulator import DataType, SimData, SimDevice  # noqa: E402
 
-from tests.helpers import wait_until as _wait_until  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 from firmware_io.gates import GateSettings, create_gate  # noqa: E402
 from firmware_io.timing import RejectTiming  # noqa: E402
 
 MS = 1_000_000
-
-
-
-def wait_until(pred, timeout=3.0, step=0.005):
-    return _wait_until(pred, timeout, step)
 
 
 class NullModem:

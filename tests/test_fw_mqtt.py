@@ -16,7 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.helpers import wait_until as _wait_until  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 from firmware_io.gates import GateSettings, create_gate
 from firmware_io.mqtt_link import MqttLink, MqttSettings
 from firmware_io.outbox import Outbox
@@ -24,11 +24,6 @@ from firmware_io.timing import RejectTiming
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "firmware_io" / "schemas"
-
-
-
-def wait_until(pred, timeout=5.0, step=0.01):
-    return _wait_until(pred, timeout, step)
 
 
 class Subscriber:

@@ -11,18 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until as _wait_until  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 from firmware_io.gate_sim import GateSimulator
 from firmware_io.gates import GateSettings, create_gate, gate_kinds
 from firmware_io.timing import RejectTiming
 
 ROOT = Path(__file__).resolve().parents[1]
 MS = 1_000_000
-
-
-
-def wait_until(pred, timeout=3.0, step=0.005):
-    return _wait_until(pred, timeout, step)
 
 
 @pytest.fixture

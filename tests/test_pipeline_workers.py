@@ -1,11 +1,18 @@
 """Several inspect workers (one interpreter each): every part still gets exactly one decision."""
 
+import threading
+
+import pytest
+
+from agent.config import ConfigError, load_config
 from agent.engines import EnginePool
 from agent.inspector import Inspector
 from agent.pipeline import Pipeline
 from agent.sources import open_source
 from agent.types import Verdict
 from firmware_io.gates import GateSettings, create_gate
+from agent.pipeline import IMAGE_BACKLOG
+from tests.helpers import wait_until
 from tests.test_agent_support import make_folder, tiny_bundle
 
 
@@ -28,10 +35,6 @@ def test_two_workers_decide_every_part_once(tmp_path):
 
 
 def test_workers_need_the_cpu_delegate(write_config, tmp_path):
-    import pytest
-
-    from agent.config import ConfigError, load_config
-
     path = write_config('[model]\nworkers = 2\ndelegate = "edgetpu"\n[gate]\nkind = "none"\n')
     with pytest.raises(ConfigError) as e:
         load_config(path, check_env=False)
@@ -41,10 +44,6 @@ def test_workers_need_the_cpu_delegate(write_config, tmp_path):
 
 def test_images_are_not_hoarded_while_the_output_thread_lags(tmp_path):
     """A slow report sink must not make the pipeline keep every ~1 MB frame in memory."""
-    import threading
-
-    from agent.pipeline import IMAGE_BACKLOG
-
     truth = make_folder(tmp_path / "imgs", "gd" * 30)
     insp = Inspector.load(tiny_bundle(), threads=1)
     release = threading.Event()
@@ -57,7 +56,6 @@ def test_images_are_not_hoarded_while_the_output_thread_lags(tmp_path):
     pipe = Pipeline(open_source(str(tmp_path / "imgs")), insp, sinks=[slow_sink],
                     keep_images=True)
     pipe.start()
-    from tests.helpers import wait_until
     assert wait_until(lambda: pipe.counts["parts"] == len(truth), timeout=20)
     release.set()
     assert pipe.wait(20)
