@@ -3,7 +3,7 @@
     python -c "from convert.synthetic import make_synthetic_dataset as m; m('/tmp/syn1000', 500, 300, seed=12)"
     python benchmarks/train_ceiling.py /tmp/syn1000 /tmp/b_ceiling
 
-Data that the model separates early stops after a few epochs (137 s for the set above); data
+Data that the model separates early stops after a few epochs (176 s for the set above); data
 that never separates runs them all. This forces the latter on any data set.
 """
 

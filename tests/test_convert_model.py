@@ -78,3 +78,25 @@ def test_boxed_data_trains_on_crops(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="convert.train"):
         train_tiny_bundle(data, tmp_path / "b2", epochs=1, input_size=192)
     assert "crops" not in caplog.text
+
+
+def test_weight_average_tracks_swaps_and_restores():
+    import tensorflow as tf
+
+    from convert.train import WeightAverage
+
+    v = tf.Variable([0.0, 10.0])
+    avg = WeightAverage([v], decay=0.25)
+    for target in ([4.0, 2.0], [4.0, 2.0], [8.0, 6.0]):
+        v.assign(target)
+        avg.update()
+    # bias-corrected start: step n keeps (1+n)/(10+n) of the average, capped by the decay:
+    # 2/11, then 3/12 = 0.25, then 0.25 (not 4/13)
+    a = np.array([0.0, 10.0])
+    for d, t in ((2 / 11, [4.0, 2.0]), (0.25, [4.0, 2.0]), (0.25, [8.0, 6.0])):
+        a = d * a + (1 - d) * np.array(t)
+    avg.swap()
+    np.testing.assert_allclose(v.numpy(), a, rtol=1e-6)          # the live weights ARE the average
+    avg.swap()
+    np.testing.assert_allclose(v.numpy(), [8.0, 6.0])           # and come back unchanged
+    np.testing.assert_allclose(avg.average[0].numpy(), a, rtol=1e-6)

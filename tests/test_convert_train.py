@@ -56,6 +56,11 @@ def test_bundle_loads_and_records_everything(trained):
     # the threshold is the one chosen on validation, and meets the escape target there
     assert 0.0 < b.threshold < 1.0 and b.threshold == m["threshold_selection"]["threshold"]
     assert m["validation"]["escape_rate"] <= m["threshold_selection"]["max_escape"]
+    # the validation defects that set it are named, lowest score first; with ~12 of them a 1 %
+    # target lets none escape, so the threshold sits under the lowest
+    low = m["threshold_selection"]["lowest_validation_defects"]
+    assert len(low) == 2 and all(x["file"].startswith("defect/") for x in low)
+    assert low[0]["score"] <= low[1]["score"] and b.threshold <= low[0]["score"]
     for k in ("int8_accuracy", "float_accuracy", "agreement", "escape_rate", "false_reject_rate"):
         assert 0.0 <= m[k] <= 1.0, k
     assert m["eval_split"] == "test" and m["n_eval"] == 40
