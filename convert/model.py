@@ -81,6 +81,22 @@ def _monotone_head(k: int) -> np.ndarray:
     return np.concatenate([np.zeros((k, 1)), np.eye(k)], axis=1).astype("float32")
 
 
+def centre_head(model: keras.Model, threshold: float) -> float:
+    """Shift the fixed head so that a frame scoring `threshold` (1 - P(good)) scores 0.5;
+    returns the bias. Every defect logit drops by logit(threshold), so the order of frames
+    and the verdict at the shifted threshold do not change, but the operating point moves to
+    where the uint8 output's 1/256 steps are finest (P near 0.5) instead of the few levels
+    under 1.0 that a confident model's threshold otherwise sits in."""
+    t = float(np.clip(threshold, 1e-6, 1.0 - 1e-6))
+    bias = float(np.log(t / (1.0 - t)))
+    head = model.get_layer("probs")
+    kernel, b = head.get_weights()
+    b = np.zeros_like(b)
+    b[1:] = -bias
+    head.set_weights([kernel, b])
+    return bias
+
+
 def map_loss(pos_weight: float = 10.0, max_weight: float = 1.0):
     """The training loss, all on the defect map (logits z, (B, h, w, K)).
 

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from convert.model import build_model, map_loss, map_size  # noqa: E402
+from convert.model import build_model, centre_head, map_loss, map_size  # noqa: E402
 from convert.synthetic import make_synthetic_dataset, train_tiny_bundle  # noqa: E402
 
 
@@ -100,3 +100,20 @@ def test_weight_average_tracks_swaps_and_restores():
     avg.swap()
     np.testing.assert_allclose(v.numpy(), [8.0, 6.0])           # and come back unchanged
     np.testing.assert_allclose(avg.average[0].numpy(), a, rtol=1e-6)
+
+
+def test_centre_head_puts_the_threshold_at_one_half_and_keeps_the_order():
+    _, model = build_model(32, 32, 1, 3)              # two defect classes share the shift
+    dm = model.get_layer("defect_map")                # spread the untrained logits over +-5
+    k, b = dm.get_weights()
+    dm.set_weights([k * 300, b])
+    x = np.random.default_rng(1).integers(0, 255, (9, 32, 32, 1)).astype("float32")
+    s0 = 1.0 - model.predict(x, verbose=0)[:, 0]
+    order = np.argsort(s0)
+    t = float(s0[order[4]])
+    bias = centre_head(model, t)
+    s1 = 1.0 - model.predict(x, verbose=0)[:, 0]
+    assert bias == pytest.approx(np.log(t / (1 - t)))
+    assert s1[order[4]] == pytest.approx(0.5, abs=1e-4)            # the operating point
+    assert np.all(np.diff(s1[order]) >= -1e-6)                     # same order of frames
+    assert np.all((s1 >= 0.5 - 1e-4) == (s0 >= t))                 # same verdicts
