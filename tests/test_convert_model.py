@@ -60,7 +60,7 @@ def test_learns_from_image_labels_alone_at_a_large_input(tmp_path):
     seed, 62 % with seed 4; seeds 1 and 2 happened to learn): this seed is one it failed."""
     data = make_synthetic_dataset(tmp_path / "d", 40, 160, seed=21, mixed_formats=False,
                                   vary_size=False)
-    summary = train_tiny_bundle(data, tmp_path / "b", epochs=8, input_size=160, seed=3)
+    summary = train_tiny_bundle(data, tmp_path / "b", epochs=12, input_size=160, seed=3)
     m = summary["metrics"]
     assert m["validation"]["accuracy"] >= 0.9 and m["int8_accuracy"] >= 0.9, m["validation"]
 
