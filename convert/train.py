@@ -589,15 +589,36 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
              "(weights restored)", prog.epochs_run, fit_s, prog.best_auc, prog.best_loss,
              prog.best_epoch)
 
+    # --- scoring exactly as the agent does (agent.decide), for Keras, float and int8 outputs
+    from agent.decide import defect_score
+    from agent.engines import create_engine
+
+    class _B:   # what agent.decide needs of a bundle
+        pass
+
+    dec = _B()
+    dec.labels, dec.good_label, dec.threshold = labels, GOOD, 0.5
+    dec.defect_labels = [c for c in labels if c != GOOD]
+    dec.defect_indices = [labels.index(c) for c in dec.defect_labels]
+
+    def verdict(p):
+        s, lbl = defect_score(p, dec)
+        return lbl if s >= dec.threshold else GOOD
+
+    def run(path, Xs):
+        eng = create_engine("cpu", path, spec, len(labels), threads=2)
+        return np.stack([eng.invoke(Xs[i]) for i in range(len(Xs))])          # (N, T, K)
+
+    def scores_of(P):
+        return np.array([defect_score(p, dec)[0] for p in P])
+
     # Centre the exported head on the operating point: the uint8 output has 1/256 steps, and
     # at an uncentred threshold of ~0.95 the frames that matter share ~15 levels (on DeepPCB
     # the int8 test AUC was 0.9926 against float 0.9958; centred, they agree).
     hwc = (spec.height, spec.width, spec.channels)
-    good_idx = labels.index(GOOD)
     Pv = tile_model.predict(X[va_i].reshape((-1,) + hwc).astype(np.float32), batch_size=32,
                             verbose=0).reshape(len(va_i), T, -1)
-    t_float = select_threshold((1.0 - Pv[..., good_idx]).max(axis=1), y[va_i] != good_idx,
-                               opts.max_escape)
+    t_float = select_threshold(scores_of(Pv), y[va_i] != labels.index(GOOD), opts.max_escape)
     head_bias = centre_head(tile_model, t_float)
     log.info("output centred on the float threshold %.4f (head bias %.3f): it maps to 0.5",
              t_float, head_bias)
@@ -623,28 +644,6 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
              len(float_bytes) / 1024, time.perf_counter() - te0)
 
     # --- evaluate through the agent's own engine and decision function
-    from agent.decide import defect_score
-    from agent.engines import create_engine
-
-    class _B:   # what agent.decide needs of a bundle
-        pass
-
-    dec = _B()
-    dec.labels, dec.good_label, dec.threshold = labels, GOOD, 0.5
-    dec.defect_labels = [c for c in labels if c != GOOD]
-    dec.defect_indices = [labels.index(c) for c in dec.defect_labels]
-
-    def verdict(p):
-        s, lbl = defect_score(p, dec)
-        return lbl if s >= dec.threshold else GOOD
-
-    def run(path, Xs):
-        eng = create_engine("cpu", path, spec, len(labels), threads=2)
-        return np.stack([eng.invoke(Xs[i]) for i in range(len(Xs))])          # (N, T, K)
-
-    def scores_of(P):
-        return np.array([defect_score(p, dec)[0] for p in P])
-
     P8_va = run(out_dir / INT8_MODEL, X[va_i])
     is_def_va = y[va_i] != labels.index(GOOD)
     s_va = scores_of(P8_va)

@@ -104,7 +104,7 @@ def test_weight_average_tracks_swaps_and_restores():
 
 def test_centre_head_puts_the_threshold_at_one_half_and_keeps_the_order():
     _, model = build_model(32, 32, 1, 3)              # two defect classes share the shift
-    dm = model.get_layer("defect_map")                # spread the untrained logits over +-5
+    dm = model.get_layer("defect_map")                # spread the untrained logits apart
     k, b = dm.get_weights()
     dm.set_weights([k * 300, b])
     x = np.random.default_rng(1).integers(0, 255, (9, 32, 32, 1)).astype("float32")
