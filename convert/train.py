@@ -112,6 +112,11 @@ def parse_tiles(text: str) -> tuple[int, int]:
     return r, c
 
 
+def allowed_escapes(n_defects: int, max_escape: float) -> int:
+    """How many of n validation defects may score below the threshold: floor(max_escape * n)."""
+    return int(math.floor(max_escape * n_defects + 1e-9))
+
+
 def select_threshold(scores, is_defect, max_escape: float = 0.01) -> float:
     """The decision threshold (defect if score >= threshold) for a target escape rate.
 
@@ -124,7 +129,7 @@ def select_threshold(scores, is_defect, max_escape: float = 0.01) -> float:
     scores = np.asarray(scores, dtype=np.float64)
     is_defect = np.asarray(is_defect, dtype=bool)
     d = np.sort(scores[is_defect])
-    k = int(math.floor(max_escape * d.size + 1e-9))
+    k = allowed_escapes(d.size, max_escape)
     if d.size == 0 or k >= d.size:
         return 0.5
     t = d[k]
@@ -618,7 +623,8 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     hwc = (spec.height, spec.width, spec.channels)
     Pv = tile_model.predict(X[va_i].reshape((-1,) + hwc).astype(np.float32), batch_size=32,
                             verbose=0).reshape(len(va_i), T, -1)
-    t_float = select_threshold(scores_of(Pv), y[va_i] != labels.index(GOOD), opts.max_escape)
+    is_def_va = y[va_i] != labels.index(GOOD)
+    t_float = select_threshold(scores_of(Pv), is_def_va, opts.max_escape)
     head_bias = centre_head(tile_model, t_float)
     log.info("output centred on the float threshold %.4f (head bias %.3f): it maps to 0.5",
              t_float, head_bias)
@@ -645,7 +651,6 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
 
     # --- evaluate through the agent's own engine and decision function
     P8_va = run(out_dir / INT8_MODEL, X[va_i])
-    is_def_va = y[va_i] != labels.index(GOOD)
     s_va = scores_of(P8_va)
     threshold = select_threshold(s_va, is_def_va, opts.max_escape)
     dec.threshold = threshold
@@ -654,7 +659,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     # kind the training set barely has).
     d_va = np.nonzero(is_def_va)[0]
     binding = [{"file": str(tr_paths[va_i[j]].relative_to(train_split.root)), "score": float(s_va[j])}
-               for j in d_va[np.argsort(s_va[d_va])][:int(math.floor(opts.max_escape * d_va.size)) + 2]]
+               for j in d_va[np.argsort(s_va[d_va])][:allowed_escapes(d_va.size, opts.max_escape) + 2]]
 
     from .evaluate import verdict_metrics
 

@@ -7,11 +7,10 @@ import pytest
 from agent.config import ConfigError, load_config
 from agent.engines import EnginePool
 from agent.inspector import Inspector
-from agent.pipeline import Pipeline
+from agent.pipeline import IMAGE_BACKLOG, Pipeline
 from agent.sources import open_source
 from agent.types import Verdict
 from firmware_io.gates import GateSettings, create_gate
-from agent.pipeline import IMAGE_BACKLOG
 from tests.helpers import wait_until
 from tests.test_agent_support import make_folder, tiny_bundle
 
