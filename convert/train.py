@@ -52,6 +52,14 @@ CONVERGED = 0.01
 HIGH_FALSE_REJECT = 0.10
 EPOCHS_CROPS, EPOCHS_WHOLE = 20, 12
 BOX_CENTRED = 0.7          # share of a boxed defect image's crops centred on a box
+# Crops of the other images (and of defect images off their boxes): STRUCTURE_CENTRED of them
+# are centred on a pixel with image structure (a local step of over STRUCTURE_STEP levels,
+# marked STRUCTURE in the mask). A crop of blank background teaches nothing; a legitimate
+# feature that resembles a defect is what false rejects come from.
+STRUCTURE, STRUCTURE_STEP, STRUCTURE_CENTRED = 64, 32, 0.5
+# Crop windows of side crop * z, z log-uniform in [1/SCALE_JITTER, SCALE_JITTER], resized to
+# the crop: new products and board designs bring features of sizes the training set lacks.
+SCALE_JITTER = 1.25
 
 
 class TrainError(Exception):
@@ -397,6 +405,61 @@ def _defect_masks(spec: InputSpec, boxes, classes, images):
     return masks, weights, n_boxed
 
 
+def _crop_sampler(spec: InputSpec, crop: int, box_centred: float = BOX_CENTRED,
+                  structure_centred: float = STRUCTURE_CENTRED, scale_jitter: float = SCALE_JITTER):
+    """The tf.data map function that cuts one training crop (crop x crop) from a whole
+    image: centred (with jitter) on a random box pixel for `box_centred` of the images with
+    boxes, else on a random STRUCTURE pixel for `structure_centred` of the images that have
+    some, else anywhere. With scale_jitter s > 1 the window's side is crop * z, z log-uniform
+    in [1/s, s], resized to crop. The crop's label is what its own cells say, so a defect
+    image's clean area teaches 'good' too."""
+    import tensorflow as tf
+
+    def crop_fn(x, yy, m, ww, mww):
+        h, w = spec.height, spec.width
+        c = crop
+        if scale_jitter > 1.0:
+            z = tf.exp(tf.random.uniform([], -math.log(scale_jitter), math.log(scale_jitter)))
+            c = tf.minimum(tf.cast(tf.round(crop * z), tf.int32), min(h, w))
+        lim = tf.stack([h - c, w - c])
+
+        def near(where):     # (any, offset): a crop centred, with jitter, on a random pixel
+            pos = tf.cast(tf.where(where), tf.int32)
+            n = tf.shape(pos)[0]
+            pos = tf.concat([pos, tf.zeros([1, 2], tf.int32)], 0)     # gather-safe when n == 0
+            return n > 0, pos[tf.random.uniform([], 0, tf.maximum(n, 1), tf.int32)] - c // 2 + \
+                tf.random.uniform([2], -(c // 4), c // 4 + 1, tf.int32)
+
+        on_box, o_box = near(m[..., 0] > 127)
+        on_struct, o_struct = near(tf.equal(m[..., 0], STRUCTURE))
+        anywhere = tf.cast(tf.random.uniform([2]) * tf.cast(lim + 1, tf.float32), tf.int32)
+        o = tf.where(tf.logical_and(on_struct, tf.random.uniform([]) < structure_centred),
+                     o_struct, anywhere)
+        o = tf.where(tf.logical_and(on_box, tf.random.uniform([]) < box_centred), o_box, o)
+        o = tf.clip_by_value(o, 0, lim)
+        x = x[:, o[0]:o[0] + c, o[1]:o[1] + c]
+        m = m[o[0]:o[0] + c, o[1]:o[1] + c]
+        if scale_jitter > 1.0:
+            x = tf.cast(tf.round(tf.image.resize(x, [crop, crop], antialias=True)), tf.uint8)
+            x = tf.ensure_shape(x, [1, crop, crop, spec.channels])
+            m = tf.ensure_shape(tf.image.resize(m, [crop, crop], "nearest"), [crop, crop, 1])
+        yy = tf.where(tf.reduce_max(m) > 127, yy, tf.zeros_like(yy))
+        return x, yy, m, ww, mww
+
+    return crop_fn
+
+
+def _mark_structure(X: np.ndarray, M: np.ndarray) -> None:
+    """Set M to STRUCTURE where the image X (N, 1, H, W, C) has a local step of over
+    STRUCTURE_STEP levels (3x3 morphological gradient), leaving box pixels as they are."""
+    k = np.ones((3, 3), np.uint8)
+    for i in range(len(X)):
+        g = cv2.morphologyEx(X[i, 0], cv2.MORPH_GRADIENT, k)
+        g = g.max(axis=-1) if g.ndim == 3 else g
+        m = M[i, ..., 0]
+        m[(g > STRUCTURE_STEP) & (m <= 127)] = STRUCTURE
+
+
 # ----------------------------------------------------------------------------- training
 
 def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
@@ -509,27 +572,15 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         crop = _crop_side(spec) if opts.crops and bool(np.all(mw[tr_i] > 0)) else None
         crops_per_image = _crops_per_image(spec, crop) if crop else 1
         if crop:
+            _mark_structure(X, M)
+        if crop:
             log.info("every training cell is known: training on %dx%d crops (%d per image and "
-                     "epoch, centred on a box for %d%% of defect crops), validating on whole "
-                     "frames", crop, crop, crops_per_image, round(100 * BOX_CENTRED))
+                     "epoch, scale %.2f-%.2f; centred on a box for %d%% of defect crops, on image "
+                     "structure for %d%% of the others), validating on whole frames", crop, crop,
+                     crops_per_image, 1 / SCALE_JITTER, SCALE_JITTER, round(100 * BOX_CENTRED),
+                     round(100 * STRUCTURE_CENTRED))
 
-        def crop_fn(x, yy, m, ww, mww):
-            # One crop: centred (with jitter) on a random defect pixel, or anywhere. Its label
-            # is what its own cells say, so a defect image's clean area teaches 'good' too.
-            h, w = spec.height, spec.width
-            pos = tf.cast(tf.where(m[..., 0] > 127), tf.int32)
-            n = tf.shape(pos)[0]
-            pos = tf.concat([pos, tf.zeros([1, 2], tf.int32)], 0)     # gather-safe when n == 0
-            lim = tf.constant([h - crop, w - crop])
-            centred = tf.logical_and(n > 0, tf.random.uniform([]) < BOX_CENTRED)
-            near = pos[tf.random.uniform([], 0, tf.maximum(n, 1), tf.int32)] - crop // 2 + \
-                tf.random.uniform([2], -(crop // 4), crop // 4 + 1, tf.int32)
-            anywhere = tf.cast(tf.random.uniform([2]) * tf.cast(lim + 1, tf.float32), tf.int32)
-            o = tf.clip_by_value(tf.where(centred, near, anywhere), 0, lim)
-            x = x[:, o[0]:o[0] + crop, o[1]:o[1] + crop]
-            m = m[o[0]:o[0] + crop, o[1]:o[1] + crop]
-            yy = tf.where(tf.reduce_max(m) > 127, yy, tf.zeros_like(yy))
-            return x, yy, m, ww, mww
+        crop_fn = _crop_sampler(spec, crop) if crop else None
 
         def batch_fn(augment):
             def fn(x, yy, m, ww, mww):

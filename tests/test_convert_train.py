@@ -318,3 +318,55 @@ def test_training_uses_boxes_when_present(tmp_path, caplog):
         summary = train_tiny_bundle(data, tmp_path / "b", epochs=3)
     assert "12 defect images with boxes" in caplog.text
     assert summary["metrics"]["n_eval"] > 0
+
+
+def _dot_image_and_mask(box: bool):
+    """A blank 256x256 frame with one 11 px dot at rows/cols 195..205 x 35..45; with box, also
+    a boxed defect at the opposite corner."""
+    from convert.train import STRUCTURE, _mark_structure
+
+    img = np.full((256, 256, 1), 255, np.uint8)
+    cv2.circle(img, (40, 200), 5, 0, -1)
+    mask = np.zeros((1, 256, 256, 1), np.uint8)
+    if box:
+        mask[0, 20:30, 220:230] = 255
+    X = img[None, None]
+    _mark_structure(X, mask)
+    m = mask[0, ..., 0]
+    assert (m == STRUCTURE).any() and (m[:150] == STRUCTURE).sum() == 0     # only at the dot
+    assert (m[20:30, 220:230] == (255 if box else 0)).all()              # boxes stay boxes
+    return X[0], mask[0]
+
+
+@pytest.mark.parametrize("jitter", [1.0, 1.5])
+def test_crops_go_to_boxes_then_structure_and_keep_their_labels(jitter):
+    """Crops of a mostly blank good frame land on its one feature, not on empty background;
+    a defect image's crops land on its box and are labelled defect only when they hold it."""
+    import tensorflow as tf
+
+    from agent.preprocess import InputSpec
+    from convert.train import _crop_sampler
+
+    spec = InputSpec(256, 256, color="gray")
+    x, m = _dot_image_and_mask(box=False)
+
+    def share_with_dot(structure_centred, n=60):
+        fn = _crop_sampler(spec, 96, box_centred=0.7, structure_centred=structure_centred,
+                           scale_jitter=jitter)
+        hits = 0
+        for _ in range(n):
+            cx, cy, cm, _, _ = fn(tf.constant(x), tf.constant(0), tf.constant(m), 1.0, 1.0)
+            assert cx.shape == (1, 96, 96, 1) and cm.shape == (96, 96, 1) and int(cy) == 0
+            hits += int(cx.numpy().min() < 128)
+        return hits / n
+
+    assert share_with_dot(1.0) >= 0.95
+    assert share_with_dot(0.0) <= 0.6
+    xb, mb = _dot_image_and_mask(box=True)
+    fn = _crop_sampler(spec, 96, box_centred=1.0, structure_centred=1.0, scale_jitter=jitter)
+    for _ in range(20):
+        _, cy, cm, _, _ = fn(tf.constant(xb), tf.constant(1), tf.constant(mb), 1.0, 1.0)
+        assert int(cy) == 1 and cm.numpy().max() == 255
+    fn = _crop_sampler(spec, 96, box_centred=0.0, structure_centred=1.0, scale_jitter=jitter)
+    labels = [int(fn(tf.constant(xb), tf.constant(1), tf.constant(mb), 1.0, 1.0)[1]) for _ in range(20)]
+    assert labels.count(0) >= 15      # centred on the dot, far from the box: a good crop
