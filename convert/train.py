@@ -50,6 +50,7 @@ CONVERGED = 0.01
 # Above this validation false-reject rate at the chosen threshold, training warns and names
 # the validation defects that forced the threshold down.
 HIGH_FALSE_REJECT = 0.10
+OPERATING_POINTS = (0.005, 0.01, 0.02, 0.05)     # escape targets tabulated in the bundle
 EPOCHS_CROPS, EPOCHS_WHOLE = 20, 12
 BOX_CENTRED = 0.7          # share of a boxed defect image's crops centred on a box
 # Crops of the other images (and of defect images off their boxes): STRUCTURE_CENTRED of them
@@ -144,6 +145,22 @@ def select_threshold(scores, is_defect, max_escape: float = 0.01) -> float:
     below = scores[scores < t]
     lower = float(below.max()) if below.size else 0.0
     return float((t + lower) / 2.0)
+
+
+def operating_points(scores, is_defect, targets=OPERATING_POINTS) -> list[dict]:
+    """For each escape target: the threshold select_threshold picks, and the escape and
+    false-reject rates there. The bundle records them for validation, so a plant can move
+    its operating point (`model.threshold` in the agent's config, or the `threshold` command)
+    knowing what it costs, without retraining."""
+    s = np.asarray(scores, dtype=np.float64)
+    d = np.asarray(is_defect, dtype=bool)
+    points = []
+    for target in sorted(set(targets)):
+        t = select_threshold(s, d, target)
+        points.append({"max_escape": target, "threshold": t,
+                       "escape_rate": float((s[d] < t).mean()) if d.any() else 0.0,
+                       "false_reject_rate": float((s[~d] >= t).mean()) if (~d).any() else 0.0})
+    return points
 
 
 def _auto_spec(images: list[np.ndarray], opts: TrainOptions, max_side: int = DEFAULT_MAX_SIDE) -> InputSpec:
@@ -722,6 +739,10 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     log.info("threshold %.4f chosen on validation int8 scores for max escape %.1f%% "
              "(validation: escape %.2f%%, false reject %.2f%%)", threshold, 100 * opts.max_escape,
              100 * val_m["escape_rate"], 100 * val_m["false_reject_rate"])
+    points = operating_points(s_va, is_def_va, OPERATING_POINTS + (opts.max_escape,))
+    log.info("validation operating points (max escape: threshold, false reject): %s", ", ".join(
+        f"{100 * p['max_escape']:g}%: {p['threshold']:.3f}, {100 * p['false_reject_rate']:.0f}%"
+        for p in points))
     lowest = ", ".join(f"{b['file']} ({b['score']:.3f})" for b in binding)
     if val_m["false_reject_rate"] > HIGH_FALSE_REJECT:
         log.warning("the escape target costs %.1f%% false rejects on validation. The lowest-"
@@ -764,6 +785,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         "threshold_selection": {"max_escape": opts.max_escape, "threshold": threshold,
                                 "on": "validation int8 scores",
                                 "lowest_validation_defects": binding,
+                                "operating_points": points,
                                 "float_threshold_before_centring": t_float,
                                 "head_bias": head_bias},
         "parity_margin": opts.parity_margin,

@@ -61,6 +61,12 @@ def test_bundle_loads_and_records_everything(trained):
     low = m["threshold_selection"]["lowest_validation_defects"]
     assert len(low) == 2 and all(x["file"].startswith("defect/") for x in low)
     assert low[0]["score"] <= low[1]["score"] and b.threshold <= low[0]["score"]
+    # the operating-point table holds the chosen one, and looser targets never raise rejects
+    pts = m["threshold_selection"]["operating_points"]
+    assert [p["max_escape"] for p in pts] == [0.005, 0.01, 0.02, 0.05]
+    assert [p for p in pts if p["max_escape"] == 0.01][0]["threshold"] == b.threshold
+    assert all(a["threshold"] <= b_["threshold"] and a["false_reject_rate"] >= b_["false_reject_rate"]
+               for a, b_ in zip(pts, pts[1:]))
     for k in ("int8_accuracy", "float_accuracy", "agreement", "escape_rate", "false_reject_rate"):
         assert 0.0 <= m[k] <= 1.0, k
     assert m["eval_split"] == "test" and m["n_eval"] == 40
@@ -253,6 +259,11 @@ def test_select_threshold_known_scores():
         t = tr.select_threshold(s, is_def, target)
         assert np.mean(s[is_def] < t) <= target + 1e-9
     assert tr.select_threshold([0.1], [False], 0.01) == 0.5      # no defects: argmax
+    # the table: each target's threshold, and the rates it gives on these very scores
+    pts = tr.operating_points(s, is_def, (0.2, 0.0, 0.1))
+    assert [(p["max_escape"], round(p["threshold"], 3)) for p in pts] == [(0.0, 0.15), (0.1, 0.45), (0.2, 0.65)]
+    assert [p["escape_rate"] for p in pts] == [0.0, 0.1, 0.2]
+    assert [p["false_reject_rate"] for p in pts] == [0.2, 0.0, 0.0]
 
 
 def test_parse_size_and_tiles():
