@@ -590,7 +590,6 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         crops_per_image = _crops_per_image(spec, crop) if crop else 1
         if crop:
             _mark_structure(X, M)
-        if crop:
             log.info("every training cell is known: training on %dx%d crops (%d per image and "
                      "epoch, scale %.2f-%.2f; centred on a box for %d%% of defect crops, on image "
                      "structure for %d%% of the others), validating on whole frames", crop, crop,
