@@ -719,7 +719,9 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     # --- evaluate through the agent's own engine and decision function
     P8_va = run(out_dir / INT8_MODEL, X[va_i])
     s_va = scores_of(P8_va)
-    threshold = select_threshold(s_va, is_def_va, opts.max_escape)
+    # the bundle's threshold is its own target's row of the table a plant chooses from
+    points = operating_points(s_va, is_def_va, OPERATING_POINTS + (opts.max_escape,))
+    threshold = next(p["threshold"] for p in points if p["max_escape"] == opts.max_escape)
     dec.threshold = threshold
     # The few lowest-scoring validation defects set the threshold: name them, so a surprising
     # threshold can be traced to images an engineer can look at (a wrong label, a defect
@@ -738,7 +740,6 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     log.info("threshold %.4f chosen on validation int8 scores for max escape %.1f%% "
              "(validation: escape %.2f%%, false reject %.2f%%)", threshold, 100 * opts.max_escape,
              100 * val_m["escape_rate"], 100 * val_m["false_reject_rate"])
-    points = operating_points(s_va, is_def_va, OPERATING_POINTS + (opts.max_escape,))
     log.info("validation operating points (max escape: threshold, false reject): %s", ", ".join(
         f"{100 * p['max_escape']:g}%: {p['threshold']:.3f}, {100 * p['false_reject_rate']:.0f}%"
         for p in points))

@@ -361,12 +361,15 @@ def test_crops_go_to_boxes_then_structure_and_keep_their_labels(jitter):
     spec = InputSpec(256, 256, color="gray")
     x, m = _dot_image_and_mask(box=False)
 
+    def cut(fn, img, label, mask):      # one crop, as the training pipeline calls it
+        return fn(tf.constant(img), tf.constant(label), tf.constant(mask), 1.0, 1.0)
+
     def share_with_dot(structure_centred, n=60):
         fn = _crop_sampler(spec, 96, box_centred=0.7, structure_centred=structure_centred,
                            scale_jitter=jitter)
         hits = 0
         for _ in range(n):
-            cx, cy, cm, _, _ = fn(tf.constant(x), tf.constant(0), tf.constant(m), 1.0, 1.0)
+            cx, cy, cm, _, _ = cut(fn, x, 0, m)
             assert cx.shape == (1, 96, 96, 1) and cm.shape == (96, 96, 1) and int(cy) == 0
             hits += int(cx.numpy().min() < 128)
         return hits / n
@@ -376,10 +379,10 @@ def test_crops_go_to_boxes_then_structure_and_keep_their_labels(jitter):
     xb, mb = _dot_image_and_mask(box=True)
     fn = _crop_sampler(spec, 96, box_centred=1.0, structure_centred=1.0, scale_jitter=jitter)
     for _ in range(20):
-        _, cy, cm, _, _ = fn(tf.constant(xb), tf.constant(1), tf.constant(mb), 1.0, 1.0)
+        _, cy, cm, _, _ = cut(fn, xb, 1, mb)
         assert int(cy) == 1 and cm.numpy().max() == 255
     fn = _crop_sampler(spec, 96, box_centred=0.0, structure_centred=1.0, scale_jitter=jitter)
-    labels = [int(fn(tf.constant(xb), tf.constant(1), tf.constant(mb), 1.0, 1.0)[1]) for _ in range(20)]
+    labels = [int(cut(fn, xb, 1, mb)[1]) for _ in range(20)]
     assert labels.count(0) >= 15      # centred on the dot, far from the box: a good crop
 
 
