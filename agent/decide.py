@@ -1,7 +1,8 @@
 """The decision rule shared by convert (evaluation) and the agent (the line).
 
-`defect_score(probs, bundle) -> (score, label)`: score = 1 - P(good), the max over tiles, so
-one bad tile makes a bad part; label = the most probable defect label in that worst tile.
+`defect_score(probs, bundle) -> (score, label)`: a tile's probabilities are the mean over its
+views (agent.preprocess); score = 1 - P(good), the max over tiles, so one bad tile makes a bad
+part; label = the most probable defect label in that worst tile.
 A part is rejected when score >= threshold; a passed part is reported with the bundle's
 good label.
 """
@@ -15,6 +16,9 @@ def defect_score(probs: np.ndarray, bundle) -> tuple[float, str]:
     p = np.asarray(probs, dtype=np.float32)
     if p.ndim == 1:
         p = p[None, :]
+    views = bundle.input.views
+    if views > 1:
+        p = p.reshape(-1, views, p.shape[-1]).mean(axis=1)
     good = bundle.labels.index(bundle.good_label)
     scores = 1.0 - p[:, good]
     worst = int(np.argmax(scores))

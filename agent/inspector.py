@@ -95,10 +95,10 @@ class Inspector:
             probs = self.infer(self.preprocess(img))
         except Exception as e:  # noqa: BLE001 - any failure here means: do not deploy
             raise InspectorError(f"model {self.bundle.path} does not run: {e}") from None
-        if probs.shape != (self.spec.n_tiles, len(self.bundle.labels)) or \
+        if probs.shape != (self.spec.batch, len(self.bundle.labels)) or \
                 not np.all(np.isfinite(probs)):
             raise InspectorError(f"model {self.bundle.path} gives output {probs.shape} "
-                                 f"(expected {(self.spec.n_tiles, len(self.bundle.labels))})")
+                                 f"(expected {(self.spec.batch, len(self.bundle.labels))})")
 
     def with_threshold(self, threshold: float | None) -> "Inspector":
         """A copy sharing the engine, deciding at another threshold (None: the bundle's)."""

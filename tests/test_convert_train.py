@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "b"
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "train", str(root), "--out", str(out), "--epochs", "20",
-         "--input-size", "48", "--seed", "3", "--patience", "20", "--batch-size", "8", "--edgetpu", "-q"],
+         "--input-size", "48", "--seed", "3", "--patience", "20", "--batch-size", "8", "--views", "2", "--edgetpu", "-q"],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, out, proc
@@ -52,6 +52,7 @@ def test_bundle_loads_and_records_everything(trained):
     b = load_bundle(out)                       # verifies every sha256
     assert b.labels == ["good", "defect"] and b.defect_labels == ["defect"]
     assert (b.input.width, b.input.height, b.input.channels) == (48, 48, 3)   # colour images seen
+    assert b.input.views == 2 and b.input.shape == (2, 48, 48, 3)
     m = b.metrics
     # the threshold is the one chosen on validation, and meets the escape target there
     assert 0.0 < b.threshold < 1.0 and b.threshold == m["threshold_selection"]["threshold"]
@@ -270,6 +271,7 @@ def test_parse_size_and_tiles():
     assert tr.parse_size("320") == (320, 320) and tr.parse_size("320x240") == (320, 240)
     assert tr.parse_tiles("2x3") == (2, 3) and tr.parse_tiles("2") == (2, 2)
     assert tr.main(["t", "x", "--out", "y", "--input-size", "abc"]) == 2
+    assert tr.main(["t", "x", "--out", "y", "--views", "3"]) == 2
 
 
 # --------------------------------------------------------------------------- DeepPCB (optional)
@@ -388,7 +390,8 @@ def test_crops_go_to_boxes_then_structure_and_keep_their_labels(jitter):
 
 def test_tiles_training_end_to_end(tmp_path):
     """--tiles: each frame is cut into tiles, trained multiple-instance, and the bundle the
-    agent loads scores a frame as its worst tile; it learns well above chance."""
+    agent loads scores a frame as its worst tile (each tile the mean of its 4 mirror views);
+    it learns well above chance."""
     from agent.decide import defect_score
     from agent.engines import create_engine
     from agent.preprocess import preprocess
@@ -398,12 +401,12 @@ def test_tiles_training_end_to_end(tmp_path):
                                   mixed_formats=False)
     summary = train_tiny_bundle(data, tmp_path / "b", epochs=15, input_size=48, tiles=(2, 2))
     b = load_bundle(tmp_path / "b")
-    assert b.input.tiles == (2, 2) and b.input.shape == (4, 48, 48, 1)
+    assert b.input.tiles == (2, 2) and b.input.views == 4 and b.input.shape == (16, 48, 48, 1)
     m = summary["metrics"]
     assert m["eval_split"] == "validation" and m["int8_accuracy"] >= 0.75, m
     eng = create_engine("cpu", b.model_path, b.input, len(b.labels), threads=1)
     img = cv2.imread(str(sorted((data / "defect").iterdir())[0]), cv2.IMREAD_UNCHANGED)
     probs = eng.invoke(preprocess(img, b.input))
-    assert probs.shape == (4, 2)
+    assert probs.shape == (16, 2)
     score, _ = defect_score(probs, b)
-    assert score == pytest.approx(float((1.0 - probs[:, 0]).max()))
+    assert score == pytest.approx(float((1.0 - probs[:, 0].reshape(4, 4).mean(1)).max()))

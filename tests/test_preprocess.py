@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from agent.bundle import BundleError, load_bundle, write_manifest
-from agent.preprocess import InputSpec, preprocess, to_input_tensor
+from agent.decide import defect_score
+from agent.preprocess import InputSpec, add_views, preprocess, to_input_tensor
 
 
 @pytest.mark.parametrize("frame", [
@@ -39,6 +40,36 @@ def test_tiles_keep_full_resolution_and_order():
     out = preprocess(frame, InputSpec(32, 32, tiles=(2, 2)))
     assert out.shape == (4, 32, 32, 1)
     assert [int(t.mean()) for t in out] == [0, 200, 0, 0]
+
+
+@pytest.mark.parametrize("views", [1, 2, 4])
+def test_views_follow_their_tile_mirrored(views):
+    frame = np.zeros((40, 60), np.uint8)
+    frame[:5, :5] = 200                      # a mark in the top-left corner
+    spec = InputSpec(30, 20, tiles=(1, 2), views=views)
+    out = preprocess(frame, spec)
+    assert out.shape == spec.shape == (2 * views, 20, 30, 1)
+    corners = [(0, 0), (0, -1), (-1, 0), (-1, -1)][:views]   # as is, left-right, up-down, both
+    for v, (r, c) in enumerate(corners):
+        assert out[v, r, c, 0] == 200 and out[v].sum() == out[0].sum()
+        assert out[views + v].max() == 0                     # the right tile has no mark
+    one = preprocess(frame, InputSpec(30, 20, tiles=(1, 2)))
+    assert np.array_equal(add_views(one, views), out)        # training's layout is the line's
+
+
+def test_decision_averages_views_then_takes_the_worst_tile():
+    class B:
+        labels, good_label, defect_indices, input = ["good", "a", "b"], "good", [1, 2], \
+            InputSpec(8, 8, tiles=(1, 2), views=2)
+    probs = np.array([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0],        # tile 0: views disagree
+                      [0.6, 0.0, 0.4], [0.4, 0.0, 0.6]])       # tile 1: both mildly "b"
+    score, label = defect_score(probs, B)
+    assert score == pytest.approx(0.5) and label == "a"        # tile 0: 1 - mean(0.9, 0.1)
+    probs[1] = [0.3, 0.7, 0.0]
+    score, label = defect_score(probs, B)
+    assert score == pytest.approx(0.5) and label == "b"        # now tile 1 is the worst
+    with pytest.raises(ValueError, match="views must be one of"):
+        InputSpec(8, 8, views=3)
 
 
 def test_roi_letterbox_and_center_crop():
@@ -74,8 +105,11 @@ def test_input_quantization():
 def test_spec_rejects_inconsistent_fields():
     with pytest.raises(ValueError, match="does not match channels"):
         InputSpec(8, 8, channels=3, color="gray")
-    spec = InputSpec(8, 6, channels=3, color="rgb", roi=(1, 2, 3, 4), tiles=(2, 3))
+    spec = InputSpec(8, 6, channels=3, color="rgb", roi=(1, 2, 3, 4), tiles=(2, 3), views=4)
     assert InputSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    old = spec.to_dict()
+    del old["views"]                      # a bundle from before views: scored as is
+    assert InputSpec.from_dict(old).views == 1
 
 
 def _bundle(tmp_path):
