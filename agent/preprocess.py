@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 
 Fit = Literal["stretch", "letterbox", "center_crop"]
-VIEWS = (1, 2, 4)
 Color = Literal["gray", "rgb", "bgr"]
+VIEWS = (1, 2, 4)
 
 
 @dataclass(frozen=True)

@@ -934,6 +934,9 @@ def main(argv: list[str]) -> int:
         problems.append("--val-fraction must be within (0, 0.9)")
     if not 0.0 <= a.max_escape < 1.0:
         problems.append("--max-escape must be within [0, 1)")
+    if a.no_flips and (a.views or 1) > 1:
+        problems.append("--views above 1 scores mirror images, which --no-flips says are not "
+                        "the same part: drop one of the two")
     if a.weights is not None and not a.weights.is_file():
         problems.append(f"--weights {a.weights}: no such file")
     if problems:

@@ -272,6 +272,7 @@ def test_parse_size_and_tiles():
     assert tr.parse_tiles("2x3") == (2, 3) and tr.parse_tiles("2") == (2, 2)
     assert tr.main(["t", "x", "--out", "y", "--input-size", "abc"]) == 2
     assert tr.main(["t", "x", "--out", "y", "--views", "3"]) == 2
+    assert tr.main(["t", "x", "--out", "y", "--views", "2", "--no-flips"]) == 2
 
 
 # --------------------------------------------------------------------------- DeepPCB (optional)
