@@ -34,7 +34,7 @@ class InputSpec:
     # Each tile is also given to the model mirrored: 1 (as is), 2 (+ left-right) or 4 (+ up-
     # down, + both); agent.decide averages a tile's views. The max over a defect map's cells
     # is a noisy statistic, and its noise is not mirror-symmetric: on DeepPCB, 4 views raised
-    # the test AUC on 5 of 5 trained models (mean 0.9955 -> 0.9969) for 4 model runs a frame.
+    # the test AUC of 10 of 10 trained models (benchmarks/README.md) for 4 model runs a frame.
     views: int = 1
 
     def __post_init__(self):

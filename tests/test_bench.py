@@ -34,7 +34,11 @@ def test_bench_json_on_a_video(tmp_path):
     assert {(r["threads"], r["workers"]) for r in out["pipeline_runs"]} == {(1, 1), (1, 2)}
     assert all(r["parts"] == len(pattern) for r in out["pipeline_runs"] + out["naive_runs"])
     assert out["pipeline_parts_per_s"] == max(r["parts_per_s"] for r in out["pipeline_runs"])
-    assert out["naive"]["rejects"] == out["pipeline"]["rejects"] == pattern.count("d")
+    assert out["naive"]["rejects"] == pattern.count("d")
+    # a part that misses its deadline on a loaded box is rejected fail-safe: never fewer
+    # rejects than defects, and any extra one is a counted fail-safe
+    p = out["pipeline"]
+    assert pattern.count("d") <= p["rejects"] <= pattern.count("d") + p["failsafes"]
     assert out["invoke_ms_p50"] > 0 and out["invoke_ms_p99"] >= out["invoke_ms_p50"]
     assert out["pipeline_vs_naive"] == pytest.approx(
         out["pipeline_parts_per_s"] / out["naive_parts_per_s"], rel=0.01)
