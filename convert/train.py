@@ -568,8 +568,8 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     from .model import MAP_STRIDE, build_model, centre_head, map_loss
 
     # Same data and seed, same model: a plant can rebuild a bundle, and trainer changes can be
-    # compared on one split without run-to-run noise (1-2 points of DeepPCB accuracy when the
-    # parallel augmentation drew its random numbers in whatever order its threads ran).
+    # compared on one split without run-to-run noise (up to 5 points of DeepPCB accuracy
+    # while the parallel augmentation drew random numbers in whatever order its threads ran).
     keras.utils.set_random_seed(opts.seed)
     tf.config.experimental.enable_op_determinism()
     train_model, tile_model = build_model(spec.height, spec.width, spec.channels, len(labels))

@@ -415,7 +415,7 @@ def test_tiles_training_end_to_end(tmp_path):
 
 def test_same_data_and_seed_give_the_same_model(tmp_path):
     """Training is reproducible: a plant can rebuild a bundle, and two trainer versions can be
-    compared on the same split without run-to-run noise (it was 1-2 points on DeepPCB)."""
+    compared on the same split without run-to-run noise (up to 5 points on DeepPCB)."""
     from convert.synthetic import train_tiny_bundle
 
     data = make_synthetic_dataset(tmp_path / "d", 16, 96, seed=4, annotate=True,
