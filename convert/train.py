@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, write_manifest
+from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, Bundle, write_manifest
 from agent.preprocess import VIEWS, InputSpec, add_views, preprocess
 
 from .data import (GOOD, DataError, box_mask, dihedral_hashes, fingerprint, group_split,
@@ -676,20 +676,19 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     from agent.decide import defect_score
     from agent.engines import create_engine
 
-    class _B:   # what agent.decide needs of a bundle
-        pass
-
-    dec = _B()
-    dec.labels, dec.good_label, dec.threshold, dec.input = labels, GOOD, 0.5, bspec
-    dec.defect_labels = [c for c in labels if c != GOOD]
-    dec.defect_indices = [labels.index(c) for c in dec.defect_labels]
+    # the bundle as the agent will read it, less the files not written yet
+    dec = Bundle(path=out_dir, labels=labels, good_label=GOOD,
+                 defect_labels=[c for c in labels if c != GOOD], input=bspec, threshold=0.5,
+                 files={})
 
     def verdict(p):
         s, lbl = defect_score(p, dec)
         return lbl if s >= dec.threshold else GOOD
 
-    def run(path, Xs):
-        eng = create_engine("cpu", path, bspec, len(labels), threads=2)
+    def engine(path):
+        return create_engine("cpu", path, bspec, len(labels), threads=2)
+
+    def run(eng, Xs):
         return np.stack([eng.invoke(add_views(Xs[i], views)) for i in range(len(Xs))])  # (N, T*V, K)
 
     def keras_probs(Xs, chunk=32):
@@ -732,7 +731,8 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
              len(float_bytes) / 1024, time.perf_counter() - te0)
 
     # --- evaluate through the agent's own engine and decision function
-    P8_va = run(out_dir / INT8_MODEL, X[va_i])
+    eng8 = engine(out_dir / INT8_MODEL)
+    P8_va = run(eng8, X[va_i])
     s_va = scores_of(P8_va)
     # the bundle's threshold is its own target's row of the table a plant chooses from
     points = operating_points(s_va, is_def_va, OPERATING_POINTS + (opts.max_escape,))
@@ -770,8 +770,8 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         Xh, truth_h, held = Xte, te_cls, "test"
     else:
         Xh, truth_h, held = X[va_i], [labels[i] for i in y[va_i]], "validation"
-    P8 = run(out_dir / INT8_MODEL, Xh)
-    Pf = run(float_path, Xh)
+    P8 = run(eng8, Xh)
+    Pf = run(engine(float_path), Xh)
     Pk = keras_probs(Xh)
     m8, pred8 = metrics_for(P8, truth_h)
     mf, predf = metrics_for(Pf, truth_h)
