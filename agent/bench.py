@@ -25,7 +25,7 @@ from .bundle import FLOAT_MODEL
 from .engines import ENGINES, EngineError, create_engine
 from .inspector import Inspector, InspectorError
 from .pipeline import Pipeline
-from .preprocess import preprocess
+from .preprocess import VIEWS, preprocess
 from .sources import SourceError, open_source
 from .types import Inspection, Verdict
 
@@ -173,6 +173,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, action="append",
                    help="pipeline inspect workers to try (repeatable; default: 1 and, on a "
                         "multi-core box, the CPU count with 1 thread each)")
+    p.add_argument("--views", type=int, choices=VIEWS, default=None,
+                   help="mirror views per tile, as the agent's model.views (default: the bundle's)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     args = p.parse_args(argv[1:])
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -187,7 +189,8 @@ def main(argv: list[str]) -> int:
         if w > 1:
             configs.append((1, w))
     try:
-        inspectors = {c: Inspector.load(args.bundle, threads=c[0], workers=c[1]) for c in configs}
+        inspectors = {c: Inspector.load(args.bundle, threads=c[0], workers=c[1], views=args.views)
+                      for c in configs}
     except InspectorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

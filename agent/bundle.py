@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .preprocess import InputSpec
@@ -61,6 +61,22 @@ class Bundle:
     @property
     def defect_indices(self) -> list[int]:
         return [self.labels.index(lbl) for lbl in self.defect_labels]
+
+    def with_views(self, views: int | None) -> "Bundle":
+        """This bundle scoring every tile with only its first `views` mirror views (1, 2, 4):
+        a slow box runs the model fewer times a frame, at the threshold the trainer chose on
+        validation for that many views (metrics.threshold_selection.by_views), not at the
+        one chosen for all of them."""
+        if views is None or views == self.input.views:
+            return self
+        table = (self.metrics.get("threshold_selection") or {}).get("by_views") or {}
+        if views > self.input.views or str(views) not in table:
+            have = sorted(int(v) for v in table) or [self.input.views]
+            raise BundleError(f"{self.path}: no operating point for {views} view(s); this bundle "
+                              f"can score {', '.join(map(str, have))} (retrain with this trainer, or "
+                              f"set model.views to one of those)")
+        return replace(self, input=replace(self.input, views=views),
+                       threshold=float(table[str(views)]["threshold"]))
 
     def to_manifest(self) -> dict:
         return {

@@ -59,6 +59,10 @@ class Camera(_Section):
 class Model(_Section):
     bundle: Path = Path("/var/lib/edge-inspect/models/current")
     threshold: Optional[float] = Field(None, ge=0, le=1, description="overrides the bundle's")
+    # Mirror views scored per tile, at most the bundle's: 4 views cost 4 model runs a frame.
+    # A box that cannot keep up sets 1 or 2 and decides at the threshold the trainer chose
+    # for that many (the bundle's by_views table), not the one chosen for all of them.
+    views: Optional[Literal[1, 2, 4]] = Field(None, description="views per tile (default: the bundle's)")
     delegate: Literal["cpu", "edgetpu"] = "cpu"
     device: Optional[str] = None
     cpu_fallback: bool = False
@@ -325,7 +329,8 @@ def summary(cfg: Config) -> str:
         f"camera    {cfg.camera.source} (fps {'source' if not cfg.camera.fps else cfg.camera.fps})",
         f"model     {cfg.model.bundle} on {cfg.model.delegate}"
         f"{' (cpu fallback)' if cfg.model.cpu_fallback else ''}, threshold "
-        f"{'from bundle' if cfg.model.threshold is None else cfg.model.threshold}",
+        f"{'from bundle' if cfg.model.threshold is None else cfg.model.threshold}, views "
+        f"{'from bundle' if cfg.model.views is None else cfg.model.views}",
         f"deadline  {cfg.inspection.deadline_ms:g} ms, uninspected parts: {cfg.inspection.failsafe}",
         f"gate      {g.kind}" + ("" if g.kind == "none" else f" {g.port or ''} fires {timing}, "
                                  f"pulse {g.pulse_ms} ms"),

@@ -48,7 +48,7 @@ class Inspector:
     @classmethod
     def load(cls, bundle_path: str | Path, *, delegate: str = "cpu", threads: int = 2,
              device: str | None = None, cpu_fallback: bool = False,
-             threshold: float | None = None,
+             threshold: float | None = None, views: int | None = None,
              wrap: Callable[[Engine], Engine] | None = None,
              smoke_test: bool = True, workers: int = 1) -> "Inspector":
         """Load and verify a bundle, build its engine and check it runs. Raises
@@ -56,7 +56,7 @@ class Inspector:
         try:
             # Resolve models/current once: a deploy that swaps the link mid-load must not
             # give us half of one bundle and half of the other.
-            bundle = load_bundle(Path(bundle_path).resolve())
+            bundle = load_bundle(Path(bundle_path).resolve()).with_views(views)
         except BundleError as e:
             raise InspectorError(str(e)) from None
         model = bundle.model_path
@@ -81,7 +81,7 @@ class Inspector:
     def from_config(cls, cfg, wrap=None) -> "Inspector":
         m = cfg.model
         return cls.load(m.bundle, delegate=m.delegate, threads=m.threads, device=m.device,
-                        cpu_fallback=m.cpu_fallback, threshold=m.threshold, wrap=wrap,
+                        cpu_fallback=m.cpu_fallback, threshold=m.threshold, views=m.views, wrap=wrap,
                         workers=m.workers)
 
     def smoke_test(self) -> None:
@@ -135,13 +135,15 @@ class Inspector:
 
     def describe(self) -> str:
         return (f"{self.bundle.name or self.bundle.path.name} sha256 {self.model_sha256[:12]} on "
-                f"{self.engine.describe()}, threshold {self.threshold:g} ({self.threshold_source})")
+                f"{self.engine.describe()}, {self.spec.views} view(s), threshold {self.threshold:g} "
+                f"({self.threshold_source})")
 
     def info(self) -> dict:
         return {"name": self.bundle.name, "path": str(self.bundle.path),
                 "sha256": self.model_sha256, "engine": self.engine.describe(),
                 "threshold": self.threshold, "labels": list(self.bundle.labels),
-                "input": f"{self.spec.width}x{self.spec.height}x{self.spec.channels}"}
+                "input": f"{self.spec.width}x{self.spec.height}x{self.spec.channels}",
+                "views": self.spec.views}
 
 
 class WrappedEngine(Engine):

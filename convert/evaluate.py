@@ -17,7 +17,7 @@ import numpy as np
 
 from agent.bundle import BundleError, load_bundle
 from agent.decide import defect_score
-from agent.preprocess import preprocess
+from agent.preprocess import VIEWS, preprocess
 
 from .data import GOOD, DataError, load_split, scan_eval
 
@@ -67,7 +67,8 @@ def run_engine(engine, bundle, images) -> tuple[list[float], list[str], float]:
 
 
 def _format_text(m: dict, bundle) -> str:
-    lines = [f"bundle {bundle.path}  (threshold {bundle.threshold:.4f}, model {bundle.model_sha256[:12]})",
+    lines = [f"bundle {bundle.path}  (threshold {bundle.threshold:.4f}, {bundle.input.views} view(s), "
+             f"model {bundle.model_sha256[:12]})",
              f"images: {m['n']} ({m['n_good']} good, {m['n_defect']} defect)"
              + (f", {m['unreadable']} unreadable skipped" if m.get("unreadable") else ""),
              f"accuracy:          {100 * m['accuracy']:.2f} %",
@@ -94,6 +95,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=2, help="inference threads (default 2)")
     p.add_argument("--threshold", type=float, default=None,
                    help="override the bundle's decision threshold")
+    p.add_argument("--views", type=int, choices=VIEWS, default=None,
+                   help="mirror views per tile, at most the bundle's (default: the bundle's); "
+                        "decides at the bundle's threshold for that many unless --threshold")
     try:
         args = p.parse_args(argv[1:])
     except SystemExit as e:
@@ -101,7 +105,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     prog = p.prog
     try:
-        bundle = load_bundle(args.bundle)
+        bundle = load_bundle(args.bundle).with_views(args.views)
         split = scan_eval(args.data)
     except (BundleError, DataError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
@@ -125,7 +129,7 @@ def main(argv: list[str]) -> int:
     scores, preds, ms = run_engine(engine, bundle, images)
     good = bundle.good_label if bundle.good_label in split.files or GOOD not in split.files else GOOD
     m = verdict_metrics(truth, preds, good, bundle.labels)
-    m.update(ms_per_image=ms, unreadable=len(bad), threshold=bundle.threshold,
+    m.update(ms_per_image=ms, unreadable=len(bad), threshold=bundle.threshold, views=bundle.input.views,
              bundle=str(bundle.path), data=str(split.root), model_sha256=bundle.model_sha256)
     if args.json:
         print(json.dumps(m))

@@ -779,6 +779,29 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     agreement = float(np.mean(np.argmax(P8.reshape(-1, len(labels)), 1) ==
                               np.argmax(Pf.reshape(-1, len(labels)), 1)))
     verdict_agreement = float(np.mean([(a == GOOD) == (b == GOOD) for a, b in zip(pred8, predf)]))
+
+    # The same model runs, scored with fewer views: a tile's first v views are the layout a
+    # v-view bundle has, so the agent's `model.views` can trade accuracy for speed on a slow
+    # box at a threshold chosen for it (agent.bundle.Bundle.with_views), without retraining.
+    def first_views(P, v):
+        return P.reshape(len(P), spec.n_tiles, views, -1)[:, :, :v].reshape(len(P), spec.n_tiles * v, -1)
+
+    def rates(s, d, t):
+        return {"escape_rate": float((s[d] < t).mean()) if d.any() else 0.0,
+                "false_reject_rate": float((s[~d] >= t).mean()) if (~d).any() else 0.0,
+                "accuracy": float(((s >= t) == d).mean())}
+
+    is_def_h = np.array([c != GOOD for c in truth_h])
+    by_views = {}
+    for v in (v for v in VIEWS if v <= views):
+        dv = dataclasses.replace(dec, input=dataclasses.replace(bspec, views=v))
+        sv = np.array([defect_score(p, dv)[0] for p in first_views(P8_va, v)])
+        t = select_threshold(sv, is_def_va, opts.max_escape)
+        sh = np.array([defect_score(p, dv)[0] for p in first_views(P8, v)])
+        by_views[str(v)] = {"threshold": t, "validation": rates(sv, is_def_va, t), held: rates(sh, is_def_h, t)}
+    log.info("views scored per tile (threshold; %s accuracy, escape, false reject): %s", held, "; ".join(
+        f"{v}: {r['threshold']:.3f}; {100 * r[held]['accuracy']:.1f}%, {100 * r[held]['escape_rate']:.1f}%, "
+        f"{100 * r[held]['false_reject_rate']:.1f}%" for v, r in sorted(by_views.items(), reverse=True)))
     rep = edgetpu_report(out_dir / INT8_MODEL)
     print(format_edgetpu_report(rep), file=sys.stderr)
     metrics = {
@@ -800,6 +823,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
                                 "on": "validation int8 scores",
                                 "lowest_validation_defects": binding,
                                 "operating_points": points,
+                                "by_views": by_views,
                                 "float_threshold_before_centring": t_float,
                                 "head_bias": head_bias},
         "parity_margin": opts.parity_margin,

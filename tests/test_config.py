@@ -99,6 +99,8 @@ def test_good_config_loads_and_resolves_relative_paths(env, write_config):
     (('host = "127.0.0.1"', 'host = "127.0.0.1"\nca_file = "mqtt.pass"'), "mqtt.tls: ca_file/cert_file are set but tls = false"),
     # 17 unknown delegate
     (('bundle = "bundle"', 'bundle = "bundle"\ndelegate = "gpu"'), "model.delegate: 'gpu' is not one of 'cpu' or 'edgetpu'"),
+    # 18 a number of views a bundle cannot have
+    (('bundle = "bundle"', 'bundle = "bundle"\nviews = 3'), "model.views: 3 is not one of 1, 2 or 4"),
 ])
 def test_each_mistake_names_field_and_problem(env, write_config, edit, expected):
     old, new = edit

@@ -137,6 +137,43 @@ def test_evaluate_usage_errors(tmp_path, trained, capsys):
     assert ev.main(["ev", str(out), str(tmp_path / "nodata")]) == 2
 
 
+def test_fewer_views_decide_at_their_own_threshold(trained, capsys):
+    """A slow box may score fewer mirror views than the bundle was trained with: the trainer
+    records a threshold chosen on validation for each count, and evaluate, bench and the
+    agent (model.views) decide with it; the model then runs once per tile and view."""
+    from agent.inspector import Inspector, InspectorError
+
+    root, out, _ = trained
+    b = load_bundle(out)
+    table = b.metrics["threshold_selection"]["by_views"]
+    assert set(table) == {"1", "2"}
+    assert table["2"]["threshold"] == b.threshold
+    assert table["2"]["test"]["accuracy"] == pytest.approx(b.metrics["int8_accuracy"])
+    # the bundle's own count: the same bundle
+    assert b.with_views(2) is b and b.with_views(None) is b
+    one = b.with_views(1)
+    assert one.input.views == 1 and one.input.batch == 1 and one.threshold == table["1"]["threshold"]
+    assert b.input.views == 2 and b.threshold == table["2"]["threshold"]      # b is unchanged
+
+    # evaluate with 1 view: one model run per image, and the figure the trainer recorded
+    assert ev.main(["ev", str(out), str(root / "test"), "--views", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["views"] == 1 and res["threshold"] == table["1"]["threshold"]
+    assert res["accuracy"] == pytest.approx(table["1"]["test"]["accuracy"])
+
+    from agent.config import Config
+    insp = Inspector.from_config(Config.model_validate({"model": {"bundle": str(out), "views": 1}}))
+    img = cv2.imread(str(out / "sample.png"), cv2.IMREAD_UNCHANGED)
+    assert insp.infer(insp.preprocess(img)).shape == (1, 2)
+    assert insp.threshold == table["1"]["threshold"] and "1 view(s)" in insp.describe()
+
+    # more views than the bundle scores: refused, naming what it can do
+    assert ev.main(["ev", str(out), str(root / "test"), "--views", "4"]) == 2
+    assert "no operating point for 4 view(s); this bundle can score 1, 2" in capsys.readouterr().err
+    with pytest.raises(InspectorError, match="no operating point for 4 view"):
+        Inspector.load(out, views=4)
+
+
 def test_tampered_model_rejected(trained, tmp_path):
     _, out, _ = trained
     copy = tmp_path / "b"
