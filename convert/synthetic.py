@@ -93,7 +93,7 @@ def train_tiny_bundle(data_dir, out_dir, *, epochs: int = 12, input_size: int = 
     """
     from .train import TrainOptions, train_bundle
 
-    opts = TrainOptions(epochs=epochs, input_size=(input_size, input_size), seed=seed,
-                        patience=epochs, verbose=False, representative=50, color="gray", batch_size=8,
-                        **overrides)
+    opts = TrainOptions(**{**dict(epochs=epochs, input_size=(input_size, input_size), seed=seed,
+                                  patience=epochs, verbose=False, representative=50, color="gray",
+                                  batch_size=8), **overrides})
     return train_bundle(Path(data_dir), Path(out_dir), opts)

@@ -47,6 +47,11 @@ SAMPLE = "sample.png"
 # the last epoch for nothing.
 MIN_DELTA = 0.002
 CONVERGED = 0.01
+# Patience counts only from the first epoch whose validation AUC is above this. Learning
+# from image labels alone (no boxes) first sits at chance while the net looks for the cells
+# that tell the classes apart: on DeepPCB without its boxes, validation AUC stayed at ~0.5
+# for 3 epochs before it rose, and patience 5 from epoch 1 stopped training at chance.
+LEARNING_AUC = 0.6
 # Above this validation false-reject rate at the chosen threshold, training warns and names
 # the validation defects that forced the threshold down.
 HIGH_FALSE_REJECT = 0.10
@@ -255,6 +260,12 @@ class WeightAverage:
             a.assign(live)
 
 
+def out_of_patience(best_auc: float, epoch: int, best_epoch: int, patience: int) -> bool:
+    """Early stopping: `patience` epochs without a better validation score, counted only once
+    the model has left chance (best validation AUC >= LEARNING_AUC)."""
+    return best_auc >= LEARNING_AUC and epoch - best_epoch >= patience
+
+
 class _Progress:
     """Keeps a moving average of the weights, validates it after every epoch, prints a
     progress line, keeps the best average and stops early.
@@ -327,7 +338,7 @@ class _Progress:
                     outer.best_auc, outer.best_loss = auc, vl
                     outer.best_weights = self.model.get_weights()
                 self.avg.swap()     # back to the live weights to train on
-                if epoch + 1 - outer.best_epoch >= patience:
+                if out_of_patience(outer.best_auc, epoch + 1, outer.best_epoch, patience):
                     self.model.stop_training = True
                 # Validation perfectly ordered with margin (AUC 1, loss under CONVERGED) for
                 # two epochs: more epochs cannot improve the order, only the time.
@@ -669,6 +680,11 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     log.info("trained %d epochs in %.0fs; best validation AUC %.4f (loss %.4f) at epoch %d "
              "(weights restored)", prog.epochs_run, fit_s, prog.best_auc, prog.best_loss,
              prog.best_epoch)
+    if not prog.best_auc >= LEARNING_AUC:
+        log.warning("validation AUC %.3f: the model has not learnt to tell defect from good "
+                    "(0.5 is chance). More --epochs, more defect images, defect boxes "
+                    "(annotations/) or a larger --input-size may help; at the escape target "
+                    "this model rejects most good parts", prog.best_auc)
 
     hwc = (spec.height, spec.width, spec.channels)
 

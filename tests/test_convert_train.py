@@ -371,6 +371,25 @@ def test_training_uses_boxes_when_present(tmp_path, caplog):
     assert summary["metrics"]["n_eval"] > 0
 
 
+def test_patience_waits_for_the_model_to_leave_chance(tmp_path, caplog, monkeypatch):
+    """Learning from image labels alone first sits at chance; early stopping must not end
+    training there, and a model that never leaves chance is named as such."""
+    import logging
+
+    from convert import train as T
+    from convert.synthetic import make_synthetic_dataset, train_tiny_bundle
+
+    assert not T.out_of_patience(0.52, epoch=6, best_epoch=1, patience=5)
+    assert T.out_of_patience(0.80, epoch=6, best_epoch=1, patience=5)
+    assert not T.out_of_patience(0.80, epoch=5, best_epoch=1, patience=5)
+    monkeypatch.setattr(T, "LEARNING_AUC", 1.01)      # a bar no model reaches
+    data = make_synthetic_dataset(tmp_path / "data", 12, 48, seed=5)
+    with caplog.at_level(logging.INFO, logger="convert.train"):
+        summary = train_tiny_bundle(data, tmp_path / "b", epochs=4, patience=1)
+    assert summary["metrics"]["epochs_run"] == 4
+    assert "has not learnt to tell defect from good" in caplog.text
+
+
 def _dot_image_and_mask(box: bool):
     """A blank 256x256 frame with one 11 px dot at rows/cols 195..205 x 35..45; with box, also
     a boxed defect at the opposite corner."""
