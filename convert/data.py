@@ -50,6 +50,10 @@ def _images_in(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
+ANNOTATIONS = "annotations"
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")     # lossless: a mask's edges are its content
+
+
 def scan_classes(root: Path, *, require_good: bool = True, min_classes: int = 2) -> Split:
     """One folder per class. Raises DataError with a one-line message on a bad layout."""
     root = Path(root)
@@ -60,7 +64,9 @@ def scan_classes(root: Path, *, require_good: bool = True, min_classes: int = 2)
     ignored: list[str] = []
     for d in subdirs:
         imgs = _images_in(d)
-        if imgs:
+        if d.name == ANNOTATIONS:      # boxes or mask images (read_boxes), never a class
+            ignored.append(d.name)
+        elif imgs:
             files[d.name] = imgs
         elif not any(d.iterdir()):
             raise DataError(f"class folder {d} is empty: put its images there or remove it")
@@ -140,15 +146,20 @@ def load_split(split: Split, role: str) -> tuple[list[Path], list[str], list[np.
     return paths, classes, images, bad
 
 
-ANNOTATIONS = "annotations"
-
 
 def read_boxes(split_root: Path, image: Path) -> list[tuple[float, float, float, float]] | None:
     """Optional defect boxes for an image: `<split>/annotations/<stem>.txt`, one box a line,
-    `x1 y1 x2 y2 [anything]` in the image's pixels (commas allowed; DeepPCB's format).
+    `x1 y1 x2 y2 [anything]` in the image's pixels (commas allowed; DeepPCB's format), or a
+    defect mask `<split>/annotations/<stem>.png` (or .bmp/.tif) of the image's size, non-zero
+    on the defect, as many data sets ship them: each connected blob becomes its bounding box.
     None when the image has no annotation file; malformed lines are skipped with a warning."""
-    f = Path(split_root) / ANNOTATIONS / f"{Path(image).stem}.txt"
+    d, stem = Path(split_root) / ANNOTATIONS, Path(image).stem
+    f = d / f"{stem}.txt"
     if not f.is_file():
+        for ext in MASK_EXTS:
+            m = d / f"{stem}{ext}"
+            if m.is_file():
+                return _mask_boxes(m)
         return None
     boxes = []
     for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
@@ -162,6 +173,16 @@ def read_boxes(split_root: Path, image: Path) -> list[tuple[float, float, float,
             continue
         boxes.append((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
     return boxes
+
+
+def _mask_boxes(path: Path) -> list[tuple[float, float, float, float]] | None:
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        log.warning("%s: unreadable defect mask, ignored", path)
+        return None
+    n, _, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
+    return [(float(x), float(y), float(x + w - 1), float(y + h - 1))
+            for x, y, w, h, _ in stats[1:n]]
 
 
 def box_mask(shape: tuple[int, ...], boxes) -> np.ndarray:

@@ -336,6 +336,14 @@ def test_read_boxes_formats_and_missing(tmp_path):
     (tmp_path / "annotations" / "a.txt").write_text("10 20 30 40 3\n5,6,1,2\nnot a box\n\n")
     assert read_boxes(tmp_path, tmp_path / "defect" / "a.png") == [(10, 20, 30, 40), (1, 2, 5, 6)]
     assert read_boxes(tmp_path, tmp_path / "defect" / "b.png") is None
+    # a defect mask instead: each blob becomes its bounding box (inclusive pixels)
+    mask = np.zeros((64, 80), np.uint8)
+    mask[5:9, 10:20] = 255
+    cv2.circle(mask, (60, 40), 3, 1, -1)                # any non-zero value is defect
+    cv2.imwrite(str(tmp_path / "annotations" / "c.png"), mask)
+    assert sorted(read_boxes(tmp_path, tmp_path / "defect" / "c.jpg")) == [(10, 5, 19, 8), (57, 37, 63, 43)]
+    (tmp_path / "annotations" / "d.png").write_bytes(b"not a png")
+    assert read_boxes(tmp_path, tmp_path / "defect" / "d.png") is None     # unreadable: no boxes
 
 
 def test_defect_masks_follow_the_preprocessing_geometry(tmp_path):
@@ -368,6 +376,28 @@ def test_training_uses_boxes_when_present(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="convert.train"):
         summary = train_tiny_bundle(data, tmp_path / "b", epochs=3)
     assert "12 defect images with boxes" in caplog.text
+    assert summary["metrics"]["n_eval"] > 0
+
+
+def test_training_uses_defect_masks_as_boxes(tmp_path, caplog):
+    """Data sets that ship pixel masks (annotations/<stem>.png) train as boxed data, and the
+    mask images in annotations/ are never taken for a class."""
+    import logging
+
+    from convert.data import box_mask, read_boxes
+    from convert.synthetic import make_synthetic_dataset, train_tiny_bundle
+
+    data = make_synthetic_dataset(tmp_path / "data", 12, 48, seed=5, annotate=True)
+    for txt in sorted((data / "annotations").glob("*.txt")):
+        img = next(p for p in (data / "defect").iterdir() if p.stem == txt.stem)
+        shape = cv2.imread(str(img), cv2.IMREAD_UNCHANGED).shape
+        cv2.imwrite(str(txt.with_suffix(".png")), box_mask(shape, read_boxes(data, img)))
+        txt.unlink()
+    with caplog.at_level(logging.INFO, logger="convert.train"):
+        summary = train_tiny_bundle(data, tmp_path / "b", epochs=3)
+    assert "12 defect images with boxes" in caplog.text
+    b = load_bundle(tmp_path / "b")
+    assert b.labels == ["good", "defect"] and b.provenance["ignored_folders"] == ["annotations"]
     assert summary["metrics"]["n_eval"] > 0
 
 
