@@ -146,7 +146,6 @@ def load_split(split: Split, role: str) -> tuple[list[Path], list[str], list[np.
     return paths, classes, images, bad
 
 
-
 def read_boxes(split_root: Path, image: Path) -> list[tuple[float, float, float, float]] | None:
     """Optional defect boxes for an image: `<split>/annotations/<stem>.txt`, one box a line,
     `x1 y1 x2 y2 [anything]` in the image's pixels (commas allowed; DeepPCB's format), or a

@@ -159,15 +159,22 @@ def operating_points(scores, is_defect, targets=OPERATING_POINTS) -> list[dict]:
     false-reject rates there. The bundle records them for validation, so a plant can move
     its operating point (`model.threshold` in the agent's config, or the `threshold` command)
     knowing what it costs, without retraining."""
-    s = np.asarray(scores, dtype=np.float64)
-    d = np.asarray(is_defect, dtype=bool)
     points = []
     for target in sorted(set(targets)):
-        t = select_threshold(s, d, target)
-        points.append({"max_escape": target, "threshold": t,
-                       "escape_rate": float((s[d] < t).mean()) if d.any() else 0.0,
-                       "false_reject_rate": float((s[~d] >= t).mean()) if (~d).any() else 0.0})
+        t = select_threshold(scores, is_defect, target)
+        r = rates_at(scores, is_defect, t)
+        points.append({"max_escape": target, "threshold": t, "escape_rate": r["escape_rate"],
+                       "false_reject_rate": r["false_reject_rate"]})
     return points
+
+
+def rates_at(scores, is_defect, threshold: float) -> dict:
+    """Escape rate, false-reject rate and accuracy of deciding `score >= threshold`."""
+    s = np.asarray(scores, dtype=np.float64)
+    d = np.asarray(is_defect, dtype=bool)
+    return {"escape_rate": float((s[d] < threshold).mean()) if d.any() else 0.0,
+            "false_reject_rate": float((s[~d] >= threshold).mean()) if (~d).any() else 0.0,
+            "accuracy": float(((s >= threshold) == d).mean()) if s.size else 0.0}
 
 
 def _auto_spec(images: list[np.ndarray], opts: TrainOptions, max_side: int = DEFAULT_MAX_SIDE) -> InputSpec:
@@ -803,11 +810,6 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     def first_views(P, v):
         return P.reshape(len(P), spec.n_tiles, views, -1)[:, :, :v].reshape(len(P), spec.n_tiles * v, -1)
 
-    def rates(s, d, t):
-        return {"escape_rate": float((s[d] < t).mean()) if d.any() else 0.0,
-                "false_reject_rate": float((s[~d] >= t).mean()) if (~d).any() else 0.0,
-                "accuracy": float(((s >= t) == d).mean())}
-
     is_def_h = np.array([c != GOOD for c in truth_h])
     by_views = {}
     for v in (v for v in VIEWS if v <= views):
@@ -815,7 +817,8 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         sv = np.array([defect_score(p, dv)[0] for p in first_views(P8_va, v)])
         t = select_threshold(sv, is_def_va, opts.max_escape)
         sh = np.array([defect_score(p, dv)[0] for p in first_views(P8, v)])
-        by_views[str(v)] = {"threshold": t, "validation": rates(sv, is_def_va, t), held: rates(sh, is_def_h, t)}
+        by_views[str(v)] = {"threshold": t, "validation": rates_at(sv, is_def_va, t),
+                            held: rates_at(sh, is_def_h, t)}
     log.info("views scored per tile (threshold; %s accuracy, escape, false reject): %s", held, "; ".join(
         f"{v}: {r['threshold']:.3f}; {100 * r[held]['accuracy']:.1f}%, {100 * r[held]['escape_rate']:.1f}%, "
         f"{100 * r[held]['false_reject_rate']:.1f}%" for v, r in sorted(by_views.items(), reverse=True)))
