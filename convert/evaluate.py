@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,34 @@ from agent.preprocess import VIEWS, preprocess
 from .data import GOOD, DataError, load_split, scan_eval
 
 log = logging.getLogger("convert.evaluate")
+
+
+def rate_upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate seen as k events in n trials: the
+    largest rate under which k or fewer would still happen with probability 1 - confidence.
+    1 escape in 100 validation defects bounds the true escape rate only by 4.7 %; an engineer
+    reading "escape 1 %" needs to know that the data cannot say more."""
+    if n <= 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    alpha = 1.0 - confidence
+
+    def cdf(p: float) -> float:        # P(X <= k) for X ~ Binomial(n, p), in logs for large n
+        lp, lq = math.log(p), math.log1p(-p)
+        return sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                            + i * lp + (n - i) * lq) for i in range(k + 1))
+
+    lo, hi = k / n, 1.0
+    for _ in range(60):                # cdf falls as p rises: bisect for cdf(p) = alpha
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mid > 0 and cdf(mid) > alpha else (lo, mid)
+    return hi
+
+
+def defects_to_show(rate: float, confidence: float = 0.95) -> int:
+    """How many defects, none escaping, it takes to bound the escape rate by `rate`."""
+    return math.ceil(math.log(1.0 - confidence) / math.log1p(-rate)) if 0 < rate < 1 else 0
 
 
 def verdict_metrics(truth: list[str], pred: list[str], good: str, labels: list[str]) -> dict:
@@ -45,6 +74,7 @@ def verdict_metrics(truth: list[str], pred: list[str], good: str, labels: list[s
         "accuracy": float((t_def == p_def).mean()) if n else 0.0,
         "label_accuracy": float(np.mean([a == b for a, b in zip(truth, pred)])) if n else 0.0,
         "escape_rate": escapes / n_def if n_def else 0.0,
+        "escape_rate_upper_95": rate_upper_bound(escapes, n_def) if n_def else None,
         "false_reject_rate": false_rejects / n_good if n_good else 0.0,
         "escapes": escapes,
         "false_rejects": false_rejects,
@@ -72,7 +102,9 @@ def _format_text(m: dict, bundle) -> str:
              f"images: {m['n']} ({m['n_good']} good, {m['n_defect']} defect)"
              + (f", {m['unreadable']} unreadable skipped" if m.get("unreadable") else ""),
              f"accuracy:          {100 * m['accuracy']:.2f} %",
-             f"escape rate:       {100 * m['escape_rate']:.2f} %  ({m['escapes']} defects passed as good)",
+             f"escape rate:       {100 * m['escape_rate']:.2f} %  ({m['escapes']} defects passed as good"
+             + (f"; at most {100 * m['escape_rate_upper_95']:.1f} % at 95 % confidence)"
+                if m["escape_rate_upper_95"] is not None else ")"),
              f"false-reject rate: {100 * m['false_reject_rate']:.2f} %  ({m['false_rejects']} good parts rejected)",
              f"label accuracy:    {100 * m['label_accuracy']:.2f} %",
              f"mean time:         {m['ms_per_image']:.2f} ms per image (decode excluded; preprocess + int8 inference)",

@@ -769,7 +769,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     binding = [{"file": str(tr_paths[va_i[j]].relative_to(train_split.root)), "score": float(s_va[j])}
                for j in d_va[np.argsort(s_va[d_va])][:allowed_escapes(d_va.size, opts.max_escape) + 2]]
 
-    from .evaluate import verdict_metrics
+    from .evaluate import defects_to_show, verdict_metrics
 
     def metrics_for(P, truth):
         preds = [verdict(p) for p in P]
@@ -777,8 +777,16 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
 
     val_m, _ = metrics_for(P8_va, [labels[i] for i in y[va_i]])
     log.info("threshold %.4f chosen on validation int8 scores for max escape %.1f%% "
-             "(validation: escape %.2f%%, false reject %.2f%%)", threshold, 100 * opts.max_escape,
-             100 * val_m["escape_rate"], 100 * val_m["false_reject_rate"])
+             "(validation: escape %.2f%% of %d defects, at most %.1f%% at 95%% confidence; "
+             "false reject %.2f%%)", threshold, 100 * opts.max_escape, 100 * val_m["escape_rate"],
+             val_m["n_defect"], 100 * val_m["escape_rate_upper_95"], 100 * val_m["false_reject_rate"])
+    need = defects_to_show(opts.max_escape)
+    if val_m["n_defect"] < need:
+        # Not a warning: most plants start here. It says why the threshold moves when the
+        # split or the data changes a little, and what would steady it.
+        log.info("%d validation defects cannot show an escape rate of %g%% or less: that takes "
+                 "%d with none escaping (more defect images, or --val-fraction)",
+                 val_m["n_defect"], 100 * opts.max_escape, need)
     log.info("validation operating points (max escape: threshold, false reject): %s", ", ".join(
         f"{100 * p['max_escape']:g}%: {p['threshold']:.3f}, {100 * p['false_reject_rate']:.0f}%"
         for p in points))
@@ -838,7 +846,8 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         "float_false_reject_rate": mf["false_reject_rate"],
         "label_accuracy": m8["label_accuracy"],
         "confusion": m8["confusion"],
-        "validation": {k: val_m[k] for k in ("n", "accuracy", "escape_rate", "false_reject_rate")},
+        "validation": {k: val_m[k] for k in ("n", "n_defect", "accuracy", "escape_rate",
+                                             "escape_rate_upper_95", "false_reject_rate")},
         "threshold_selection": {"max_escape": opts.max_escape, "threshold": threshold,
                                 "on": "validation int8 scores",
                                 "lowest_validation_defects": binding,

@@ -57,6 +57,12 @@ def test_bundle_loads_and_records_everything(trained):
     # the threshold is the one chosen on validation, and meets the escape target there
     assert 0.0 < b.threshold < 1.0 and b.threshold == m["threshold_selection"]["threshold"]
     assert m["validation"]["escape_rate"] <= m["threshold_selection"]["max_escape"]
+    # ... and what ~12 validation defects can say about it: little, and the log says so
+    v = m["validation"]
+    assert v["escape_rate_upper_95"] == pytest.approx(
+        ev.rate_upper_bound(round(v["escape_rate"] * v["n_defect"]), v["n_defect"]))
+    assert v["escape_rate_upper_95"] > 0.15
+    assert f"{v['n_defect']} validation defects cannot show an escape rate of 1% or less: that takes 299" in proc.stderr
     # the validation defects that set it are named, lowest score first; with ~12 of them a 1 %
     # target lets none escape, so the threshold sits under the lowest
     low = m["threshold_selection"]["lowest_validation_defects"]
@@ -115,6 +121,7 @@ def test_evaluate_json_well_above_chance(trained, capsys):
         assert k in res
     assert res["n"] == 40
     assert res["accuracy"] >= 0.75, res
+    assert res["escape_rate_upper_95"] == pytest.approx(ev.rate_upper_bound(res["escapes"], 20))
     assert sum(sum(r.values()) for r in res["confusion"].values()) == 40
     # The same figure train recorded for int8 on test/: evaluate goes through the same path.
     assert res["accuracy"] == pytest.approx(load_bundle(out).metrics["int8_accuracy"])
@@ -302,6 +309,23 @@ def test_select_threshold_known_scores():
     assert [(p["max_escape"], round(p["threshold"], 3)) for p in pts] == [(0.0, 0.15), (0.1, 0.45), (0.2, 0.65)]
     assert [p["escape_rate"] for p in pts] == [0.0, 0.1, 0.2]
     assert [p["false_reject_rate"] for p in pts] == [0.2, 0.0, 0.0]
+
+
+def test_rate_upper_bound_is_clopper_pearson():
+    import math
+    # none in n: 1 - alpha^(1/n) exactly; the "rule of three" says ~3/n
+    assert ev.rate_upper_bound(0, 100) == pytest.approx(1 - 0.05 ** (1 / 100))
+    assert ev.rate_upper_bound(1, 100) == pytest.approx(0.0466, abs=1e-4)   # published tables
+    # at the bound, seeing k or fewer has probability alpha
+    for k, n in ((1, 100), (5, 250), (30, 1000)):
+        p = ev.rate_upper_bound(k, n)
+        cdf = sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+        assert cdf == pytest.approx(0.05, abs=1e-6) and p > k / n
+    assert ev.rate_upper_bound(2, 100) > ev.rate_upper_bound(1, 100) > ev.rate_upper_bound(1, 1000)
+    assert ev.rate_upper_bound(3, 3) == 1.0 and ev.rate_upper_bound(0, 0) == 1.0
+    # how many defects, none escaping, show a target: 299 for 1 %, 149 for 2 %
+    assert [ev.defects_to_show(t) for t in (0.01, 0.02)] == [299, 149]
+    assert ev.rate_upper_bound(0, 299) <= 0.01 < ev.rate_upper_bound(0, 298)
 
 
 def test_parse_size_and_tiles():
