@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,36 +20,9 @@ from agent.decide import defect_score
 from agent.preprocess import VIEWS, preprocess
 
 from .data import GOOD, DataError, load_split, scan_eval
+from .threshold import rate_upper_bound
 
 log = logging.getLogger("convert.evaluate")
-
-
-def rate_upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
-    """One-sided Clopper-Pearson upper bound on a rate seen as k events in n trials: the
-    largest rate under which k or fewer would still happen with probability 1 - confidence.
-    1 escape in 100 validation defects bounds the true escape rate only by 4.7 %; an engineer
-    reading "escape 1 %" needs to know that the data cannot say more."""
-    if n <= 0:
-        return 1.0
-    if k >= n:
-        return 1.0
-    alpha = 1.0 - confidence
-
-    def cdf(p: float) -> float:        # P(X <= k) for X ~ Binomial(n, p), in logs for large n
-        lp, lq = math.log(p), math.log1p(-p)
-        return sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                            + i * lp + (n - i) * lq) for i in range(k + 1))
-
-    lo, hi = k / n, 1.0
-    for _ in range(60):                # cdf falls as p rises: bisect for cdf(p) = alpha
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mid > 0 and cdf(mid) > alpha else (lo, mid)
-    return hi
-
-
-def defects_to_show(rate: float, confidence: float = 0.95) -> int:
-    """How many defects, none escaping, it takes to bound the escape rate by `rate`."""
-    return math.ceil(math.log(1.0 - confidence) / math.log1p(-rate)) if 0 < rate < 1 else 0
 
 
 def verdict_metrics(truth: list[str], pred: list[str], good: str, labels: list[str]) -> dict:

@@ -32,6 +32,8 @@ from agent.preprocess import VIEWS, InputSpec, add_views, preprocess
 from .data import (GOOD, DataError, box_mask, dihedral_hashes, fingerprint, group_split,
                    hash_distances, is_color, load_split, near_duplicate_groups, read_boxes,
                    scan_dataset)
+from .threshold import (OPERATING_POINTS, allowed_escapes, defects_to_show, operating_points,
+                        rates_at, select_threshold)
 
 log = logging.getLogger("convert.train")
 
@@ -56,7 +58,6 @@ LEARNING_AUC = 0.6
 # Above this validation false-reject rate at the chosen threshold, training warns and names
 # the validation defects that forced the threshold down.
 HIGH_FALSE_REJECT = 0.10
-OPERATING_POINTS = (0.005, 0.01, 0.02, 0.05)     # escape targets tabulated in the bundle
 EPOCHS_CROPS, EPOCHS_WHOLE = 20, 12
 BOX_CENTRED = 0.7          # share of a boxed defect image's crops centred on a box
 # Crops of the other images (and of defect images off their boxes): STRUCTURE_CENTRED of them
@@ -126,55 +127,6 @@ def parse_tiles(text: str) -> tuple[int, int]:
     if not (1 <= r <= 16 and 1 <= c <= 16):
         raise argparse.ArgumentTypeError(f"tiles must be within 1..16, got {text!r}")
     return r, c
-
-
-def allowed_escapes(n_defects: int, max_escape: float) -> int:
-    """How many of n validation defects may score below the threshold: floor(max_escape * n)."""
-    return int(math.floor(max_escape * n_defects + 1e-9))
-
-
-def select_threshold(scores, is_defect, max_escape: float = 0.01) -> float:
-    """The decision threshold (defect if score >= threshold) for a target escape rate.
-
-    Lets at most floor(max_escape * n_defects) validation defects score below it and sits in
-    the middle of the gap under the lowest defect score it must catch (a margin for unseen
-    parts). It is not capped at 0.5: the escape target alone sets it, so a model that is
-    sure of its defects does not reject good parts it merely finds unusual. Without
-    validation defects it is 0.5 (argmax).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    is_defect = np.asarray(is_defect, dtype=bool)
-    d = np.sort(scores[is_defect])
-    k = allowed_escapes(d.size, max_escape)
-    if d.size == 0 or k >= d.size:
-        return 0.5
-    t = d[k]
-    below = scores[scores < t]
-    lower = float(below.max()) if below.size else 0.0
-    return float((t + lower) / 2.0)
-
-
-def operating_points(scores, is_defect, targets=OPERATING_POINTS) -> list[dict]:
-    """For each escape target: the threshold select_threshold picks, and the escape and
-    false-reject rates there. The bundle records them for validation, so a plant can move
-    its operating point (`model.threshold` in the agent's config, or the `threshold` command)
-    knowing what it costs, without retraining."""
-    points = []
-    for target in sorted(set(targets)):
-        t = select_threshold(scores, is_defect, target)
-        r = rates_at(scores, is_defect, t)
-        points.append({"max_escape": target, "threshold": t, "escape_rate": r["escape_rate"],
-                       "false_reject_rate": r["false_reject_rate"]})
-    return points
-
-
-def rates_at(scores, is_defect, threshold: float) -> dict:
-    """Escape rate, false-reject rate and accuracy of deciding `score >= threshold`."""
-    s = np.asarray(scores, dtype=np.float64)
-    d = np.asarray(is_defect, dtype=bool)
-    return {"escape_rate": float((s[d] < threshold).mean()) if d.any() else 0.0,
-            "false_reject_rate": float((s[~d] >= threshold).mean()) if (~d).any() else 0.0,
-            "accuracy": float(((s >= threshold) == d).mean()) if s.size else 0.0}
 
 
 def _auto_spec(images: list[np.ndarray], opts: TrainOptions, max_side: int = DEFAULT_MAX_SIDE) -> InputSpec:
@@ -769,7 +721,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     binding = [{"file": str(tr_paths[va_i[j]].relative_to(train_split.root)), "score": float(s_va[j])}
                for j in d_va[np.argsort(s_va[d_va])][:allowed_escapes(d_va.size, opts.max_escape) + 2]]
 
-    from .evaluate import defects_to_show, verdict_metrics
+    from .evaluate import verdict_metrics
 
     def metrics_for(P, truth):
         preds = [verdict(p) for p in P]

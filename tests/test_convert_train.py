@@ -20,6 +20,7 @@ pytest.importorskip("tensorflow")
 
 from agent.bundle import BundleError, load_bundle  # noqa: E402
 from convert import evaluate as ev  # noqa: E402
+from convert import threshold as th  # noqa: E402
 from convert import train as tr  # noqa: E402
 from convert.data import (DataError, dihedral_hashes, group_split, near_duplicate_groups,  # noqa: E402
                           scan_classes, scan_dataset)
@@ -60,7 +61,7 @@ def test_bundle_loads_and_records_everything(trained):
     # ... and what ~12 validation defects can say about it: little, and the log says so
     v = m["validation"]
     assert v["escape_rate_upper_95"] == pytest.approx(
-        ev.rate_upper_bound(round(v["escape_rate"] * v["n_defect"]), v["n_defect"]))
+        th.rate_upper_bound(round(v["escape_rate"] * v["n_defect"]), v["n_defect"]))
     assert v["escape_rate_upper_95"] > 0.15
     assert f"{v['n_defect']} validation defects cannot show an escape rate of 1% or less: that takes 299" in proc.stderr
     # the validation defects that set it are named, lowest score first; with ~12 of them a 1 %
@@ -121,7 +122,7 @@ def test_evaluate_json_well_above_chance(trained, capsys):
         assert k in res
     assert res["n"] == 40
     assert res["accuracy"] >= 0.75, res
-    assert res["escape_rate_upper_95"] == pytest.approx(ev.rate_upper_bound(res["escapes"], 20))
+    assert res["escape_rate_upper_95"] == pytest.approx(th.rate_upper_bound(res["escapes"], 20))
     assert sum(sum(r.values()) for r in res["confusion"].values()) == 40
     # The same figure train recorded for int8 on test/: evaluate goes through the same path.
     assert res["accuracy"] == pytest.approx(load_bundle(out).metrics["int8_accuracy"])
@@ -285,47 +286,6 @@ def test_same_stem_across_classes_grouped():
     groups, _ = near_duplicate_groups(hashes, ["a", "b", "c", "a", "b", "z"])
     assert groups[0] == groups[3] and groups[1] == groups[4]
     assert len(set(groups)) == 4
-
-
-def test_select_threshold_known_scores():
-    good = [0.01, 0.02, 0.05, 0.10, 0.30]
-    defect = [0.20, 0.60, 0.70, 0.80, 0.90, 0.95, 0.97, 0.98, 0.99, 0.999]
-    s = np.array(good + defect)
-    is_def = np.array([False] * 5 + [True] * 10)
-    # 0% escapes: must catch the 0.20 defect; midway to the next lower score (0.10).
-    assert tr.select_threshold(s, is_def, 0.0) == pytest.approx(0.15)
-    # 10% of 10 defects = 1 may escape: the lowest kept defect is 0.60, next below is 0.30
-    # -> 0.45.
-    assert tr.select_threshold(s, is_def, 0.10) == pytest.approx(0.45)
-    # 20%: 0.70 / 0.60 -> 0.65: above argmax's 0.5, the escape target alone decides.
-    assert tr.select_threshold(s, is_def, 0.20) == pytest.approx(0.65)
-    # The chosen threshold meets the target on these scores.
-    for target in (0.0, 0.1, 0.2, 0.35):
-        t = tr.select_threshold(s, is_def, target)
-        assert np.mean(s[is_def] < t) <= target + 1e-9
-    assert tr.select_threshold([0.1], [False], 0.01) == 0.5      # no defects: argmax
-    # the table: each target's threshold, and the rates it gives on these very scores
-    pts = tr.operating_points(s, is_def, (0.2, 0.0, 0.1))
-    assert [(p["max_escape"], round(p["threshold"], 3)) for p in pts] == [(0.0, 0.15), (0.1, 0.45), (0.2, 0.65)]
-    assert [p["escape_rate"] for p in pts] == [0.0, 0.1, 0.2]
-    assert [p["false_reject_rate"] for p in pts] == [0.2, 0.0, 0.0]
-
-
-def test_rate_upper_bound_is_clopper_pearson():
-    import math
-    # none in n: 1 - alpha^(1/n) exactly; the "rule of three" says ~3/n
-    assert ev.rate_upper_bound(0, 100) == pytest.approx(1 - 0.05 ** (1 / 100))
-    assert ev.rate_upper_bound(1, 100) == pytest.approx(0.0466, abs=1e-4)   # published tables
-    # at the bound, seeing k or fewer has probability alpha
-    for k, n in ((1, 100), (5, 250), (30, 1000)):
-        p = ev.rate_upper_bound(k, n)
-        cdf = sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
-        assert cdf == pytest.approx(0.05, abs=1e-6) and p > k / n
-    assert ev.rate_upper_bound(2, 100) > ev.rate_upper_bound(1, 100) > ev.rate_upper_bound(1, 1000)
-    assert ev.rate_upper_bound(3, 3) == 1.0 and ev.rate_upper_bound(0, 0) == 1.0
-    # how many defects, none escaping, show a target: 299 for 1 %, 149 for 2 %
-    assert [ev.defects_to_show(t) for t in (0.01, 0.02)] == [299, 149]
-    assert ev.rate_upper_bound(0, 299) <= 0.01 < ev.rate_upper_bound(0, 298)
 
 
 def test_parse_size_and_tiles():
