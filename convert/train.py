@@ -793,6 +793,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         "agreement": agreement,
         "verdict_agreement": verdict_agreement,
         "escape_rate": m8["escape_rate"],
+        "escape_rate_upper_95": m8["escape_rate_upper_95"],
         "false_reject_rate": m8["false_reject_rate"],
         "float_escape_rate": mf["escape_rate"],
         "float_false_reject_rate": mf["false_reject_rate"],

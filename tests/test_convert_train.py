@@ -63,6 +63,8 @@ def test_bundle_loads_and_records_everything(trained):
     assert v["escape_rate_upper_95"] == pytest.approx(
         th.rate_upper_bound(round(v["escape_rate"] * v["n_defect"]), v["n_defect"]))
     assert v["escape_rate_upper_95"] > 0.15
+    assert m["escape_rate_upper_95"] == pytest.approx(
+        th.rate_upper_bound(round(m["escape_rate"] * 20), 20))        # 20 test defects
     assert f"{v['n_defect']} validation defects cannot show an escape rate of 1% or less: that takes 299" in proc.stderr
     # the validation defects that set it are named, lowest score first; with ~12 of them a 1 %
     # target lets none escape, so the threshold sits under the lowest
