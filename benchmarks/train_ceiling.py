@@ -16,12 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import convert.monitor as monitor  # noqa: E402
 import convert.train as tr  # noqa: E402
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    tr.CONVERGED = -1.0          # never "validation separated"
+    monitor.CONVERGED = -1.0          # never "validation separated"
     t = time.perf_counter()
     res = tr.train_bundle(Path(sys.argv[1]), Path(sys.argv[2]),
                           tr.TrainOptions(patience=10 ** 6, keep_float=False))

@@ -29,9 +29,12 @@ import numpy as np
 from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, Bundle, write_manifest
 from agent.preprocess import VIEWS, InputSpec, add_views, preprocess
 
-from .data import (GOOD, DataError, box_mask, dihedral_hashes, fingerprint, group_split,
+from .data import (GOOD, DataError, dihedral_hashes, fingerprint, group_split,
                    hash_distances, is_color, load_split, near_duplicate_groups, read_boxes,
                    scan_dataset)
+from .crops import (BOX_CENTRED, SCALE_JITTER, STRUCTURE_CENTRED, augmenter, crop_sampler,
+                    crop_side, defect_masks, mark_structure, n_crops)
+from .monitor import Progress, left_chance
 from .threshold import (OPERATING_POINTS, allowed_escapes, defects_to_show, operating_points,
                         rates_at, select_threshold)
 
@@ -44,30 +47,10 @@ MIN_PER_CLASS = 2          # readable images a class needs to be trained on at a
 DEFAULT_MAX_SIDE = 320
 DEFAULT_MAX_SIDE_BOXED = 640
 SAMPLE = "sample.png"
-# A validation loss gain under this is noise, not progress: without it a model that has
-# already separated its validation set (loss ~0.01, falling by 1e-4 an epoch) trains on to
-# the last epoch for nothing.
-MIN_DELTA = 0.002
-CONVERGED = 0.01
-# Patience counts only from the first epoch whose validation AUC is above this. Learning
-# from image labels alone (no boxes) first sits at chance while the net looks for the cells
-# that tell the classes apart: on DeepPCB without its boxes (--epochs 30), validation AUC
-# stayed at ~0.5 for 3 epochs before it rose to 0.92; patience 5 from epoch 1 had stopped
-# the default run at chance.
-LEARNING_AUC = 0.6
 # Above this validation false-reject rate at the chosen threshold, training warns and names
 # the validation defects that forced the threshold down.
 HIGH_FALSE_REJECT = 0.10
 EPOCHS_CROPS, EPOCHS_WHOLE = 20, 12
-BOX_CENTRED = 0.7          # share of a boxed defect image's crops centred on a box
-# Crops of the other images (and of defect images off their boxes): STRUCTURE_CENTRED of them
-# are centred on a pixel with image structure (a local step of over STRUCTURE_STEP levels,
-# marked STRUCTURE in the mask). A crop of blank background teaches nothing; a legitimate
-# feature that resembles a defect is what false rejects come from.
-STRUCTURE, STRUCTURE_STEP, STRUCTURE_CENTRED = 64, 32, 0.5
-# Crop windows of side crop * z, z log-uniform in [1/SCALE_JITTER, SCALE_JITTER], resized to
-# the crop: new products and board designs bring features of sizes the training set lacks.
-SCALE_JITTER = 1.25
 
 
 class TrainError(Exception):
@@ -150,22 +133,6 @@ def _auto_spec(images: list[np.ndarray], opts: TrainOptions, max_side: int = DEF
                      fit=opts.fit, tiles=opts.tiles)
 
 
-def _crop_side(spec: InputSpec) -> int | None:
-    """Side of the training crops: half the input's short side (a quarter of the pixels, so
-    four times the steps per second) up to 224 px, never under 96 px (the cells' receptive
-    field is ~90 px); None when the input is too small for crops to pay. On DeepPCB at 640
-    px, 224 px crops (more context per crop, closer to a whole frame's statistics) beat 160
-    px crops at the same pixels per epoch: test accuracy 96.8 % against 95.2 %."""
-    side = min(224, (min(spec.width, spec.height) // 2) // 16 * 16)
-    return side if side >= 96 else None
-
-
-def _crops_per_image(spec: InputSpec, crop: int) -> int:
-    """Crops per image and epoch: about a quarter of the frame's pixels, 2 to 4 crops (an
-    epoch then costs 0.5-1x a whole-frame epoch at 320 px)."""
-    return int(np.clip(round(0.25 * spec.width * spec.height / crop ** 2), 2, 4))
-
-
 def _versions() -> dict:
     import tensorflow as tf
     import keras
@@ -178,184 +145,6 @@ def _versions() -> dict:
     except Exception:
         pass
     return v
-
-
-def _auc(scores, positive) -> float:
-    """ROC AUC of scores for a boolean truth (ties count half)."""
-    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
-    p, n = scores[positive], scores[~positive]
-    if not p.size or not n.size:
-        return float("nan")
-    return float(((p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum())
-                 / (p.size * n.size))
-
-
-class WeightAverage:
-    """Exponential moving average of a model's trainable weights, updated in the graph after
-    every step. swap() exchanges the average and the live weights; a second swap() undoes it."""
-
-    def __init__(self, variables, decay: float):
-        import tensorflow as tf
-
-        self.variables = list(variables)
-        self.average = [tf.Variable(v, trainable=False) for v in self.variables]
-        self.decay = float(decay)
-        self._n = tf.Variable(0.0, trainable=False)
-        self.update = tf.function(self._update, autograph=False)   # no Python control flow
-
-    def _update(self):
-        import tensorflow as tf
-
-        self._n.assign_add(1.0)
-        # bias-corrected start (tf.train.ExponentialMovingAverage's num_updates): the first
-        # steps do not drag the random initial weights along
-        d = tf.minimum(self.decay, (1.0 + self._n) / (10.0 + self._n))
-        for a, v in zip(self.average, self.variables):
-            a.assign(d * a + (1.0 - d) * v)
-
-    def swap(self) -> None:
-        for a, v in zip(self.average, self.variables):
-            live = v.numpy()
-            v.assign(a)
-            a.assign(live)
-
-
-def out_of_patience(best_auc: float, epoch: int, best_epoch: int, patience: int) -> bool:
-    """Early stopping: `patience` epochs without a better validation score, counted only once
-    the model has left chance (best validation AUC >= LEARNING_AUC)."""
-    return best_auc >= LEARNING_AUC and epoch - best_epoch >= patience
-
-
-class _Progress:
-    """Keeps a moving average of the weights, validates it after every epoch, prints a
-    progress line, keeps the best average and stops early.
-
-    The average (window about one epoch) is what gets validated and exported: averaged
-    weights sit in a flatter minimum, which is what carries to parts and boards the
-    training set never showed (weight averaging for domain generalisation, Cha et al.,
-    SWAD, 2021). On DeepPCB it raised test AUC 0.9952 -> 0.9958 over the raw weights of the
-    same run, and validation AUC is steadier from epoch to epoch.
-
-    "Best" is ranked by validation ROC AUC of the defect score, then loss: the threshold is
-    chosen afterwards for the escape target, so what the model must get right is the
-    ORDER of good and defect frames. The loss also measures calibration, which swings from
-    epoch to epoch (a frame's score is the max of hundreds of cells; crop-trained models see
-    more cells on a whole frame than in training) and picked poor epochs."""
-
-    def __init__(self, epochs: int, verbose: bool, val_batches, good_idx: int, loss, patience: int,
-                 ema_decay: float):
-        import keras
-
-        outer = self
-        self.best, self.best_epoch, self.best_weights, self.epochs_run = -np.inf, 0, None, 0
-        self.best_auc, self.best_loss = float("nan"), float("nan")
-        self.separated = 0
-
-        infer = {}
-
-        def validate(model):
-            if "fn" not in infer:
-                import tensorflow as tf
-                infer["fn"] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-            losses, weights, scores, truth = [], [], [], []
-            for x, ys, ws in val_batches:
-                out = infer["fn"](x)
-                if isinstance(out, dict):
-                    l, w = loss(ys["defect_map"], out["defect_map"]), ws["defect_map"]
-                    probs, yy = out["probs"], ys["probs"]
-                else:
-                    l = keras.losses.sparse_categorical_crossentropy(ys, out)
-                    w, probs, yy = ws, out, ys
-                losses.append(np.asarray(l) * np.asarray(w))
-                weights.append(np.asarray(w))
-                scores.append(1.0 - np.asarray(probs)[:, good_idx])
-                truth.append(np.asarray(yy) != good_idx)
-            sc, tr = np.concatenate(scores), np.concatenate(truth)
-            vl = float(np.concatenate(losses).sum() / max(np.concatenate(weights).sum(), 1e-9))
-            return vl, _auc(sc, tr), float(np.mean((sc >= 0.5) == tr))
-
-        class CB(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                outer.t0 = time.perf_counter()
-                self.avg = WeightAverage(self.model.trainable_weights, ema_decay)
-
-            def on_train_batch_end(self, batch, logs=None):
-                self.avg.update()
-
-            def on_epoch_begin(self, epoch, logs=None):
-                outer.te = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                logs = logs if logs is not None else {}
-                self.avg.swap()     # validate (and keep) the weight average
-                vl, auc, acc = validate(self.model)
-                logs.update(val_loss=vl, val_auc=auc, val_accuracy=acc)
-                # AUC first; a loss gain under MIN_DELTA is noise (it ends training on data
-                # the model has already separated, loss ~0.01 and falling 1e-4 an epoch)
-                key = auc - 0.001 * vl
-                if key > outer.best + 0.001 * MIN_DELTA:
-                    outer.best, outer.best_epoch = key, epoch + 1
-                    outer.best_auc, outer.best_loss = auc, vl
-                    outer.best_weights = self.model.get_weights()
-                self.avg.swap()     # back to the live weights to train on
-                if out_of_patience(outer.best_auc, epoch + 1, outer.best_epoch, patience):
-                    self.model.stop_training = True
-                # Validation perfectly ordered with margin (AUC 1, loss under CONVERGED) for
-                # two epochs: more epochs cannot improve the order, only the time.
-                outer.separated = outer.separated + 1 if auc >= 1.0 and vl < CONVERGED else 0
-                if outer.separated >= 2:
-                    self.model.stop_training = True
-                outer.epochs_run = epoch + 1
-                if verbose:
-                    el = time.perf_counter() - outer.t0
-                    eta = el / (epoch + 1) * (epochs - epoch - 1)
-                    print(f"epoch {epoch + 1:>3}/{epochs}  loss {logs.get('loss', 0):.4f}  "
-                          f"val_loss {vl:.4f}  val_auc {auc:.4f}  val_acc {acc:.3f}  "
-                          f"{time.perf_counter() - outer.te:5.1f}s  (best @ {outer.best_epoch}: "
-                          f"auc {outer.best_auc:.4f} loss {outer.best_loss:.4f}; elapsed "
-                          f"{el:.0f}s, at most {eta:.0f}s left)", file=sys.stderr, flush=True)
-
-            def on_train_end(self, logs=None):
-                if outer.best_weights is not None:
-                    self.model.set_weights(outer.best_weights)
-
-        self.callback = CB()
-
-
-def _augmenter(spec: InputSpec, flips: bool):
-    """Inspection augmentation on a uint8 batch (B, H, W, C), returning float 0..255: flips and
-    (square inputs) transposes = the 8 dihedral views, brightness (+-20 levels) and contrast
-    (+-15 %). A defect mask batch, when given, gets the same flips (and no photometric ones).
-
-    No rotations or sub-pixel shifts: inspection images come from a fixtured camera, their
-    interpolation blurs exactly the fine edges defects live on, and on a 2-core box the
-    projective warps cost about as much as a training step."""
-    import tensorflow as tf
-
-    square = spec.width == spec.height
-
-    def aug(x, mask=None):
-        c = x.shape[-1]
-        if mask is not None:
-            x = tf.concat([x, mask], -1)
-        b = tf.shape(x)[0]
-        if flips:
-            def coin():
-                return tf.random.uniform([b, 1, 1, 1]) < 0.5
-            x = tf.where(coin(), tf.reverse(x, [2]), x)
-            x = tf.where(coin(), tf.reverse(x, [1]), x)
-            if square:
-                x = tf.where(coin(), tf.transpose(x, [0, 2, 1, 3]), x)
-        if mask is not None:     # flipped as uint8: a quarter of the bytes of float
-            x, mask = x[..., :c], tf.cast(x[..., c:], tf.float32)
-        x = tf.cast(x, tf.float32)
-        mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-        k = tf.random.uniform([b, 1, 1, 1], 0.85, 1.15)
-        br = tf.random.uniform([b, 1, 1, 1], -20.0, 20.0)
-        x = tf.clip_by_value((x - mean) * k + mean + br, 0.0, 255.0)
-        return x if mask is None else (x, mask)
-
-    return aug
 
 
 def _mil_model(tile_model, n_tiles: int, spec: InputSpec, good_idx: int):
@@ -373,80 +162,6 @@ def _mil_model(tile_model, n_tiles: int, spec: InputSpec, good_idx: int):
         return ops.sum(p * ops.expand_dims(onehot, -1), axis=1)
 
     return keras.Model(inp, layers.Lambda(pick, name="max_tile")(p), name="mil")
-
-
-def _defect_masks(spec: InputSpec, boxes, classes, images):
-    """Per-image uint8 masks (N, H, W, 1) in model-input geometry (through agent.preprocess,
-    so ROI/fit match the pixels), and per-image weights of the cell loss: 1 where every cell
-    is known (good images; defect images with boxes), 0 where only the image label is."""
-    mspec = dataclasses.replace(spec, channels=1, color="gray")
-    masks = np.zeros((len(images), spec.height, spec.width, 1), np.uint8)
-    weights = np.zeros(len(images), np.float32)
-    n_boxed = 0
-    for i, (b, c, im) in enumerate(zip(boxes, classes, images)):
-        if c == GOOD:
-            weights[i] = 1.0
-            continue
-        if b:
-            preprocess(box_mask(im.shape, b), mspec, out=masks[i:i + 1])
-            weights[i] = 1.0
-            n_boxed += 1
-    return masks, weights, n_boxed
-
-
-def _crop_sampler(spec: InputSpec, crop: int, box_centred: float = BOX_CENTRED,
-                  structure_centred: float = STRUCTURE_CENTRED, scale_jitter: float = SCALE_JITTER):
-    """The tf.data map function that cuts one training crop (crop x crop) from a whole
-    image: centred (with jitter) on a random box pixel for `box_centred` of the images with
-    boxes, else on a random STRUCTURE pixel for `structure_centred` of the images that have
-    some, else anywhere. With scale_jitter s > 1 the window's side is crop * z, z log-uniform
-    in [1/s, s], resized to crop. The crop's label is what its own cells say, so a defect
-    image's clean area teaches 'good' too."""
-    import tensorflow as tf
-
-    def crop_fn(x, yy, m, ww, mww):
-        h, w = spec.height, spec.width
-        c = crop
-        if scale_jitter > 1.0:
-            z = tf.exp(tf.random.uniform([], -math.log(scale_jitter), math.log(scale_jitter)))
-            c = tf.minimum(tf.cast(tf.round(crop * z), tf.int32), min(h, w))
-        lim = tf.stack([h - c, w - c])
-
-        def near(where):     # (any, offset): a crop centred, with jitter, on a random pixel
-            pos = tf.cast(tf.where(where), tf.int32)
-            n = tf.shape(pos)[0]
-            pos = tf.concat([pos, tf.zeros([1, 2], tf.int32)], 0)     # gather-safe when n == 0
-            return n > 0, pos[tf.random.uniform([], 0, tf.maximum(n, 1), tf.int32)] - c // 2 + \
-                tf.random.uniform([2], -(c // 4), c // 4 + 1, tf.int32)
-
-        on_box, o_box = near(m[..., 0] > 127)
-        on_struct, o_struct = near(tf.equal(m[..., 0], STRUCTURE))
-        anywhere = tf.cast(tf.random.uniform([2]) * tf.cast(lim + 1, tf.float32), tf.int32)
-        o = tf.where(tf.logical_and(on_struct, tf.random.uniform([]) < structure_centred),
-                     o_struct, anywhere)
-        o = tf.where(tf.logical_and(on_box, tf.random.uniform([]) < box_centred), o_box, o)
-        o = tf.clip_by_value(o, 0, lim)
-        x = x[:, o[0]:o[0] + c, o[1]:o[1] + c]
-        m = m[o[0]:o[0] + c, o[1]:o[1] + c]
-        if scale_jitter > 1.0:
-            x = tf.cast(tf.round(tf.image.resize(x, [crop, crop], antialias=True)), tf.uint8)
-            x = tf.ensure_shape(x, [1, crop, crop, spec.channels])
-            m = tf.ensure_shape(tf.image.resize(m, [crop, crop], "nearest"), [crop, crop, 1])
-        yy = tf.where(tf.reduce_max(m) > 127, yy, tf.zeros_like(yy))
-        return x, yy, m, ww, mww
-
-    return crop_fn
-
-
-def _mark_structure(X: np.ndarray, M: np.ndarray) -> None:
-    """Set M to STRUCTURE where the image X (N, 1, H, W, C) has a local step of over
-    STRUCTURE_STEP levels (3x3 morphological gradient), leaving box pixels as they are."""
-    k = np.ones((3, 3), np.uint8)
-    for i in range(len(X)):
-        g = cv2.morphologyEx(X[i, 0], cv2.MORPH_GRADIENT, k)
-        g = g.max(axis=-1) if g.ndim == 3 else g
-        m = M[i, ..., 0]
-        m[(g > STRUCTURE_STEP) & (m <= 127)] = STRUCTURE
 
 
 # ----------------------------------------------------------------------------- training
@@ -475,7 +190,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         raise DataError(f"test classes not seen in training: {', '.join(unknown)}")
 
     tr_boxes = [read_boxes(train_split.root, p) if c != GOOD else None for p, c in zip(tr_paths, tr_cls)]
-    boxed = all(b for b, c in zip(tr_boxes, tr_cls) if c != GOOD)        # as _defect_masks counts them
+    boxed = all(b for b, c in zip(tr_boxes, tr_cls) if c != GOOD)        # as defect_masks counts them
     spec = _auto_spec(tr_imgs, opts, DEFAULT_MAX_SIDE_BOXED if boxed and opts.crops and opts.tiles == (1, 1)
                       else DEFAULT_MAX_SIDE)
     # The model trains on one view of each image (spec); the bundle scores every tile as the
@@ -555,28 +270,28 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     n_cls = np.bincount(y[tr_i], minlength=len(labels)).astype(np.float64)
     cw = len(tr_i) / (len(labels) * np.maximum(n_cls, 1))
     sw = cw[y].astype(np.float32)
-    aug = _augmenter(spec, opts.flips)
+    aug = augmenter(spec, opts.flips)
 
     crops_per_image = 1
     if T == 1:
         # Cell supervision of the defect map (see convert/model.py): all of a good image is
         # good; a defect image's cells are known only where it has boxes (annotations/).
-        M, mw, n_boxed = _defect_masks(spec, tr_boxes, tr_cls, tr_imgs)
+        M, mw, n_boxed = defect_masks(spec, tr_boxes, tr_cls, tr_imgs)
         log.info("defect map supervised on %d good images%s", int(sum(c == GOOD for c in tr_cls)),
                  f" and {n_boxed} defect images with boxes" if n_boxed else
                  " (no defect boxes found: defects are learnt from image labels alone)")
         fit_model = train_model
-        crop = _crop_side(spec) if opts.crops and bool(np.all(mw[tr_i] > 0)) else None
-        crops_per_image = _crops_per_image(spec, crop) if crop else 1
+        crop = crop_side(spec) if opts.crops and bool(np.all(mw[tr_i] > 0)) else None
+        crops_per_image = n_crops(spec, crop) if crop else 1
         if crop:
-            _mark_structure(X, M)
+            mark_structure(X, M)
             log.info("every training cell is known: training on %dx%d crops (%d per image and "
                      "epoch, scale %.2f-%.2f; centred on a box for %d%% of defect crops, on image "
                      "structure for %d%% of the others), validating on whole frames", crop, crop,
                      crops_per_image, 1 / SCALE_JITTER, SCALE_JITTER, round(100 * BOX_CENTRED),
                      round(100 * STRUCTURE_CENTRED))
 
-        crop_fn = _crop_sampler(spec, crop) if crop else None
+        crop_fn = crop_sampler(spec, crop) if crop else None
 
         def batch_fn(augment):
             def fn(x, yy, m, ww, mww):
@@ -629,7 +344,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         opts.learning_rate / 10, decay_steps=max(1, (epochs - 1) * steps), alpha=0.02,
         warmup_target=opts.learning_rate, warmup_steps=steps)
     fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss)
-    prog = _Progress(epochs, opts.verbose, ds_va, labels.index(GOOD),
+    prog = Progress(epochs, opts.verbose, ds_va, labels.index(GOOD),
                      loss["defect_map"] if isinstance(loss, dict) else None, opts.patience,
                      ema_decay=1.0 - 1.0 / steps)
     t_fit = time.perf_counter()
@@ -640,7 +355,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     log.info("trained %d epochs in %.0fs; best validation AUC %.4f (loss %.4f) at epoch %d "
              "(weights restored)", prog.epochs_run, fit_s, prog.best_auc, prog.best_loss,
              prog.best_epoch)
-    if not prog.best_auc >= LEARNING_AUC:
+    if not left_chance(prog.best_auc):
         log.warning("validation AUC %.3f: the model has not learnt to tell defect from good "
                     "(0.5 is chance). More --epochs, more defect images, defect boxes "
                     "(annotations/) or a larger --input-size may help; at the escape target "

@@ -83,7 +83,7 @@ def test_boxed_data_trains_on_crops(tmp_path, caplog):
 def test_weight_average_tracks_swaps_and_restores():
     import tensorflow as tf
 
-    from convert.train import WeightAverage
+    from convert.monitor import WeightAverage
 
     v = tf.Variable([0.0, 10.0])
     avg = WeightAverage([v], decay=0.25)

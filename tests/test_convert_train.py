@@ -338,7 +338,7 @@ def test_defect_masks_follow_the_preprocessing_geometry(tmp_path):
 
     from agent.preprocess import InputSpec
     from convert.data import read_boxes
-    from convert.train import _defect_masks
+    from convert.crops import defect_masks
 
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "d.txt").write_text("0 0 31 31\n")     # top-left quarter
@@ -346,7 +346,7 @@ def test_defect_masks_follow_the_preprocessing_geometry(tmp_path):
     spec = InputSpec(32, 32, fit="letterbox")                           # 128x64 -> 32x16 band
     boxes = [read_boxes(tmp_path, tmp_path / c / f) for c, f in
              (("good", "g.png"), ("defect", "d.png"), ("defect", "e.png"))]
-    masks, weights, n = _defect_masks(spec, boxes, ["good", "defect", "defect"], [img, img, img])
+    masks, weights, n = defect_masks(spec, boxes, ["good", "defect", "defect"], [img, img, img])
     assert n == 1 and weights.tolist() == [1.0, 1.0, 0.0]              # e.png has no boxes
     m = masks[1, :, :, 0]
     assert m[8:16, 0:8].min() == 255 and m[:8].max() == 0 and m[16:].max() == 0
@@ -392,13 +392,13 @@ def test_patience_waits_for_the_model_to_leave_chance(tmp_path, caplog, monkeypa
     training there, and a model that never leaves chance is named as such."""
     import logging
 
-    from convert import train as T
+    from convert import monitor
     from convert.synthetic import make_synthetic_dataset, train_tiny_bundle
 
-    assert not T.out_of_patience(0.52, epoch=6, best_epoch=1, patience=5)
-    assert T.out_of_patience(0.80, epoch=6, best_epoch=1, patience=5)
-    assert not T.out_of_patience(0.80, epoch=5, best_epoch=1, patience=5)
-    monkeypatch.setattr(T, "LEARNING_AUC", 1.01)      # a bar no model reaches
+    assert not monitor.out_of_patience(0.52, epoch=6, best_epoch=1, patience=5)
+    assert monitor.out_of_patience(0.80, epoch=6, best_epoch=1, patience=5)
+    assert not monitor.out_of_patience(0.80, epoch=5, best_epoch=1, patience=5)
+    monkeypatch.setattr(monitor, "LEARNING_AUC", 1.01)      # a bar no model reaches
     data = make_synthetic_dataset(tmp_path / "data", 12, 48, seed=5)
     with caplog.at_level(logging.INFO, logger="convert.train"):
         summary = train_tiny_bundle(data, tmp_path / "b", epochs=4, patience=1)
@@ -409,7 +409,7 @@ def test_patience_waits_for_the_model_to_leave_chance(tmp_path, caplog, monkeypa
 def _dot_image_and_mask(box: bool):
     """A blank 256x256 frame with one 11 px dot at rows/cols 195..205 x 35..45; with box, also
     a boxed defect at the opposite corner."""
-    from convert.train import STRUCTURE, _mark_structure
+    from convert.crops import STRUCTURE, mark_structure
 
     img = np.full((256, 256, 1), 255, np.uint8)
     cv2.circle(img, (40, 200), 5, 0, -1)
@@ -417,7 +417,7 @@ def _dot_image_and_mask(box: bool):
     if box:
         mask[0, 20:30, 220:230] = 255
     X = img[None, None]
-    _mark_structure(X, mask)
+    mark_structure(X, mask)
     m = mask[0, ..., 0]
     assert (m == STRUCTURE).any() and (m[:150] == STRUCTURE).sum() == 0     # only at the dot
     assert (m[20:30, 220:230] == (255 if box else 0)).all()              # boxes stay boxes
@@ -431,7 +431,7 @@ def test_crops_go_to_boxes_then_structure_and_keep_their_labels(jitter):
     import tensorflow as tf
 
     from agent.preprocess import InputSpec
-    from convert.train import _crop_sampler
+    from convert.crops import crop_sampler
 
     spec = InputSpec(256, 256, color="gray")
     x, m = _dot_image_and_mask(box=False)
@@ -440,7 +440,7 @@ def test_crops_go_to_boxes_then_structure_and_keep_their_labels(jitter):
         return fn(tf.constant(img), tf.constant(label), tf.constant(mask), 1.0, 1.0)
 
     def share_with_dot(structure_centred, n=60):
-        fn = _crop_sampler(spec, 96, box_centred=0.7, structure_centred=structure_centred,
+        fn = crop_sampler(spec, 96, box_centred=0.7, structure_centred=structure_centred,
                            scale_jitter=jitter)
         hits = 0
         for _ in range(n):
@@ -452,11 +452,11 @@ def test_crops_go_to_boxes_then_structure_and_keep_their_labels(jitter):
     assert share_with_dot(1.0) >= 0.95
     assert share_with_dot(0.0) <= 0.6
     xb, mb = _dot_image_and_mask(box=True)
-    fn = _crop_sampler(spec, 96, box_centred=1.0, structure_centred=1.0, scale_jitter=jitter)
+    fn = crop_sampler(spec, 96, box_centred=1.0, structure_centred=1.0, scale_jitter=jitter)
     for _ in range(20):
         _, cy, cm, _, _ = cut(fn, xb, 1, mb)
         assert int(cy) == 1 and cm.numpy().max() == 255
-    fn = _crop_sampler(spec, 96, box_centred=0.0, structure_centred=1.0, scale_jitter=jitter)
+    fn = crop_sampler(spec, 96, box_centred=0.0, structure_centred=1.0, scale_jitter=jitter)
     labels = [int(cut(fn, xb, 1, mb)[1]) for _ in range(20)]
     assert labels.count(0) >= 15      # centred on the dot, far from the box: a good crop
 
