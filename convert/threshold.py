@@ -70,9 +70,7 @@ def rate_upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
     largest rate under which k or fewer would still happen with probability 1 - confidence.
     1 escape in 100 validation defects bounds the true escape rate only by 4.7 %; an engineer
     reading "escape 1 %" needs to know that the data cannot say more."""
-    if n <= 0:
-        return 1.0
-    if k >= n:
+    if n <= 0 or k >= n:
         return 1.0
     alpha = 1.0 - confidence
 
@@ -84,7 +82,7 @@ def rate_upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
     lo, hi = k / n, 1.0
     for _ in range(60):                # cdf falls as p rises: bisect for cdf(p) = alpha
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mid > 0 and cdf(mid) > alpha else (lo, mid)
+        lo, hi = (mid, hi) if cdf(mid) > alpha else (lo, mid)
     return hi
 
 
