@@ -46,7 +46,7 @@ def verdict_metrics(truth: list[str], pred: list[str], good: str, labels: list[s
         "accuracy": float((t_def == p_def).mean()) if n else 0.0,
         "label_accuracy": float(np.mean([a == b for a, b in zip(truth, pred)])) if n else 0.0,
         "escape_rate": escapes / n_def if n_def else 0.0,
-        "escape_rate_upper_95": rate_upper_bound(escapes, n_def) if n_def else None,
+        "escape_rate_upper_95": rate_upper_bound(escapes, n_def),     # 1.0: no defects, no evidence
         "false_reject_rate": false_rejects / n_good if n_good else 0.0,
         "escapes": escapes,
         "false_rejects": false_rejects,
@@ -74,9 +74,8 @@ def _format_text(m: dict, bundle) -> str:
              f"images: {m['n']} ({m['n_good']} good, {m['n_defect']} defect)"
              + (f", {m['unreadable']} unreadable skipped" if m.get("unreadable") else ""),
              f"accuracy:          {100 * m['accuracy']:.2f} %",
-             f"escape rate:       {100 * m['escape_rate']:.2f} %  ({m['escapes']} defects passed as good"
-             + (f"; at most {100 * m['escape_rate_upper_95']:.1f} % at 95 % confidence)"
-                if m["escape_rate_upper_95"] is not None else ")"),
+             f"escape rate:       {100 * m['escape_rate']:.2f} %  ({m['escapes']} defects passed as good; "
+             f"at most {100 * m['escape_rate_upper_95']:.1f} % at 95 % confidence)",
              f"false-reject rate: {100 * m['false_reject_rate']:.2f} %  ({m['false_rejects']} good parts rejected)",
              f"label accuracy:    {100 * m['label_accuracy']:.2f} %",
              f"mean time:         {m['ms_per_image']:.2f} ms per image (decode excluded; preprocess + int8 inference)",

@@ -49,3 +49,7 @@ def test_rate_upper_bound_is_clopper_pearson():
     # how many defects, none escaping, show a target: 299 for 1 %, 149 for 2 %
     assert [th.defects_to_show(t) for t in (0.01, 0.02)] == [299, 149]
     assert th.rate_upper_bound(0, 299) <= 0.01 < th.rate_upper_bound(0, 298)
+    # no defects seen: nothing is known about escape, and evaluate says so rather than failing
+    from convert.evaluate import verdict_metrics
+    assert verdict_metrics(["good", "good"], ["good", "defect"], "good", ["good", "defect"])[
+        "escape_rate_upper_95"] == 1.0
