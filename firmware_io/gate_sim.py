@@ -395,8 +395,8 @@ class GateSimulator:
 # ---------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="gate-sim", description=(
+def _parser(prog: str = "gate-sim") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=(
         "Simulated reject-gate controller speaking the edge-inspect serial line protocol."))
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--port", help="serial device (or pty) path to serve on")
@@ -419,7 +419,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """argv[0] is the program name, as for every edge-inspect command (the CLI passes
+    'edge-inspect gate-sim'); None reads sys.argv (python -m firmware_io.gate_sim)."""
+    argv = list(sys.argv if argv is None else argv)
+    args = _parser(argv[0] if argv else "gate-sim").parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         stream=sys.stderr, format="%(asctime)s gate-sim %(message)s")
     try:

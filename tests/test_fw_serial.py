@@ -267,9 +267,7 @@ def test_config_command(rig):
 
 
 def test_gate_sim_cli_pty():
-    proc = subprocess.Popen([sys.executable, "-c",
-                             "import sys; from firmware_io.gate_sim import main; "
-                             "sys.exit(main(sys.argv[1:]))", "--pty", "--duration", "20"],
+    proc = subprocess.Popen([sys.executable, "-m", "firmware_io.gate_sim", "--pty", "--duration", "20"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         path = proc.stdout.readline().strip()

@@ -1,0 +1,137 @@
+"""Every console command, run as a user runs it: the installed `edge-inspect` script in a
+subprocess. A command whose entry point is wired wrong (issue 21: gate-sim passed its own
+name on as an argument) fails here, not on a plant engineer's box."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from agent.cli import COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "agent" / "demo_data"
+BUNDLE = DEMO / "bundle"
+
+
+def _script() -> str:
+    here = Path(sys.executable).parent / "edge-inspect"
+    found = str(here) if here.exists() else shutil.which("edge-inspect")
+    if not found:
+        pytest.fail("the edge-inspect console script is not installed (pip install -e .)")
+    return found
+
+
+def cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([_script(), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env=env)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help_under_its_own_name(command):
+    r = cli(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: edge-inspect {command}"), r.stdout[:200]
+
+
+def test_top_level_help_lists_every_command():
+    r = cli("--help")
+    assert r.returncode == 0
+    for command in COMMANDS:
+        assert command in r.stdout
+
+
+@pytest.fixture
+def station(tmp_path) -> Path:
+    """A config that runs without hardware: the demo bundle on four demo images."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in sorted(os.listdir(DEMO / "images"))[:2] + sorted(os.listdir(DEMO / "images"))[-2:]:
+        shutil.copy(DEMO / "images" / name, images / name)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [camera]
+        source = "images"
+        [model]
+        bundle = "{BUNDLE}"
+        threads = 1
+        [inspection]
+        deadline_ms = 5000
+        [mqtt]
+        enabled = false
+        [metrics]
+        port = 0
+        [recorder]
+        dir = "recorded"
+    """))
+    return cfg
+
+
+def test_check_config_then_run(station):
+    r = cli("check-config", str(station))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().endswith(f"{station}: OK")
+    r = cli("run", "--config", str(station))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stopped: 4 parts" in r.stdout + r.stderr   # the log goes to stdout (journald)
+
+
+def test_demo(tmp_path):
+    r = cli("demo", "--quiet", "--threads", "1", timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "parts" in r.stdout and "reject" in r.stdout
+
+
+def test_gate_sim_serves_a_pty_and_exits_cleanly():
+    r = cli("gate-sim", "--pty", "--duration", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith("/dev/")
+    assert "gate-sim: rej=0 fired=0" in r.stderr
+
+
+def test_gate_sim_bad_argument_says_which():
+    r = cli("gate-sim", "--pty", "--gates", "x")
+    assert r.returncode == 2
+    assert "bad --gates 'x'" in r.stderr
+
+
+def test_bench(tmp_path):
+    r = cli("bench", str(BUNDLE), "--source", str(DEMO / "images"), "--threads", "1",
+            "--workers", "1", "--seconds", "0.3", "--json", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report
+
+
+def test_deploy_model_into_a_models_dir(tmp_path):
+    models = tmp_path / "models"
+    r = cli("deploy-model", str(BUNDLE), "--models-dir", str(models), "--no-reload")
+    assert r.returncode == 0, r.stderr
+    assert (models / "current" / "bundle.json").is_file()
+
+
+def test_evaluate_on_class_folders(tmp_path):
+    data = tmp_path / "data"
+    for name in sorted(os.listdir(DEMO / "images")):
+        cls = "good" if name.startswith("good_") else "defect"
+        (data / cls).mkdir(parents=True, exist_ok=True)
+        shutil.copy(DEMO / "images" / name, data / cls / name)
+    r = cli("evaluate", str(BUNDLE), str(data), "--json", "--threads", "1", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report
+
+
+def test_train_refuses_a_missing_folder_in_one_line(tmp_path):
+    r = cli("train", str(tmp_path / "absent"), "--out", str(tmp_path / "b"), timeout=240)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "b" / "bundle.json").exists()
