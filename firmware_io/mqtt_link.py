@@ -29,7 +29,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .outbox import Outbox
+from .outbox import Outbox, OutboxFull
 
 log = logging.getLogger("firmware_io.mqtt")
 
@@ -54,6 +54,7 @@ class MqttSettings:
     publish_results: bool = False
     metrics_interval_s: float = 10.0      # read by the caller that publishes metrics
     outbox_sync: Literal["NORMAL", "FULL"] = "FULL"
+    outbox_reserve_bytes: int = 0         # disk kept free for alerts (firmware_io.outbox)
     inflight_window: int = 100            # alerts handed to the broker, not yet PUBACKed
     inflight_timeout_s: float = 60.0      # connected yet no PUBACK this long: send again
     reconnect_min_s: float = 0.5
@@ -63,8 +64,16 @@ class MqttSettings:
 # ---------------------------------------------------------------------------- commands
 
 
+# A command is a few fields; anything bigger is refused unparsed, and a reply never
+# quotes more than this much of what it was sent.
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_ERROR_CHARS = 400
+
+
 class _Cmd(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON true is not 1.0 and "0.3" is not 0.3 (an operator's typo must not
+    # silently set the threshold to 1.0 and stop every reject)
+    model_config = ConfigDict(extra="forbid", strict=True)
     request_id: str | None = Field(default=None, max_length=128)
 
 
@@ -81,7 +90,7 @@ class ReloadCmd(_Cmd):
 
 
 class ThresholdCmd(_Cmd):
-    value: float = Field(ge=0.0, le=1.0)
+    value: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
 
 
 COMMANDS: dict[str, type[_Cmd]] = {
@@ -89,24 +98,48 @@ COMMANDS: dict[str, type[_Cmd]] = {
 }
 
 
+class CommandError(ValueError):
+    """A refused command; request_id is the caller's, when it could be read."""
+
+    def __init__(self, reason: str, request_id: str | None = None):
+        super().__init__(_clip(reason, MAX_ERROR_CHARS))
+        self.request_id = request_id
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def _request_id(data) -> str | None:
+    rid = data.get("request_id") if isinstance(data, dict) else None
+    return rid if isinstance(rid, str) and len(rid) <= 128 else None
+
+
 def validate_command(verb: str, raw: bytes) -> dict:
-    """-> the validated arguments (without request_id), or raise ValueError with a reason."""
+    """-> the validated arguments (request_id included), or raise CommandError (a
+    ValueError) with a short reason and the request_id when one was readable."""
     model = COMMANDS.get(verb)
     if model is None:
-        raise ValueError(f"unknown command {verb!r}; known: {', '.join(sorted(COMMANDS))}")
-    text = raw.decode("utf-8", errors="strict").strip() if raw else ""
+        raise CommandError(f"unknown command {_clip(verb, 64)!r}; known: "
+                           f"{', '.join(sorted(COMMANDS))}")
+    if raw and len(raw) > MAX_COMMAND_BYTES:
+        raise CommandError(f"payload is {len(raw)} bytes; a command is at most "
+                           f"{MAX_COMMAND_BYTES}")
     try:
+        text = raw.decode("utf-8", errors="strict").strip() if raw else ""
         data = json.loads(text) if text else {}
+    except UnicodeDecodeError:
+        raise CommandError("payload is not UTF-8") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"payload is not JSON: {exc}") from None
+        raise CommandError(f"payload is not JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError("payload must be a JSON object")
+        raise CommandError("payload must be a JSON object")
     try:
         cmd = model.model_validate(data)
     except ValidationError as exc:
-        errs = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}"
-                         for e in exc.errors())
-        raise ValueError(errs) from None
+        errs = "; ".join(f"{_clip('.'.join(str(p) for p in e['loc']), 64) or '(payload)'}: "
+                         f"{e['msg']}" for e in exc.errors()[:5])
+        raise CommandError(errs, _request_id(data)) from None
     return cmd.model_dump()
 
 
@@ -151,6 +184,8 @@ class MqttLink:
             c = dict(self._counters)
         c["outbox_depth"] = self.outbox_depth()
         c["outbox_dropped"] = self._outbox.dropped if self._outbox else 0
+        c["outbox_dropped_full"] = self._outbox.dropped_full if self._outbox else 0
+        c["outbox_disk_full"] = self.disk_full()
         c["inflight"] = len(self._inflight)
         return c
 
@@ -165,6 +200,16 @@ class MqttLink:
 
     def outbox_depth(self) -> int:
         return self._outbox.depth() if self._outbox else 0
+
+    def disk_full(self) -> bool:
+        """The outbox hit a full disk and runs on (or past) its reserve."""
+        return bool(self._outbox and self._outbox.disk_full)
+
+    def alerts_dropped(self) -> dict[str, int]:
+        """Alerts that were NOT stored, by reason: disk_full (refused by the disk),
+        outbox_max (the oldest, deleted past outbox_max rows)."""
+        ob = self._outbox
+        return {"disk_full": ob.dropped_full if ob else 0, "outbox_max": ob.dropped if ob else 0}
 
     def wait_drained(self, timeout: float) -> bool:
         """Block until the outbox is empty (every alert PUBACKed); False on timeout."""
@@ -181,7 +226,8 @@ class MqttLink:
             return
         s = self.settings
         self._stop.clear()
-        self._outbox = Outbox(s.outbox_path, s.outbox_max, s.outbox_sync)
+        self._outbox = Outbox(s.outbox_path, s.outbox_max, s.outbox_sync,
+                              reserve_bytes=s.outbox_reserve_bytes)
         self._cursor = 0
         cid = s.client_id or f"edge-inspect-{s.station}-{uuid.uuid4().hex[:8]}"
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True,
@@ -348,7 +394,11 @@ class MqttLink:
         body = dict(payload)
         body.setdefault("alert_id", uuid.uuid4().hex)
         body.setdefault("station", self.settings.station)
-        rid = self._outbox.put(self.topic(suffix), json.dumps(body, default=str).encode(), 1)
+        try:
+            rid = self._outbox.put(self.topic(suffix), json.dumps(body, default=str).encode(), 1)
+        except OutboxFull:
+            self._count("alerts_dropped_disk_full")
+            raise
         self._count("alerts_queued")
         self._wake.set()
         return rid
@@ -416,13 +466,16 @@ class MqttLink:
     def _handle_command(self, verb: str, raw: bytes) -> None:
         reply: dict[str, Any]
         request_id = None
+        if len(verb) > 64 or any(ch in verb for ch in "#+"):
+            verb = "invalid"
         try:
             args = validate_command(verb, raw)
             request_id = args.pop("request_id", None)
             if self.on_command is None:
                 raise ValueError("this station does not handle commands")
-        except (ValueError, UnicodeDecodeError) as exc:
+        except ValueError as exc:
             self._count("cmd_rejected")
+            request_id = getattr(exc, "request_id", None) or request_id
             log.warning("mqtt: bad command %r: %s", verb, exc)
             reply = {"ok": False, "verb": verb, "error": str(exc)}
         else:
@@ -439,6 +492,6 @@ class MqttLink:
         if request_id is not None:
             reply.setdefault("request_id", request_id)
         reply.setdefault("station", self.settings.station)
-        if len(verb) > 64 or any(ch in verb for ch in "#+"):
-            verb = "invalid"
+        if isinstance(reply.get("error"), str):
+            reply["error"] = _clip(reply["error"], MAX_ERROR_CHARS)
         self.publish_raw(f"cmd/{verb}/reply", reply, qos=1)
