@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import ssl
+import stat
 import sys
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -33,6 +35,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _milliseconds(v: Optional[float], example: float) -> Optional[float]:
+    # Under 1 ms is never a real deadline or travel time; it is seconds typed into a
+    # millisecond field, and it would make every part FAILSAFE.
+    if v is not None and v < 1:
+        raise ValueError(f"{v:g} ms is under 1 ms; the value is in milliseconds "
+                         f"(e.g. {example:g} for {example / 1000:g} s)")
+    return v
+
+
+def _not_empty(v):
+    # Path("") is ".", the working directory: an empty path would silently name a folder.
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("is empty; name a path")
+    return v
+
+
+# Stream URL schemes OpenCV's FFmpeg backend opens; anything else is a typo (rtps://).
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "rtp",
+                  "srt", "file")
+
+# The reference gate firmware's fail-safe timeout without a heartbeat (CFG hb_timeout_ms,
+# docs/serial-protocol.md section 7); the host's heartbeat must come well within it.
+FIRMWARE_HB_TIMEOUT_MS = 2000
+
+
 class Station(_Section):
     id: str = Field("station-1", min_length=1, max_length=64)
 
@@ -54,6 +81,24 @@ class Camera(_Section):
     height: Optional[int] = Field(None, gt=0)
     reconnect_max_s: float = Field(10.0, gt=0, le=600)
     stall_timeout_s: float = Field(5.0, gt=0, le=600)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v):
+        if isinstance(v, str):
+            if not v.strip():
+                raise ValueError("is empty; name a device (/dev/video0 or 0), an rtsp:// or "
+                                 "http:// URL, a video file or an image folder")
+            m = re.match(r"^([a-z][a-z0-9+.-]*)://", v, re.I)
+            if m and m.group(1).lower() not in STREAM_SCHEMES:
+                typed = m.group(1).lower()
+                # swapped letters (rtps) first: difflib alone would offer rtsps
+                near = [s for s in STREAM_SCHEMES if sorted(s) == sorted(typed)] or \
+                    difflib.get_close_matches(typed, STREAM_SCHEMES, n=1)
+                hint = f"did you mean '{near[0]}://'?" if near else \
+                    f"known: {', '.join(s + '://' for s in STREAM_SCHEMES)}"
+                raise ValueError(f"unknown stream scheme '{m.group(1)}://' ({hint})")
+        return v
 
 
 class Model(_Section):
@@ -78,11 +123,18 @@ class Model(_Section):
             raise ValueError("Edge TPU device must look like 'usb', 'usb:0', 'pci:0' or ':0'")
         return v
 
+    _bundle_set = field_validator("bundle", mode="before")(_not_empty)
+
 
 class Inspection(_Section):
     deadline_ms: float = Field(250.0, gt=0, le=60_000)
     failsafe: Literal["reject", "pass"] = "reject"
     queue_size: int = Field(4, ge=1, le=256)
+
+    @field_validator("deadline_ms")
+    @classmethod
+    def _ms(cls, v):
+        return _milliseconds(v, 250)
 
 
 class Gate(_Section):
@@ -99,6 +151,11 @@ class Gate(_Section):
     modbus_slave: int = Field(1, ge=1, le=247)
     modbus_address: int = Field(0, ge=0, le=65535)
     modbus_target: Literal["coil", "register"] = "coil"
+
+    @field_validator("delay_ms")
+    @classmethod
+    def _ms(cls, v):
+        return _milliseconds(v, 800)
 
     @property
     def mode(self) -> str:
@@ -125,9 +182,24 @@ class Mqtt(_Section):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if not v or any(c in v for c in "#+") or v.startswith("/") or v.endswith("/"):
-            raise ValueError("must be a plain topic prefix without '#', '+' or leading/trailing '/'")
+        if not v or any(c in v for c in "#+") or v.startswith("/") or v.endswith("/") \
+                or "//" in v or any(c.isspace() for c in v) or v.startswith("$"):
+            raise ValueError("must be a plain topic prefix like 'edge-inspect' or 'plant/line1': "
+                             "no spaces, '#', '+', leading '$', empty levels ('a//b') or "
+                             "leading/trailing '/'")
         return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        # paho takes a bare host; "tcp://h:1883" would be looked up as a host name and fail
+        # in the background, forever "connecting".
+        if "://" in v or re.fullmatch(r"[^:\[\]]+:\d+", v) or not v.strip() or " " in v:
+            raise ValueError(f"{v!r} is not a host name or address: write the host alone "
+                             "(e.g. host = \"broker.local\") and the port in mqtt.port")
+        return v
+
+    _outbox_set = field_validator("outbox", mode="before")(_not_empty)
 
 
 class Metrics(_Section):
@@ -140,6 +212,8 @@ class Recorder(_Section):
     dir: Path = Path("/var/lib/edge-inspect/images")
     max_mb: float = Field(2048, gt=0)
     pass_sample: float = Field(0.01, ge=0, le=1, description="share of PASS parts also saved")
+
+    _dir_set = field_validator("dir", mode="before")(_not_empty)
 
 
 class Log(_Section):
@@ -159,37 +233,63 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _combinations(self):
-        g = self.gate
-        if g.delay_ms is not None and g.encoder_offset is not None:
-            raise ValueError("gate: set delay_ms (time mode) or encoder_offset (encoder mode), not both")
-        if g.kind != "none" and g.delay_ms is None and g.encoder_offset is None:
-            raise ValueError(f"gate: a {g.kind} gate needs delay_ms (time mode) or encoder_offset "
-                             "(encoder mode) to know when the part reaches it")
-        if g.kind in ("serial", "modbus") and not g.port:
-            raise ValueError(f"gate.port: a {g.kind} gate needs the serial port (e.g. /dev/ttyUSB0)")
-        if g.encoder_offset is not None and g.kind != "serial":
-            raise ValueError(f"gate.encoder_offset: encoder mode needs a gate controller that "
-                             f"counts the encoder (kind = 'serial'), not {g.kind!r}")
-        if self.model.workers > 1 and self.model.delegate != "cpu":
-            raise ValueError("model.workers: several inspect workers need delegate = 'cpu' "
-                             "(one Edge TPU serves one interpreter)")
-        if g.kind == "mqtt" and not self.mqtt.enabled:
-            raise ValueError("gate.kind: an mqtt gate needs [mqtt] enabled = true")
-        if g.delay_ms is not None and g.delay_ms <= self.inspection.deadline_ms:
-            raise ValueError(f"gate.delay_ms: {g.delay_ms:g} ms is not longer than "
-                             f"inspection.deadline_ms ({self.inspection.deadline_ms:g} ms): the part "
-                             "would reach the gate before its verdict")
-        m = self.mqtt
-        if (m.cert_file is None) != (m.key_file is None):
-            raise ValueError("mqtt: cert_file and key_file go together (client certificate)")
-        if (m.ca_file or m.cert_file) and not m.tls:
-            raise ValueError("mqtt.tls: ca_file/cert_file are set but tls = false")
-        if m.password_file and not m.username:
-            raise ValueError("mqtt.username: password_file is set but username is not")
-        if self.metrics.port and self.mqtt.enabled and self.metrics.port == self.mqtt.port \
-                and self.mqtt.host in ("127.0.0.1", "localhost"):
-            raise ValueError(f"metrics.port: {self.metrics.port} is the local MQTT broker's port")
+        problems = combination_problems(dict(self))
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+
+def combination_problems(s: dict) -> list[str]:
+    """Rules across fields and sections, one line each. `s` maps section names to validated
+    sections; a section that failed its own checks is absent and its rules are skipped, so
+    a typo in one section never hides an impossible combination in another."""
+    out: list[str] = []
+    g, m, insp, model, metrics = (s.get(k) for k in ("gate", "mqtt", "inspection", "model",
+                                                      "metrics"))
+    if g is not None:
+        if g.delay_ms is not None and g.encoder_offset is not None:
+            out.append("gate: set delay_ms (time mode) or encoder_offset (encoder mode), not both")
+        elif g.kind != "none" and g.delay_ms is None and g.encoder_offset is None:
+            out.append(f"gate: a {g.kind} gate needs delay_ms (time mode) or encoder_offset "
+                       "(encoder mode) to know when the part reaches it")
+        if g.kind in ("serial", "modbus") and not g.port:
+            out.append(f"gate.port: a {g.kind} gate needs the serial port (e.g. /dev/ttyUSB0)")
+        if g.encoder_offset is not None and g.kind != "serial":
+            out.append(f"gate.encoder_offset: encoder mode needs a gate controller that "
+                       f"counts the encoder (kind = 'serial'), not {g.kind!r}")
+        if g.kind == "serial" and g.heartbeat_ms >= FIRMWARE_HB_TIMEOUT_MS:
+            out.append(f"gate.heartbeat_ms: {g.heartbeat_ms} ms is not shorter than the gate "
+                       f"firmware's heartbeat timeout ({FIRMWARE_HB_TIMEOUT_MS} ms): the gate "
+                       "would divert every part as if the host were gone")
+    if model is not None and model.workers > 1 and model.delegate != "cpu":
+        out.append("model.workers: several inspect workers need delegate = 'cpu' "
+                   "(one Edge TPU serves one interpreter)")
+    if g is not None and m is not None and g.kind == "mqtt" and not m.enabled:
+        out.append("gate.kind: an mqtt gate needs [mqtt] enabled = true")
+    late = False
+    if g is not None and insp is not None and g.delay_ms is not None \
+            and g.delay_ms <= insp.deadline_ms:
+        late = True
+        out.append(f"gate.delay_ms: {g.delay_ms:g} ms is not longer than "
+                   f"inspection.deadline_ms ({insp.deadline_ms:g} ms): the part "
+                   "would reach the gate before its verdict")
+    if g is not None and not late and g.kind == "serial" and g.delay_ms is not None \
+            and g.retries and g.ack_timeout_ms * g.retries >= g.delay_ms:
+        out.append(f"gate.retries: the last resend of an unanswered reject would leave "
+                   f"{g.ack_timeout_ms * g.retries} ms (ack_timeout_ms {g.ack_timeout_ms} x "
+                   f"retries {g.retries}) after the first, when the part is past the gate "
+                   f"(delay_ms {g.delay_ms:g}); lower retries or ack_timeout_ms")
+    if m is not None:
+        if (m.cert_file is None) != (m.key_file is None):
+            out.append("mqtt: cert_file and key_file go together (client certificate)")
+        if (m.ca_file or m.cert_file) and not m.tls:
+            out.append("mqtt.tls: ca_file/cert_file are set but tls = false")
+        if m.password_file and not m.username:
+            out.append("mqtt.username: password_file is set but username is not")
+        if metrics is not None and metrics.port and m.enabled and metrics.port == m.port \
+                and m.host in ("127.0.0.1", "localhost"):
+            out.append(f"metrics.port: {metrics.port} is the local MQTT broker's port")
+    return out
 
 
 _PATH_FIELDS = {
@@ -202,13 +302,13 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     """Relative paths in the file are relative to the file, not to the working directory."""
     for section, key in _PATH_FIELDS:
         sec = raw.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+        if isinstance(sec, dict) and isinstance(sec.get(key), str) and sec[key].strip():
             p = Path(sec[key]).expanduser()
             sec[key] = str(p if p.is_absolute() else base / p)
     cam = raw.get("camera")
     if isinstance(cam, dict) and isinstance(cam.get("source"), str):
         src = cam["source"]
-        if not _is_url(src) and not src.startswith("/dev/") and not src.isdigit():
+        if src.strip() and not _is_url(src) and not src.startswith("/dev/") and not src.isdigit():
             p = Path(src).expanduser()
             cam["source"] = str(p if p.is_absolute() else base / p)
 
@@ -226,10 +326,10 @@ def _model_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format(e: ValidationError) -> list[str]:
+def _format(e: ValidationError, prefix: tuple = ()) -> list[str]:
     out = []
     for err in e.errors():
-        loc = tuple(str(p) for p in err["loc"])
+        loc = prefix + tuple(str(p) for p in err["loc"])
         where = ".".join(loc) or "config"
         kind = err["type"]
         if kind == "extra_forbidden":
@@ -256,11 +356,26 @@ def print_problems(problems: list[str]) -> int:
 
 
 def parse_config(raw: dict, base: Path = Path(".")) -> Config:
+    """Every problem in the file at once: each section is validated on its own, then the
+    rules across sections run on the sections that passed."""
     _resolve_paths(raw, base)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format(e)) from None
+    problems: list[str] = []
+    known = list(Config.model_fields)
+    for key in raw:
+        if key not in Config.model_fields:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(known)})"
+            problems.append(f"{key}: unknown key{hint}")
+    sections = {}
+    for name, field in Config.model_fields.items():
+        try:
+            sections[name] = field.annotation.model_validate(raw.get(name, {}))
+        except ValidationError as e:
+            problems += _format(e, (name,))
+    problems += combination_problems(sections)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections)
 
 
 def check_environment(cfg: Config, strict_devices: bool = True) -> list[str]:
@@ -275,7 +390,12 @@ def check_environment(cfg: Config, strict_devices: bool = True) -> list[str]:
     for key in ("password_file", "ca_file", "cert_file", "key_file"):
         p = getattr(cfg.mqtt, key)
         if cfg.mqtt.enabled and p is not None and not p.is_file():
-            problems.append(f"mqtt.{key}: {p} does not exist")
+            problems.append(f"mqtt.{key}: {p} " + ("is a directory, not a file" if p.is_dir()
+                                                   else "does not exist"))
+        elif cfg.mqtt.enabled and p is not None and not os.access(p, os.R_OK):
+            problems.append(f"mqtt.{key}: {p} cannot be read by this user")
+    if cfg.mqtt.enabled and cfg.mqtt.tls:
+        problems += _tls_problems(cfg.mqtt)
     src = cfg.camera.source
     if isinstance(src, str) and not _is_url(src) and not src.isdigit():
         if src.startswith("/dev/"):
@@ -284,9 +404,27 @@ def check_environment(cfg: Config, strict_devices: bool = True) -> list[str]:
         elif not os.path.exists(src):
             problems.append(f"camera.source: {src} does not exist (expected a device, URL, "
                             "video file or image folder)")
-    if cfg.gate.kind in ("serial", "modbus") and strict_devices and cfg.gate.port \
-            and not os.path.exists(cfg.gate.port):
-        problems.append(f"gate.port: {cfg.gate.port} does not exist (serial adapter unplugged?)")
+    if cfg.gate.kind in ("serial", "modbus") and cfg.gate.port:
+        port = cfg.gate.port
+        if not os.path.exists(port):
+            if strict_devices:
+                problems.append(f"gate.port: {port} does not exist (serial adapter unplugged?)")
+        else:
+            # Never opened here: opening a USB serial adapter toggles DTR, which resets many
+            # controllers, and the running daemon may hold it. A character device that is
+            # not a memory device (/dev/null, /dev/zero: major 1) is as far as we can tell.
+            st = os.stat(port)
+            if not stat.S_ISCHR(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a regular file"
+                problems.append(f"gate.port: {port} is {kind}, not a serial device "
+                                "(e.g. /dev/ttyUSB0, /dev/serial/by-id/…)")
+            elif os.major(st.st_rdev) == 1:
+                problems.append(f"gate.port: {port} is not a serial port (a memory device "
+                                "swallows every reject); name the adapter, e.g. /dev/ttyUSB0")
+    if cfg.recorder.enabled and cfg.recorder.dir.exists() and not cfg.recorder.dir.is_dir():
+        problems.append(f"recorder.dir: {cfg.recorder.dir} is a file, not a folder")
+    if cfg.mqtt.enabled:
+        problems += _outbox_problems(cfg.mqtt.outbox)
     for key, p in (("recorder.dir", cfg.recorder.dir if cfg.recorder.enabled else None),
                    ("mqtt.outbox", cfg.mqtt.outbox.parent if cfg.mqtt.enabled else None)):
         if p is None:
@@ -297,6 +435,52 @@ def check_environment(cfg: Config, strict_devices: bool = True) -> list[str]:
         if not os.access(anc, os.W_OK):
             problems.append(f"{key}: {p} cannot be created or written (no write access to {anc})")
     return problems
+
+
+def _tls_problems(m: Mqtt) -> list[str]:
+    """Load the CA and client certificate as the MQTT link will, so a file that is not a
+    certificate is one line here rather than an ssl traceback at start."""
+    out = []
+    ctx = ssl.create_default_context()
+    if m.ca_file is not None and m.ca_file.is_file():
+        try:
+            ctx.load_verify_locations(cafile=str(m.ca_file))
+        except (ssl.SSLError, ValueError) as e:
+            out.append(f"mqtt.ca_file: {m.ca_file} is not a PEM CA certificate ({e})")
+    if m.cert_file is not None and m.key_file is not None and m.cert_file.is_file() \
+            and m.key_file.is_file():
+        try:
+            ctx.load_cert_chain(str(m.cert_file), str(m.key_file))
+        except (ssl.SSLError, ValueError) as e:
+            out.append(f"mqtt.cert_file: {m.cert_file} with {m.key_file} is not a PEM "
+                       f"certificate and its key ({e})")
+    return out
+
+
+def _outbox_problems(outbox: Path) -> list[str]:
+    if outbox.is_dir():
+        return [f"mqtt.outbox: {outbox} is a directory; name the SQLite file inside it "
+                f"(e.g. {outbox / 'outbox.sqlite'})"]
+    if outbox.is_file() and outbox.stat().st_size:
+        try:
+            with open(outbox, "rb") as f:
+                head = f.read(16)
+        except OSError as e:
+            return [f"mqtt.outbox: {outbox} cannot be read: {e.strerror}"]
+        if head != b"SQLite format 3\x00":
+            return [f"mqtt.outbox: {outbox} is not an SQLite database (the outbox file); "
+                    "move it away or name another file"]
+    return []
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Things that run but should not stay so; check-config and run print them."""
+    out = []
+    p = cfg.mqtt.password_file
+    if cfg.mqtt.enabled and p is not None and p.is_file() and p.stat().st_mode & 0o004:
+        out.append(f"mqtt.password_file: {p} is readable by every user on this box "
+                   f"(chmod 600 {p}, or 640 with group edge-inspect)")
+    return out
 
 
 def load_config(path: str | Path, check_env: bool = True, strict_devices: bool = True) -> Config:

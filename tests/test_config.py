@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,12 +13,14 @@ from agent.check_config import main as check_main
 from agent.config import ConfigError, load_config
 
 
+DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "agent" / "demo_data" / "bundle"
+
+
 @pytest.fixture
 def env(tmp_path):
     """A world where the files the good config names exist."""
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "bundle.json").write_text("{}")
+    # a real bundle: check-config loads it as run does
+    shutil.copytree(DEMO_BUNDLE, tmp_path / "bundle")
     (tmp_path / "images").mkdir()
     (tmp_path / "mqtt.pass").write_text("secret\n")
     return tmp_path
