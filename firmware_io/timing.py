@@ -54,7 +54,9 @@ def compute_target(timing: RejectTiming, t_capture_ns: int, encoder: int | None 
     """The target for a part captured at ``t_capture_ns`` (time.monotonic_ns() clock).
 
     Encoder mode without a latched ``encoder`` falls back to time mode (the result's
-    ``mode`` says "time"), so a missing encoder latch never loses a reject."""
+    ``mode`` says "time"). With encoder timing configured, delay_ms is usually 0, so that
+    fallback is ``d0``: the serial gate therefore refuses such a part instead of calling
+    this (a blind kick hits whatever part is at the gate)."""
     if now_ns is None:
         now_ns = time.monotonic_ns()
     if timing.mode == "encoder" and encoder is not None:

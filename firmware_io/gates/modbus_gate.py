@@ -60,18 +60,46 @@ class ModbusGate(Gate):
         self._thread = threading.Thread(target=self._loop, name="gate-modbus", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, drain_timeout_s: float | None = None) -> None:
+        """Fire every kick still scheduled (they are host-timed: nobody else will), then
+        stop. A kick not due within ``drain_timeout_s`` (default: the travel delay + 1 s) is
+        reported through on_reject_failed as not kicked, never dropped silently."""
+        if drain_timeout_s is None:
+            drain_timeout_s = self.settings.timing.delay_ms / 1000 + 1.0
+        t_end = time.monotonic() + drain_timeout_s
+        while self._thread and self._scheduled() and time.monotonic() < t_end:
+            time.sleep(0.005)
         self._stop.set()
         with self._cv:
             self._cv.notify_all()
         if self._thread:
             self._thread.join(timeout=3)
             self._thread = None
+        with self._cv:
+            left = [e for e in self._heap if e[2] == "on"]
+            self._heap = [e for e in self._heap if e[2] != "on"]
+            heapq.heapify(self._heap)
+        for _due, _, _action, _gate, part in sorted(left):
+            self._count("abandoned_on_stop")
+            log.error("modbus gate: stopped before the kick of part %s was due: NOT kicked",
+                      part)
+            self._callback(self.settings.on_reject_failed, part, "stopped before firing")
         # leave every output off
         if self._connected:
             for g in list(self._off_at):
                 self._write(g, False)
         self._disconnect()
+
+    def _scheduled(self) -> int:
+        """Scheduled writes (on and off) not done yet."""
+        with self._cv:
+            return len(self._heap)
+
+    def counters(self) -> dict[str, int]:
+        c = super().counters()
+        with self._cv:
+            c["pending"] = sum(1 for e in self._heap if e[2] == "on")
+        return c
 
     def state(self) -> str:
         if not self._connected:

@@ -22,6 +22,8 @@ from .base import Backoff, Gate, GateOutcome, GateSettings, RecentTrouble, quant
 
 log = logging.getLogger("firmware_io.gates.serial")
 
+NO_ENCODER_ERROR = "no encoder count (no TRG for this part): kick not sent"
+
 
 @dataclass
 class _Pending:
@@ -117,6 +119,11 @@ class SerialGate(Gate):
                gate: int = 1) -> GateOutcome:
         timing = self.settings.timing
         now = time.monotonic_ns()
+        if timing.mode == "encoder" and encoder is None:
+            # No TRG latched a count for this part: any target would be a guess (d0 kicks
+            # whatever is at the gate now), so no kick is sent and the caller is told.
+            self._count("no_encoder")
+            return GateOutcome(part_id, False, False, "", NO_ENCODER_ERROR)
         target = compute_target(timing, t_capture_ns, encoder, now)
         if target.late:
             self._count("late")
