@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from .frame_checks import InputStats, StatsError, parse_input_stats
 from .preprocess import InputSpec
 
 BUNDLE_FORMAT = 1
@@ -46,6 +47,11 @@ class Bundle:
     provenance: dict = field(default_factory=dict)
     sample: str | None = None
     name: str = ""
+    # sha256 of bundle.json as read: the bundle's identity (it lists every file's sha256,
+    # so a re-tuned threshold is a new bundle even when model.tflite is unchanged).
+    manifest_sha256: str = ""
+    # Statistics of the training images (agent.frame_checks.image_stats), or None.
+    input_stats: InputStats | None = None
 
     @property
     def model_path(self) -> Path:
@@ -91,11 +97,14 @@ class Bundle:
             "sample": self.sample,
             "metrics": self.metrics,
             "provenance": self.provenance,
+            **({"input_stats": self.input_stats.model_dump()}
+               if self.input_stats is not None else {}),
         }
 
 
 def write_manifest(bundle_dir: Path, *, labels, good_label, input_spec: InputSpec, threshold: float,
-                   metrics: dict, provenance: dict, sample: str | None = None, name: str = "") -> Bundle:
+                   metrics: dict, provenance: dict, sample: str | None = None, name: str = "",
+                   input_stats: dict | None = None) -> Bundle:
     """Hash every model file present in bundle_dir and write bundle.json. Used by convert."""
     bundle_dir = Path(bundle_dir)
     files = {}
@@ -106,7 +115,8 @@ def write_manifest(bundle_dir: Path, *, labels, good_label, input_spec: InputSpe
     b = Bundle(path=bundle_dir, labels=list(labels), good_label=good_label,
                defect_labels=[lbl for lbl in labels if lbl != good_label], input=input_spec,
                threshold=float(threshold), files=files, metrics=metrics, provenance=provenance,
-               sample=sample, name=name or bundle_dir.name)
+               sample=sample, name=name or bundle_dir.name,
+               input_stats=None if input_stats is None else parse_input_stats(input_stats))
     tmp = bundle_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(b.to_manifest(), indent=2, sort_keys=False) + "\n")
     tmp.replace(bundle_dir / MANIFEST)
@@ -122,8 +132,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if not mpath.is_file():
         raise BundleError(f"{path} is not a model bundle: {MANIFEST} is missing "
                           "(make one with 'edge-inspect train')")
+    raw = mpath.read_bytes()
     try:
-        m = json.loads(mpath.read_text())
+        m = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath} is not valid JSON: {e}") from None
     if not isinstance(m, dict):
@@ -150,12 +161,48 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{mpath}: threshold {threshold} is outside [0, 1]")
     if INT8_MODEL not in files:
         raise BundleError(f"{mpath}: lists no {INT8_MODEL}")
+    sample = m.get("sample")
+    for fname in [*files, *([sample] if sample is not None else [])]:
+        _confine(path, fname, mpath)
     b = Bundle(path=path, labels=labels, good_label=good, defect_labels=defects, input=spec,
                threshold=threshold, files=files, metrics=m.get("metrics") or {},
-               provenance=m.get("provenance") or {}, sample=m.get("sample"), name=m.get("name", ""))
+               provenance=m.get("provenance") or {}, sample=sample, name=m.get("name", ""),
+               manifest_sha256=hashlib.sha256(raw).hexdigest(),
+               input_stats=_input_stats(m.get("input_stats"), mpath))
     if verify:
         verify_files(b)
     return b
+
+
+def _confine(root: Path, name, mpath: Path) -> None:
+    """A file name from bundle.json must name a file inside the bundle directory: a bundle
+    is copied and hashed by name, so '/etc/passwd' or '../x' would read (and deploy) files
+    from anywhere on the box."""
+    why = None
+    if not isinstance(name, str) or not name:
+        why = "is not a file name"
+    elif PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() \
+            or name.startswith("\\"):
+        why = "is an absolute path"
+    elif ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        why = "contains '..'"
+    else:
+        base = root.resolve()
+        if not (base / name).resolve().is_relative_to(base):
+            why = "resolves outside the bundle directory (a symlink?)"
+    if why:
+        raise BundleError(f"{mpath}: file name {str(name)[:200]!r} {why}; a bundle may only "
+                          "name files inside its own directory")
+
+
+def _input_stats(raw, mpath: Path) -> InputStats | None:
+    """The optional input_stats object (schema: agent.frame_checks); None when absent."""
+    if raw is None:
+        return None
+    try:
+        return parse_input_stats(raw)
+    except StatsError as e:
+        raise BundleError(f"{mpath}: input_stats: {e}") from None
 
 
 def verify_files(b: Bundle) -> None:

@@ -105,8 +105,11 @@ def verify(path: Path) -> tuple[Bundle, str]:
 # -- the models directory ----------------------------------------------------------------
 
 def deployed_name(b: Bundle) -> str:
+    """<name>-<sha12 of bundle.json>: bundle.json lists every file's sha256, so its hash
+    names the whole bundle. A re-tuned threshold beside an unchanged model.tflite is a new
+    bundle with a directory of its own, so switching to it keeps the old one to roll back to."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", b.name or b.path.name).strip(".-") or "bundle"
-    return f"{name[:64]}-{b.model_sha256[:12]}"
+    return f"{name[:64]}-{b.manifest_sha256[:12]}"
 
 
 def _link_target(link: Path) -> str | None:
@@ -168,9 +171,10 @@ def install_copy(b: Bundle, models_dir: Path) -> tuple[Path, bool]:
     if dest.exists():
         try:
             existing = load_bundle(dest, verify=True)
-            if existing.files == b.files:
+            if existing.manifest_sha256 == b.manifest_sha256:
                 return dest, False
-            _say(f"{dest.name} exists with different files; replacing it")
+            # only a hand-edited copy gets here (the name is the manifest's hash)
+            _say(f"{dest.name} exists with a different bundle.json; replacing it")
         except BundleError as e:
             _say(f"{dest.name} exists but is damaged ({e}); replacing it")
     tmp = models_dir / f".incoming-{dest.name}-{os.getpid()}"

@@ -105,7 +105,7 @@ def copy_bundle(src: Path, dst: Path) -> Path:
 def test_deploy_switches_current(bundles, models, capsys):
     assert run(bundles["a"], "--models-dir", models, "--no-reload") == 0
     a = load_bundle(bundles["a"])
-    name = f"tiny-a-{a.model_sha256[:12]}"
+    name = f"tiny-a-{a.manifest_sha256[:12]}"
     assert target(models, "current") == name            # relative: the dir can move
     assert target(models, "previous") is None
     live = load_bundle(models / "current")                # what the agent will load
@@ -115,9 +115,9 @@ def test_deploy_switches_current(bundles, models, capsys):
 
     assert run(bundles["b"], "--models-dir", models, "--no-reload") == 0
     b = load_bundle(bundles["b"])
-    assert target(models, "current") == f"tiny-b-{b.model_sha256[:12]}"
+    assert target(models, "current") == f"tiny-b-{b.manifest_sha256[:12]}"
     assert target(models, "previous") == name
-    assert entries(models) == {name, f"tiny-b-{b.model_sha256[:12]}", "current", "previous"}
+    assert entries(models) == {name, f"tiny-b-{b.manifest_sha256[:12]}", "current", "previous"}
 
 
 def test_redeploy_is_idempotent(bundles, models, capsys):
