@@ -175,6 +175,9 @@ class Mqtt(_Section):
     key_file: Optional[Path] = None
     outbox: Path = Path("/var/lib/edge-inspect/outbox.sqlite")
     outbox_max: int = Field(100_000, ge=100)
+    # Disk space kept for alerts: a preallocated file beside the outbox, released when the
+    # disk fills so alerts are still stored (firmware_io/outbox.py). 0 turns it off.
+    outbox_reserve_mb: float = Field(16, ge=0, le=4096)
     commands: bool = False
     publish_results: bool = False
     metrics_interval_s: float = Field(10.0, gt=0, le=3600)
@@ -211,9 +214,31 @@ class Recorder(_Section):
     enabled: bool = True
     dir: Path = Path("/var/lib/edge-inspect/images")
     max_mb: float = Field(2048, gt=0)
+    # The recorder never lets its disk's free space fall below this: it deletes its oldest
+    # images first, and stops saving when that is not enough (alerts come first).
+    min_free_mb: float = Field(256, ge=0)
     pass_sample: float = Field(0.01, ge=0, le=1, description="share of PASS parts also saved")
 
     _dir_set = field_validator("dir", mode="before")(_not_empty)
+
+
+class FrameChecks(_Section):
+    """Frame sanity checks before inference (agent/frame_checks.py): a part whose frame
+    is blank, frozen or far from the training images is FAILSAFE, never judged."""
+    enabled: bool = True
+    uniform_std: float = Field(2.0, ge=0, le=128, description="grey-level std below which "
+                               "a frame is blank")
+    frozen_frames: int = Field(2, ge=0, le=1000, description="identical frames in a row that "
+                               "make the stream frozen (0: off)")
+    stats: bool = Field(True, description="compare with the bundle's input_stats")
+    stats_sigmas: float = Field(4.0, gt=0, le=100)
+
+    def settings(self):
+        from .frame_checks import FrameCheckSettings
+
+        return FrameCheckSettings(enabled=self.enabled, uniform_std=self.uniform_std,
+                                  frozen_frames=self.frozen_frames, stats=self.stats,
+                                  stats_sigmas=self.stats_sigmas)
 
 
 class Log(_Section):
@@ -229,6 +254,7 @@ class Config(_Section):
     mqtt: Mqtt = Mqtt()
     metrics: Metrics = Metrics()
     recorder: Recorder = Recorder()
+    frame_checks: FrameChecks = FrameChecks()
     log: Log = Log()
 
     @model_validator(mode="after")
