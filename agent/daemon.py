@@ -16,20 +16,23 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
+import ssl
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .config import Config, ConfigError, load_config, print_problems
+from .config import Config, ConfigError, config_warnings, load_config, print_problems
 from .inspector import Inspector, InspectorError
+from .kicks import KickLedger
 from .pipeline import Pipeline
 from .prom import PromMetrics
 from .recorder import Recorder
 from .reporter import Reporter
 from .sources import open_source
-from .types import Inspection
+from .types import Inspection, Verdict
 
 log = logging.getLogger("daemon")
 
@@ -149,6 +152,7 @@ class Agent:
         self.state = "starting"
         self.last_reload: dict | None = None
         self.fired = 0
+        self.kicks = KickLedger(on_count=lambda f: self.prom.kick_failed(f.kind, f.immediate))
         self._t_start = time.monotonic()
 
     # -- building ------------------------------------------------------------------------
@@ -176,7 +180,12 @@ class Agent:
                 Path(settings.outbox_path).parent.mkdir(parents=True, exist_ok=True)
                 self.link = MqttLink(settings, on_command=self.command,
                                      status_fields=self._status_fields)
-                self.link.start()
+                try:
+                    self.link.start()
+                except sqlite3.Error as e:
+                    raise StartupError([f"mqtt.outbox: {settings.outbox_path}: {e}"]) from None
+                except (ssl.SSLError, ValueError) as e:
+                    raise StartupError([f"mqtt.tls: cannot load ca_file/cert_file: {e}"]) from None
             if cfg.recorder.enabled:
                 self.recorder = Recorder(cfg.recorder.dir, cfg.recorder.max_mb,
                                          cfg.recorder.pass_sample).start()
@@ -185,8 +194,10 @@ class Agent:
             from firmware_io.gates import create_gate
 
             self.gate = create_gate(cfg.gate.kind,
-                                    gate_settings(cfg, self._on_trigger, self._on_fired),
+                                    gate_settings(cfg, self._on_trigger, self._on_fired,
+                                                  self._on_reject_failed),
                                     link=self.link)
+            self._warn_missing_devices()
             self.gate.open()
             if cfg.gate.kind != "none":
                 # Give the gate controller a moment to answer HELLO before parts flow (if it
@@ -201,14 +212,17 @@ class Agent:
                 height=cfg.camera.height, read_timeout_s=cfg.camera.stall_timeout_s)
             self.watchdog = Watchdog(self.notifier, max(30.0, 3 * (cfg.camera.reconnect_max_s
                                                                   + cfg.camera.stall_timeout_s)))
-            sinks = [self.reporter, self.prom, self._progress, *self._extra_sinks]
+            sinks = [self.reporter, self.prom, self._kick_sink, self._progress,
+                     *self._extra_sinks]
             self.pipeline = Pipeline(
                 source, self.inspector, gate=self.gate, sinks=sinks,
                 deadline_ms=cfg.inspection.deadline_ms, failsafe=cfg.inspection.failsafe,
                 queue_size=cfg.inspection.queue_size, gate_number=cfg.gate.gate,
                 fps=cfg.camera.fps, reconnect_max_s=cfg.camera.reconnect_max_s,
                 stall_timeout_s=cfg.camera.stall_timeout_s, on_state=self._on_state,
-                keep_images=self.recorder is not None, workers=cfg.model.workers)
+                keep_images=self.recorder is not None, workers=cfg.model.workers,
+                needs_encoder=cfg.gate.kind == "serial" and cfg.gate.mode == "encoder",
+                on_decided=self.reporter.commit)
             log.info("part ids: %s-<seq>", self.pipeline.prefix)
             self.pipeline.start()
             self.watchdog.start()
@@ -226,6 +240,28 @@ class Agent:
     def _on_trigger(self, part: str, encoder: int) -> None:
         if self.pipeline is not None:
             self.pipeline.on_trigger(part, encoder)
+
+    def _warn_missing_devices(self) -> None:
+        # run --no-devices (the systemd unit): an unplugged device is waited for, not fatal
+        src, port = self.cfg.camera.source, self.cfg.gate.port
+        if isinstance(src, str) and src.startswith("/dev/") and not os.path.exists(src):
+            log.warning("camera %s is not plugged in: starting degraded, waiting for it "
+                        "(backoff up to %g s)", src, self.cfg.camera.reconnect_max_s)
+        if self.cfg.gate.kind in ("serial", "modbus") and port and not os.path.exists(port):
+            log.warning("gate adapter %s is not plugged in: starting degraded, waiting for it; "
+                        "until then every kick is reported NOT kicked", port)
+
+    def _on_reject_failed(self, part: str, reason: str) -> None:
+        """The gate's later verdict on a kick (gate thread): it was not carried out."""
+        self.kicks.failed(part, reason)
+        self._wake.set()
+
+    def _kick_sink(self, insp: Inspection) -> None:
+        """Kicks that failed at once (gate down, not sent, no encoder count)."""
+        if insp.gate_error is not None and (insp.verdict is Verdict.REJECT or (
+                insp.verdict is Verdict.FAILSAFE and self.cfg.inspection.failsafe == "reject")):
+            self.kicks.failed(insp.part_id, insp.gate_error, immediate=True)
+            self._wake.set()
 
     def _on_fired(self, part: str, gate: int, t_ms: int) -> None:
         self.fired += 1
@@ -254,13 +290,17 @@ class Agent:
             "gate": self.gate.state() if self.gate is not None else "none",
             "mqtt": self.link.state() if self.link is not None else "off",
             "paused": bool(p and p.paused),
+            "kicks_failed": self.kicks.total,
+            "kick_failing": self.kicks.active(),
         }
 
     def overall_state(self) -> str:
         h = self.health()
         if h["paused"]:
             return "paused"
-        if h["source"] == "degraded" or h["gate"] in ("degraded", "down"):
+        # mqtt down/refused: alerts pile up in the outbox and nobody sees them
+        if h["source"] == "degraded" or h["gate"] in ("degraded", "down") \
+                or h["mqtt"] in ("down", "refused") or h["kick_failing"]:
             return "degraded"
         return "online"
 
@@ -268,10 +308,11 @@ class Agent:
         p = self.pipeline
         s = p.stats()
         h = self.health()
+        src = h["source"] + (f" ({h['source_reason']})" if h["source"] == "degraded" else "")
         return (f"{self.overall_state()}: {s['rate']:.1f} parts/s, {s['parts']} parts, "
-                f"{s['reject']} rejects, {s['failsafe']} failsafe, p99 "
-                f"{s['latency_ms']['p99'] or 0:.1f} ms; source {h['source']}, gate {h['gate']}, "
-                f"mqtt {h['mqtt']}")
+                f"{s['reject']} rejects, {s['failsafe']} failsafe, {h['kicks_failed']} kicks "
+                f"failed, p99 {s['latency_ms']['p99'] or 0:.1f} ms; source {src}, gate "
+                f"{h['gate']}, mqtt {h['mqtt']}")
 
     def metrics_payload(self) -> dict:
         p = self.pipeline
@@ -279,8 +320,11 @@ class Agent:
         out["state"] = self.overall_state()
         out["threshold"] = p.inspector.threshold
         out["model_sha256"] = p.inspector.model_sha256
+        gc = self.gate.counters() if self.gate is not None else {}
         if self.gate is not None:
-            out["gate"] = {"state": self.gate.state(), **self.gate.counters()}
+            out["gate"] = {"state": self.gate.state(), **gc}
+        out["kicks"] = {"commanded": gc.get("sent", 0), "fired": self.fired,
+                        **self.kicks.counters()}
         if self.recorder is not None:
             out["recorder"] = self.recorder.counters()
         if self.link is not None:
@@ -395,7 +439,7 @@ class Agent:
         p = self.pipeline
         t_start = time.monotonic()
         next_tick = next_status = next_metrics = 0.0
-        last_state = None
+        last_state = last_detail = None
         metrics_every = self.cfg.mqtt.metrics_interval_s
         try:
             while not self._stop.is_set():
@@ -404,8 +448,11 @@ class Agent:
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload("SIGHUP")
+                self.kicks.drain(self.link)
                 now = time.monotonic()
-                if not self.ready and (p.counts["parts"] > 0 or
+                # an unplugged camera: up and degraded, waiting for it (READY at once, so
+                # systemd does not time the start out while the device is away)
+                if not self.ready and (p.counts["parts"] > 0 or p.waiting_for_source or
                                        now - t_start > self.ready_timeout_s or p.finished):
                     self.ready = True
                     self.notifier.ready(self.status_line())
@@ -419,13 +466,18 @@ class Agent:
                 if now >= next_tick:
                     next_tick = now + 0.5
                     p.check_stall()
+                    if p.waiting_for_source:
+                        # reconnecting with backoff is alive, not hung: a restart would not
+                        # bring the camera back, and systemd's start limit would give up
+                        self.watchdog.progress()
                     self._update_prom()
                     state = self.overall_state()
-                    if state != last_state:
-                        if last_state is not None:
+                    detail = self.health()
+                    if state != last_state or detail != last_detail:
+                        if last_state is not None and state != last_state:
                             log.log(logging.WARNING if state == "degraded" else logging.INFO,
-                                    "state %s -> %s (%s)", last_state, state, self.health())
-                        last_state = state
+                                    "state %s -> %s (%s)", last_state, state, detail)
+                        last_state, last_detail = state, detail
                         self._publish_status()
                 if now >= next_status:
                     next_status = now + self.status_interval_s
@@ -448,10 +500,12 @@ class Agent:
             log.info("stopped: %s parts (%s pass, %s reject, %s failsafe) in flight drained %s "
                      "in %.0f ms", s["parts"], s["pass"], s["reject"], s["failsafe"],
                      "fully" if drained else "NOT fully", (time.monotonic() - t) * 1e3)
-            # the last reject commands: give the gate a moment to ACK them
-            t_end = time.monotonic() + 1.0
-            while self.gate is not None and self.gate.counters().get("pending", 0) and \
-                    time.monotonic() < t_end:
+            # the last reject commands: give the gate time to answer them (serial: every
+            # resend; a host-scheduled Modbus kick waits in gate.close() until it is due)
+            g = self.cfg.gate
+            t_end = time.monotonic() + max(1.0, g.ack_timeout_ms * (g.retries + 1) / 1e3 + 0.5)
+            while self.gate is not None and self.cfg.gate.kind == "serial" and \
+                    self.gate.counters().get("pending", 0) and time.monotonic() < t_end:
                 time.sleep(0.01)
             if self.on_drained is not None:
                 try:
@@ -470,15 +524,18 @@ class Agent:
             self.watchdog.stop()
         if self.recorder is not None:
             self.recorder.stop()
-        if self.link is not None:
-            if self.link.outbox_depth() and self.link.connected():
-                self.link.wait_drained(2.0)
-            self.link.stop()
+        # The gate before the link: closing it fires (Modbus) or fails (serial, no ACK yet)
+        # the last kicks, and those outcomes must still reach the outbox.
         if self.gate is not None:
             try:
                 self.gate.close()
             except Exception:  # noqa: BLE001
                 log.exception("gate close failed")
+        self.kicks.drain(self.link)
+        if self.link is not None:
+            if self.link.outbox_depth() and self.link.connected():
+                self.link.wait_drained(2.0)
+            self.link.stop()
         self.prom.close()
 
 
@@ -496,6 +553,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         return print_problems(e.problems)
     logging.getLogger().setLevel(cfg.log.level)
+    for line in config_warnings(cfg):
+        log.warning("%s", line)
     log.info("edge-inspect %s starting: station %s, config %s", __version__, cfg.station.id,
              args.config)
     agent = Agent(cfg, config_path=args.config)

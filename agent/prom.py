@@ -35,7 +35,11 @@ class PromMetrics:
                                buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
                                registry=r)
         self.gate_errors = Counter("edge_inspect_gate_errors",
-                                   "Reject commands the gate could not take", registry=r)
+                                   "Reject commands the gate could not take (at once, or "
+                                   "later: NAK, no ACK, lost, not fired)", registry=r)
+        self.kicks_failed = Counter("edge_inspect_kicks_failed",
+                                    "Parts whose kick was not carried out, by kind", ["reason"],
+                                    registry=r)
         self.gate_late = Counter("edge_inspect_gate_late",
                                  "Reject commands sent with less lead than the gate needs",
                                  registry=r)
@@ -47,7 +51,8 @@ class PromMetrics:
                                  states=["starting", "connected", "degraded", "ended"],
                                  registry=r)
         self.mqtt_state = Enum("edge_inspect_mqtt_state", "MQTT link state",
-                               states=["connected", "connecting", "stopped", "off"], registry=r)
+                               states=["connected", "connecting", "down", "refused", "stopped",
+                                       "off"], registry=r)
         self.outbox_depth = Gauge("edge_inspect_mqtt_outbox_depth",
                                   "Alerts waiting for the broker's PUBACK", registry=r)
         self.paused = Gauge("edge_inspect_paused", "1 while inspection is paused", registry=r)
@@ -88,6 +93,13 @@ class PromMetrics:
         if insp.gate_late:
             self.gate_late.inc()
 
+    def kick_failed(self, kind: str, immediate: bool) -> None:
+        """A kick that failed (agent.kicks). Immediate failures were already counted as
+        gate errors from the part's record; the gate's later verdicts are counted here."""
+        self.kicks_failed.labels(kind).inc()
+        if not immediate:
+            self.gate_errors.inc()
+
     # -- periodic ------------------------------------------------------------------------
     def set_model(self, info: dict) -> None:
         self.model.info({k: str(v) for k, v in info.items()})
@@ -103,7 +115,7 @@ class PromMetrics:
             self.gate_state.state(gate)
         if source in ("starting", "connected", "degraded", "ended"):
             self.source_state.state(source)
-        if mqtt in ("connected", "connecting", "stopped", "off"):
+        if mqtt in ("connected", "connecting", "down", "refused", "stopped", "off"):
             self.mqtt_state.state(mqtt)
         if outbox is not None:
             self.outbox_depth.set(outbox)

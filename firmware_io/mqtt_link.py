@@ -29,6 +29,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .mqtt_diagnose import tls_context, why_unreachable
 from .outbox import Outbox, OutboxFull
 
 log = logging.getLogger("firmware_io.mqtt")
@@ -170,6 +171,11 @@ class MqttLink:
         self._counters: dict[str, int] = {}
         self._state = "stopped"
         self.last_error: str | None = None
+        # Why the broker is not ours right now (None: connected, or not tried yet) and
+        # whether it said no (bad login) rather than being unreachable; see state().
+        self._problem: str | None = None
+        self._refused = False
+        self._logged: tuple[str, float] = ("", 0.0)
 
     # ------------------------------------------------------------------ helpers
     def topic(self, suffix: str) -> str:
@@ -193,10 +199,26 @@ class MqttLink:
         return self._connected.is_set()
 
     def state(self) -> str:
-        """"connected" | "connecting" (started, broker not reachable yet/now) | "stopped"."""
+        """"connected" | "connecting" (started, first attempt under way) | "down" (the
+        broker could not be reached or the connection was lost; last_error says why) |
+        "refused" (the broker refused the login) | "stopped"."""
         if self._state == "stopped":
             return "stopped"
-        return "connected" if self._connected.is_set() else "connecting"
+        if self._connected.is_set():
+            return "connected"
+        if self._refused:
+            return "refused"
+        return "down" if self._problem else "connecting"
+
+    def _trouble(self, reason: str) -> None:
+        """Record why we are not connected; log it when it is new, else once a minute."""
+        self._problem = self.last_error = reason
+        now = time.monotonic()
+        last, at = self._logged
+        if reason != last or now - at > 60:
+            self._logged = (reason, now)
+            log.warning("mqtt: %s:%s: %s; retrying", self.settings.host, self.settings.port,
+                        reason)
 
     def outbox_depth(self) -> int:
         return self._outbox.depth() if self._outbox else 0
@@ -242,6 +264,7 @@ class MqttLink:
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
@@ -296,12 +319,14 @@ class MqttLink:
     # ------------------------------------------------------------------ paho callbacks
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            self.last_error = f"connect refused: {reason_code}"
-            log.warning("mqtt: %s", self.last_error)
+            self._refused = True
             self._count("connect_refused")
+            self._trouble(f"the broker refused the connection: {reason_code} (check "
+                          "mqtt.username and password_file)")
             return
         self._count("connects")
         log.info("mqtt: connected to %s:%s", self.settings.host, self.settings.port)
+        self._problem, self._refused, self._logged = None, False, ("", 0.0)
         self._connected.set()
         if self.settings.commands_enabled:
             client.subscribe(self.topic("cmd/+"), qos=1)
@@ -312,10 +337,27 @@ class MqttLink:
             log.exception("mqtt: online status")
         self._wake.set()
 
+    def _on_connect_fail(self, client, userdata):
+        # paho keeps the error; find it again (runs in paho's thread, which is idle anyway)
+        s = self.settings
+        self._count("connect_failed")
+        self._refused = False
+        try:
+            ctx = tls_context(s.ca_file, s.cert_file, s.key_file) if s.tls else None
+            reason = why_unreachable(s.host, s.port, ctx)
+        except Exception as exc:  # noqa: BLE001 - a diagnosis must never stop the retries
+            reason = f"connect failed ({exc})"
+        self._trouble(reason)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        if self._connected.is_set() and not self._stop.is_set():
+        if self._stop.is_set():
+            pass
+        elif self._connected.is_set():
             self._count("disconnects")
-            log.warning("mqtt: disconnected (%s); reconnecting", reason_code)
+            self._trouble(f"connection lost ({reason_code})")
+        elif not self._refused:
+            self._trouble(f"the broker closed the connection before accepting it "
+                          f"({reason_code}; a TLS port without tls = true?)")
         self._connected.clear()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):

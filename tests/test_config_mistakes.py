@@ -209,3 +209,31 @@ def test_ok_names_the_model_it_loaded(site):
     code, errors, out = check(site, "")
     assert code == 0, errors
     assert "bundle    " in out and "320x320 gray, 1 view(s)" in out
+
+
+@pytest.mark.parametrize("text, field", [
+    ('[mqtt]\ntls = true\nca_file = "ca.pem"', "mqtt.ca_file"),
+    ('[mqtt]\noutbox = "outbox.d"', "mqtt.outbox"),
+])
+def test_run_refuses_in_one_line_not_a_traceback(site, text, field):
+    (site / "ca.pem").write_text("this is not a certificate\n")
+    (site / "outbox.d").mkdir()
+    (site / "config.toml").write_text(_merge(BASE, textwrap.dedent(text)))
+    r = _run(site)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {field}: "), r.stderr
+
+
+def test_the_agent_itself_refuses_a_bad_ca_file_in_one_line(site):
+    """Behind check-config, Agent.start (the demo, tests, embedders) says it too."""
+    from agent.config import parse_config
+    from agent.daemon import Agent, StartupError
+
+    (site / "ca.pem").write_text("this is not a certificate\n")
+    cfg = parse_config({"camera": {"source": "images"}, "model": {"bundle": "bundle"},
+                        "metrics": {"port": 0}, "recorder": {"enabled": False},
+                        "mqtt": {"tls": True, "ca_file": "ca.pem", "outbox": "ob.sqlite"}}, site)
+    with pytest.raises(StartupError) as e:
+        Agent(cfg).start()
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith("mqtt.tls: ")

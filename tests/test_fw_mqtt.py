@@ -139,7 +139,8 @@ def test_start_with_broker_down_never_raises_then_drains(own_broker, tmp_path):
         for i in range(20):
             link.publish_alert({"part": f"P{i}"})
         time.sleep(0.3)
-        assert link.state() == "connecting" and link.outbox_depth() == 20
+        assert link.state() == "down" and link.outbox_depth() == 20
+        assert "nothing listens" in link.last_error
         own_broker.start()
         assert link.wait_drained(10)
         assert link.counters()["alerts_acked"] == 20
