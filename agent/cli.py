@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("agent.bench:main", "will this model keep up with my line on this box?"),
     "gate-sim": ("firmware_io.gate_sim:main", "a simulated reject-gate controller on a serial port"),
     "deploy-model": ("agent.deploy:main", "verify a bundle and switch to it atomically"),
+    "show": ("agent.show:main", "a bundle's operating points, per-views table and provenance"),
 }
 
 

@@ -300,7 +300,7 @@ def combination_problems(s: dict) -> list[str]:
                    f"inspection.deadline_ms ({insp.deadline_ms:g} ms): the part "
                    "would reach the gate before its verdict")
     if g is not None and not late and g.kind == "serial" and g.delay_ms is not None \
-            and g.retries and g.ack_timeout_ms * g.retries >= g.delay_ms:
+            and g.retries and g.ack_timeout_ms * g.retries > g.delay_ms:
         out.append(f"gate.retries: the last resend of an unanswered reject would leave "
                    f"{g.ack_timeout_ms * g.retries} ms (ack_timeout_ms {g.ack_timeout_ms} x "
                    f"retries {g.retries}) after the first, when the part is past the gate "

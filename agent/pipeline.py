@@ -43,7 +43,8 @@ INFERENCE = "inference_error"    # the engine raised / gave garbage
 DECODE = "decode_error"          # a part was there but its image was unreadable
 PREPROCESS = "preprocess_error"  # the frame could not be fitted to the model input
 PAUSED = "paused"                # inspection paused by command: nothing passes uninspected
-FAILSAFE_REASONS = (DEADLINE, OVERLOAD, INFERENCE, DECODE, PREPROCESS, PAUSED)
+NO_ENCODER = "no_encoder"        # encoder timing, but no TRG latched a count: cannot be timed
+FAILSAFE_REASONS = (DEADLINE, OVERLOAD, INFERENCE, DECODE, PREPROCESS, PAUSED, NO_ENCODER)
 
 IMAGE_BACKLOG = 16               # reports in the output queue beyond which images are dropped
 
@@ -100,10 +101,17 @@ class Pipeline:
                  sinks: Iterable[Callable[[Inspection], None]] = (),
                  deadline_ms: float = 250.0, failsafe: str = "reject", queue_size: int = 2,
                  gate_number: int = 1, fps: float = 0.0, reconnect_min_s: float = 0.1,
+    needs_encoder the gate times kicks by encoder count: a part without one (no TRG) is
+                  FAILSAFE (no_encoder), never timed by guess
+    on_decided    callable(Inspection) run in the inspect thread right after the gate
+                  command, before the next part (the reporter makes the alert durable there,
+                  so a kill -9 cannot lose the alert of a part the gate was told to kick)
                  reconnect_max_s: float = 10.0, stall_timeout_s: float = 5.0,
                  part_prefix: str | None = None, out_queue_size: int = 1024,
                  on_state: Callable[[str, str, str], None] | None = None,
-                 keep_images: bool = True, pull_queue_size: int = 1, workers: int = 1):
+                 keep_images: bool = True, pull_queue_size: int = 1, workers: int = 1,
+                 needs_encoder: bool = False,
+                 on_decided: Callable[[Inspection], None] | None = None):
         if failsafe not in ("reject", "pass"):
             raise ValueError(f"failsafe must be 'reject' or 'pass', not {failsafe!r}")
         self.source = source
@@ -133,6 +141,8 @@ class Pipeline:
         # Free inspect-queue slots as tokens in a C-level SimpleQueue (a cheaper semaphore).
         self._slots: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(self.depth):
+        self.needs_encoder = needs_encoder
+        self.on_decided = on_decided
             self._slots.put(None)
         self._in_depth = 0
         self._out_q: queue.SimpleQueue = queue.SimpleQueue()
@@ -226,6 +236,13 @@ class Pipeline:
             log.warning("source %s degraded: %s", self.source.describe(), reason)
         elif state == "connected":
             log.info("source %s connected", self.source.describe())
+    @property
+    def waiting_for_source(self) -> bool:
+        """The source is away and the capture thread is backing off to reopen it (not stuck
+        inside a read, which check_stall() reports)."""
+        return (self.running and self.source_state == "degraded" and not self._in_read_since
+                and not self.ended)
+
         if self.on_state is not None:
             try:
                 self.on_state("source", state, reason)
@@ -412,6 +429,9 @@ class Pipeline:
                         if item.insp is not insp and item.insp.spec != insp.spec:
                             pixels = insp.preprocess(frame.image)
                         probs = insp.infer(pixels)
+                elif self.needs_encoder and frame.encoder is None:
+                    verdict, reason = Verdict.FAILSAFE, NO_ENCODER
+                    self._log_no_encoder(frame)
                         t_inv = mono()
                         verdict, score, label = insp.decide(probs)
                         t_dec = mono()
@@ -447,6 +467,16 @@ class Pipeline:
         if gate is not None:
             try:
                 if act_reject:
+    def _log_no_encoder(self, frame: Frame) -> None:
+        # Loud (ERROR), but a controller that stopped sending TRG must not flood the journal
+        # at line rate: the first ten, then every hundredth (all are counted).
+        with self._lock:
+            n = self.failsafes[NO_ENCODER] + 1
+        if n <= 10 or n % 100 == 0:
+            log.error("part %s: encoder timing but no encoder count (no TRG from the gate "
+                      "controller for it): FAILSAFE, no kick can be timed (%d so far)",
+                      frame.part_id, n)
+
                     out = gate.reject(frame.part_id, frame.t_capture_ns, frame.encoder,
                                       self.gate_number)
                     target, late, gerr = out.target, out.late, out.error
@@ -494,6 +524,11 @@ class Pipeline:
             if self.keep_images and image is None:
                 c["images_dropped"] += 1
         if self._out_q.qsize() < self._out_max:
+        if self.on_decided is not None:
+            try:
+                self.on_decided(insp_rec)
+            except Exception:  # noqa: BLE001 - the output thread reports it after all
+                log.exception("part %s: on_decided failed", frame.part_id)
             self._out_q.put(insp_rec)
         else:
             with self._lock:

@@ -135,3 +135,31 @@ def test_train_refuses_a_missing_folder_in_one_line(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "b" / "bundle.json").exists()
+
+
+def test_show_prints_operating_points_views_and_provenance(tmp_path):
+    b = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, b)
+    m = json.loads((b / "bundle.json").read_text())
+    sel = m["metrics"]["threshold_selection"]
+    sel["operating_points"] = [
+        {"max_escape": 0.005, "threshold": 0.41, "escape_rate": 0.005, "false_reject_rate": 0.2},
+        {"max_escape": 0.02, "threshold": 0.66, "escape_rate": 0.02, "false_reject_rate": 0.05}]
+    sel["by_views"] = {"1": {"threshold": 0.57, "validation": {"escape_rate": 0.01, "false_reject_rate": 0.04},
+                             "test": {"accuracy": 0.93, "escape_rate": 0.008, "false_reject_rate": 0.12}}}
+    (b / "bundle.json").write_text(json.dumps(m))
+    r = cli("show", str(b))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(ln.split() == ["0.5%", "0.4100", "0.5%", "20.0%"] for ln in lines), r.stdout
+    assert any(ln.split() == ["1", "0.5700", "1.0%", "4.0%", "93.0%", "0.8%", "12.0%"]
+               for ln in lines), r.stdout
+    assert "dataset_fingerprint  f0ec7cf9" in r.stdout and "hashes verified" in r.stdout
+    # a changed model is still shown, but loudly and with a failing exit code
+    model = b / "model.tflite"
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    r = cli("show", str(b))
+    assert r.returncode == 1 and "corrupt or was changed" in r.stderr
+    assert "HASHES DO NOT MATCH" in r.stdout
+    r = cli("show", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and r.stderr.startswith("error: model bundle")
