@@ -40,7 +40,11 @@ def event_payload(insp: Inspection, station: str, failsafe_policy: str = "reject
         "model_sha256": insp.model_sha256,
         "latency_ms": _r(insp.latency_ms),
         "timings": {k: round(v, 3) for k, v in insp.timings_ms.items()},
-        "gate": {"target": insp.gate_target, "late": insp.gate_late, "error": insp.gate_error},
+        # commanded: the gate was sent the kick. Whether it carried it out is only known
+        # later: a follow-up events/reject_failed names every part it did not kick.
+        "gate": {"target": insp.gate_target, "late": insp.gate_late, "error": insp.gate_error,
+                 "commanded": action == "reject" and insp.gate_error is None
+                 and bool(insp.gate_target)},
         "encoder": insp.encoder,
         "image_path": image_path,
     }
@@ -65,7 +69,32 @@ class Reporter:
 
     def __call__(self, insp: Inspection) -> None:
         path = self.recorder.want(insp) if self.recorder is not None else None
+    def commit(self, insp: Inspection) -> None:
+        """Pipeline.on_decided (inspect thread, right after the gate command): commit an
+        alert to the outbox now, so a kill -9 cannot lose the alert of a part the gate was
+        told to kick while its record waited for the output thread. A failure here is left
+        to __call__, which tries again and counts it."""
+        if self.link is None or insp.verdict is Verdict.PASS:
+            return
+        path = self.recorder.want(insp) if self.recorder is not None else None
+        payload = event_payload(insp, self.station, self.failsafe_policy, path)
+        try:
+            self.link.publish_alert(payload)
+        except Exception as e:  # noqa: BLE001
+            log.debug("part %s: early alert commit failed (%s); output thread retries",
+                      insp.part_id, e)
+            return
+        insp.image_path = path
+        insp.alert = payload
+
         alert = insp.verdict is not Verdict.PASS
+        if insp.alert is not None:          # committed in the inspect thread already
+            if insp.image_path is not None:
+                self.recorder.put(insp.image_path, insp.image, insp.alert)
+            self.alerts += 1
+            if self.on_event is not None:
+                self.on_event(insp.alert)
+            return
         if not (alert or path or self.publish_results or self.on_event):
             return
         payload = event_payload(insp, self.station, self.failsafe_policy, path)

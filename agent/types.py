@@ -52,6 +52,7 @@ class Inspection:
     gate_late: bool = False
     gate_error: str | None = None
     image_path: str | None = None     # where the recorder was asked to save the image
+    alert: dict | None = None         # the alert as committed to the outbox (inspect thread)
 
     @property
     def rejected(self) -> bool:

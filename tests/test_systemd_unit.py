@@ -48,7 +48,8 @@ def one(unit, key, section="Service"):
 def test_notify_and_lifecycle(unit):
     assert one(unit, "Type") == "notify"
     assert one(unit, "NotifyAccess") == "main"
-    assert one(unit, "ExecStart") == f"{BIN} run --config /etc/edge-inspect/config.toml"
+    # --no-devices: an unplugged camera/gate adapter starts degraded instead of exit 2
+    assert one(unit, "ExecStart") == f"{BIN} run --no-devices --config /etc/edge-inspect/config.toml"
     pre = one(unit, "ExecStartPre")
     assert pre.startswith(f"{BIN} check-config") and pre.endswith("/etc/edge-inspect/config.toml")
     assert one(unit, "ExecReload") == "/bin/kill -HUP $MAINPID"
