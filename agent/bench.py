@@ -16,6 +16,7 @@ import resource
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import cv2
@@ -129,16 +130,43 @@ def naive_loop(inspector: Inspector, src: str) -> dict:
             "latency_ms_p50": round(pct(lat, 50), 3), "latency_ms_p99": round(pct(lat, 99), 3)}
 
 
-def run_pipeline(inspector: Inspector, src: str, deadline_ms: float, workers: int = 1) -> dict:
+class _OutboxLink:
+    """What the reporter's early commit does to an alert (MqttLink.publish_alert: JSON, one
+    SQLite commit), without a broker, so bench measures the disk and nothing else."""
+
+    def __init__(self, path: Path, sync: str):
+        from firmware_io.outbox import Outbox
+
+        self.outbox = Outbox(path, synchronous=sync)
+        self.commit_ms: list[float] = []
+
+    def commit(self, insp: Inspection) -> None:
+        # every part, not just the rejects: the worst case, a line rejecting everything
+        from .reporter import event_payload
+
+        t0 = time.perf_counter_ns()
+        body = event_payload(insp, "bench")
+        body["alert_id"] = uuid.uuid4().hex
+        self.outbox.put("bench/events/reject", json.dumps(body, default=str).encode(), 1)
+        self.commit_ms.append((time.perf_counter_ns() - t0) / 1e6)
+
+    def close(self) -> None:
+        self.outbox.close()
+
+
+def run_pipeline(inspector: Inspector, src: str, deadline_ms: float, workers: int = 1,
+                 durable: _OutboxLink | None = None) -> dict:
     """The daemon's own Pipeline (capture, inspect, output threads) from src to a gate that
-    records its commands; every figure comes from the parts' own per-stage timings."""
+    records its commands; every figure comes from the parts' own per-stage timings. With
+    `durable`, every part's alert is committed in the inspect thread as the daemon does."""
     from firmware_io.gates import GateSettings, create_gate
     from firmware_io.timing import RejectTiming
 
     gate = create_gate("none", GateSettings(timing=RejectTiming(delay_ms=deadline_ms * 4)))
     records: list[Inspection] = []
     pipe = Pipeline(open_source(src), inspector, gate=gate, sinks=[records.append],
-                    deadline_ms=deadline_ms, keep_images=False, workers=workers)
+                    deadline_ms=deadline_ms, keep_images=False, workers=workers,
+                    on_decided=durable.commit if durable is not None else None)
     t0 = time.perf_counter()
     pipe.start()
     pipe.wait()
@@ -155,6 +183,35 @@ def run_pipeline(inspector: Inspector, src: str, deadline_ms: float, workers: in
             "latency_ms_max": round(max(decision, default=float("nan")), 3),
             "gate_ms_p50": round(pct(to_gate, 50), 3), "gate_ms_p99": round(pct(to_gate, 99), 3),
             "deadline_miss_rate": round(misses / n, 4) if n else 0.0}
+
+
+def measure_durability(inspector: Inspector, src: str, deadline_ms: float, plain: dict,
+                       where: Path, out) -> list[dict]:
+    """The price of committing each alert in the inspect thread (what makes kill -9 lose
+    none): the best pipeline configuration again, every part an alert, per outbox sync
+    mode, as a ratio of parts/s against the same pipeline without durability."""
+    rows = []
+    where.mkdir(parents=True, exist_ok=True)
+    for sync in ("FULL", "NORMAL"):
+        path = where / f"bench-outbox-{os.getpid()}-{sync.lower()}.sqlite"
+        link = _OutboxLink(path, sync)
+        try:
+            r = run_pipeline(inspector, src, deadline_ms, plain["workers"], durable=link)
+        finally:
+            link.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(path) + suffix).unlink(missing_ok=True)
+        ratio = r["parts_per_s"] / plain["parts_per_s"] if plain["parts_per_s"] else float("nan")
+        row = {"sync": sync, "outbox_dir": str(where), "parts_per_s": r["parts_per_s"],
+               "vs_no_durability": round(ratio, 3),
+               "commit_ms_p50": round(pct(link.commit_ms, 50), 3),
+               "commit_ms_p99": round(pct(link.commit_ms, 99), 3),
+               "gate_ms_p99": r["gate_ms_p99"], "deadline_miss_rate": r["deadline_miss_rate"]}
+        rows.append(row)
+        print(f"  durable alerts ({sync:6s} sync, every part an alert, outbox in {where}): "
+              f"{r['parts_per_s']:7.1f} parts/s = {ratio:.2f}x no durability, commit p50 "
+              f"{row['commit_ms_p50']:.2f} p99 {row['commit_ms_p99']:.2f} ms", file=out)
+    return rows
 
 
 def main(argv: list[str]) -> int:
@@ -175,6 +232,9 @@ def main(argv: list[str]) -> int:
                         "multi-core box, the CPU count with 1 thread each)")
     p.add_argument("--views", type=int, choices=VIEWS, default=None,
                    help="mirror views per tile, as the agent's model.views (default: the bundle's)")
+    p.add_argument("--outbox-dir", help="where the durability runs put their SQLite outbox "
+                                        "(default: a temp dir; use the disk the real outbox is "
+                                        "on, e.g. /var/lib/edge-inspect, /tmp may be RAM)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     args = p.parse_args(argv[1:])
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -244,6 +304,9 @@ def main(argv: list[str]) -> int:
               f"deadline misses {r['deadline_miss_rate']:.1%}", file=out)
     naive = max(naives.values(), key=lambda r: r["parts_per_s"])
     pipe = max(pipes.values(), key=lambda r: r["parts_per_s"])
+    durability = measure_durability(inspectors[(pipe["threads"], pipe["workers"])], src,
+                                    args.deadline_ms, pipe, Path(args.outbox_dir or tmp.name),
+                                    out)
     ratio = pipe["parts_per_s"] / naive["parts_per_s"] if naive["parts_per_s"] else float("nan")
     print(f"  best pipeline (threads={pipe['threads']} workers={pipe['workers']}) / best naive "
           f"(threads={naive['threads']}): {ratio:.2f}x", file=out)
@@ -264,6 +327,7 @@ def main(argv: list[str]) -> int:
         "deadline_ms": args.deadline_ms, "deadline_miss_rate": pipe["deadline_miss_rate"],
         "naive": naive, "pipeline": pipe, "rss_mb": round(rss_mb(), 1),
         "naive_runs": list(naives.values()), "pipeline_runs": list(pipes.values()),
+        "durability": durability,
     }
     if args.line_rate:
         need = args.line_rate / 60.0

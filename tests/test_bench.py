@@ -44,6 +44,13 @@ def test_bench_json_on_a_video(tmp_path):
         out["pipeline_parts_per_s"] / out["naive_parts_per_s"], rel=0.01)
     assert out["headroom"] == pytest.approx(out["pipeline_parts_per_s"] / 10.0, rel=0.01)
     assert out["verdict"] in ("keeps up", "too slow")
+    # the price of durable alerts (committed in the inspect thread), per outbox sync mode
+    dur = {row["sync"]: row for row in out["durability"]}
+    assert set(dur) == {"FULL", "NORMAL"}
+    for row in dur.values():
+        assert row["vs_no_durability"] == pytest.approx(
+            row["parts_per_s"] / out["pipeline_parts_per_s"], rel=0.01)
+        assert 0 < row["commit_ms_p50"] <= row["commit_ms_p99"]
     edgetpu = [row for row in out["invoke"] if row["backend"] == "edgetpu"]
     assert edgetpu and (edgetpu[0]["available"] or "libedgetpu" in edgetpu[0]["reason"])
 
