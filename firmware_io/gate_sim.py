@@ -265,6 +265,12 @@ class GateSimulator:
             self._feed_watchdog(now)
             self.send(P.HelloReply(self.fw, P.PROTO_VERSION))
             return
+        if getattr(m, "seq", None) == 0:
+            # seq 0 is never used (protocol section 4): a host that sends it is broken, and
+            # an ACK would hide that; not a heartbeat either, so the watchdog is not fed
+            self.counters.naks += 1
+            self.send(P.Nak(0, "BADARG"))
+            return
         if isinstance(m, P.Heartbeat):
             self.counters.hb += 1
             self._feed_watchdog(now)

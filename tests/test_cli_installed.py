@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,26 @@ def test_show_prints_operating_points_views_and_provenance(tmp_path):
     assert "HASHES DO NOT MATCH" in r.stdout
     r = cli("show", str(tmp_path / "nothing"))
     assert r.returncode == 2 and r.stderr.startswith("error: model bundle")
+
+
+def test_gate_sim_naks_seq_zero_even_for_a_heartbeat(pty_pair):
+    """seq 0 is never used: the simulator must not ACK `HB 0` (it hid a host bug)."""
+    import select
+    from firmware_io import protocol as P
+    from firmware_io.gate_sim import GateSimulator
+
+    sim = GateSimulator(fd=pty_pair.peer_fd).start()
+    try:
+        replies = b""
+        for line in (P.encode("HB", 0), P.encode("HB", 7)):
+            os.write(pty_pair.host_fd, line)
+        deadline = time.monotonic() + 3
+        while replies.count(b"\n") < 2 and time.monotonic() < deadline:
+            if select.select([pty_pair.host_fd], [], [], 0.1)[0]:
+                replies += os.read(pty_pair.host_fd, 256)
+        got = [P.decode_line(ln) for ln in replies.splitlines(keepends=True)]
+        assert [type(m).__name__ for m in got] == ["Nak", "Ack"], replies
+        assert got[0].seq == 0 and got[0].code == "BADARG" and got[1].seq == 7
+        assert sim.counters.hb == 1
+    finally:
+        sim.stop()
