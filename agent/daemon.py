@@ -25,6 +25,7 @@ from typing import Callable
 
 from . import __version__
 from .config import Config, ConfigError, config_warnings, load_config, print_problems
+from .frame_checks import FrameChecker
 from .inspector import Inspector, InspectorError
 from .kicks import KickLedger
 from .pipeline import Pipeline
@@ -99,7 +100,8 @@ def mqtt_settings(cfg: Config):
                         key_file=str(m.key_file) if m.key_file else None,
                         outbox_path=str(m.outbox), outbox_max=m.outbox_max,
                         commands_enabled=m.commands, publish_results=m.publish_results,
-                        metrics_interval_s=m.metrics_interval_s)
+                        metrics_interval_s=m.metrics_interval_s,
+                        outbox_reserve_bytes=int(m.outbox_reserve_mb * 1024 * 1024))
 
 
 # Sections whose change needs a restart (the rest is applied by a reload).
@@ -187,8 +189,11 @@ class Agent:
                 except (ssl.SSLError, ValueError) as e:
                     raise StartupError([f"mqtt.tls: cannot load ca_file/cert_file: {e}"]) from None
             if cfg.recorder.enabled:
+                # alerts first: no images while the outbox is short of disk
+                hold = self.link.disk_full if self.link is not None else None
                 self.recorder = Recorder(cfg.recorder.dir, cfg.recorder.max_mb,
-                                         cfg.recorder.pass_sample).start()
+                                         cfg.recorder.pass_sample, hold=hold,
+                                         min_free_mb=cfg.recorder.min_free_mb).start()
             self.reporter = Reporter(cfg.station.id, self.link, self.recorder,
                                      cfg.inspection.failsafe)
             from firmware_io.gates import create_gate
@@ -223,6 +228,7 @@ class Agent:
                 keep_images=self.recorder is not None, workers=cfg.model.workers,
                 needs_encoder=cfg.gate.kind == "serial" and cfg.gate.mode == "encoder",
                 on_decided=self.reporter.commit)
+            self.pipeline.frame_checks = FrameChecker(cfg.frame_checks.settings())
             log.info("part ids: %s-<seq>", self.pipeline.prefix)
             self.pipeline.start()
             self.watchdog.start()
@@ -302,7 +308,22 @@ class Agent:
         if h["source"] == "degraded" or h["gate"] in ("degraded", "down") \
                 or h["mqtt"] in ("down", "refused") or h["kick_failing"]:
             return "degraded"
+        if self.alerts_at_risk():
+            return "degraded"
         return "online"
+
+    def alerts_dropped(self) -> dict[str, int]:
+        """Alerts not stored for delivery, by reason (reporter: disk_full/error; outbox:
+        outbox_max, the oldest deleted past mqtt.outbox_max)."""
+        out = dict(self.reporter.alerts_dropped) if self.reporter is not None else {}
+        if self.link is not None:
+            out["outbox_max"] = self.link.alerts_dropped()["outbox_max"]
+        return out
+
+    def alerts_at_risk(self) -> bool:
+        # an alert was lost, or the outbox is on its disk reserve: someone must look
+        return bool(sum(self.alerts_dropped().values())) or bool(
+            self.link is not None and self.link.disk_full())
 
     def status_line(self) -> str:
         p = self.pipeline
@@ -329,6 +350,8 @@ class Agent:
             out["recorder"] = self.recorder.counters()
         if self.link is not None:
             out["outbox_depth"] = self.link.outbox_depth()
+            out["outbox_disk_full"] = self.link.disk_full()
+        out["alerts_dropped"] = self.alerts_dropped()
         return out
 
     # -- commands and reload -------------------------------------------------------------
@@ -393,6 +416,9 @@ class Agent:
                 if self.recorder is not None:
                     self.recorder.pass_sample = new_cfg.recorder.pass_sample
                     self.recorder.max_bytes = int(new_cfg.recorder.max_mb * 1024 * 1024)
+                    self.recorder.min_free_bytes = int(new_cfg.recorder.min_free_mb * 1024 * 1024)
+                if new_cfg.frame_checks != self.cfg.frame_checks:
+                    p.frame_checks = FrameChecker(new_cfg.frame_checks.settings())
                 restart = [s for s in _RESTART_SECTIONS
                            if getattr(new_cfg, s) != getattr(self.cfg, s)]
                 self.cfg = new_cfg
@@ -433,6 +459,8 @@ class Agent:
                          outbox=self.link.outbox_depth() if self.link is not None else None,
                          paused=h["paused"],
                          recorder=self.recorder.counters() if self.recorder else None)
+        self.prom.set_alerts(self.alerts_dropped(),
+                             self.link.disk_full() if self.link is not None else False)
 
     def run(self) -> int:
         """Supervise until stopped or the source ends; then drain and close. Exit code."""

@@ -28,6 +28,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .frame_checks import REASONS as FRAME_CHECK_REASONS
+from .frame_checks import FrameChecker
 from .inspector import Inspector
 from .sources import Captured, Source, SourceError
 from .types import Frame, Inspection, Verdict
@@ -47,6 +49,10 @@ NO_ENCODER = "no_encoder"        # encoder timing, but no TRG latched a count: c
 FAILSAFE_REASONS = (DEADLINE, OVERLOAD, INFERENCE, DECODE, PREPROCESS, PAUSED, NO_ENCODER)
 
 IMAGE_BACKLOG = 16               # reports in the output queue beyond which images are dropped
+
+# blank_frame, frozen_frame, frame_out_of_range: the frame showed nothing worth judging
+FAILSAFE_REASONS = FAILSAFE_REASONS + FRAME_CHECK_REASONS
+_FRAME_ERRORS = (PREPROCESS, *FRAME_CHECK_REASONS)
 
 STAGES = ("decode", "preprocess", "queue", "invoke", "decide", "gate", "total")
 
@@ -128,6 +134,9 @@ class Pipeline:
         self.stall_timeout_ns = int(stall_timeout_s * 1e9)
         self.prefix = part_prefix or boot_prefix()
         self.on_state = on_state
+        # agent.frame_checks.FrameChecker, run in the capture thread (it remembers the last
+        # frame for the frozen check); None: no checks (the daemon sets one from config)
+        self.frame_checks: FrameChecker | None = None
         self.keep_images = keep_images
         self.paused = False
         self.pull = not getattr(source, "live", False) and self.fps <= 0
@@ -393,6 +402,8 @@ class Pipeline:
                 pixels = insp.preprocess(got.image, self._buffer(insp))
             except Exception as e:  # noqa: BLE001 - odd frame: FAILSAFE, never a crash
                 frame.error = f"{PREPROCESS}: {e}"
+        if frame.error is None and self.frame_checks is not None:
+            frame.error = self.frame_checks.check(got.image, insp.bundle.input_stats)
         self._in_depth += 1
         self._in_q.put(_Item(frame, pixels, insp, time.monotonic_ns()))
 
@@ -420,7 +431,8 @@ class Pipeline:
                     verdict, reason = Verdict.FAILSAFE, PAUSED
                 elif frame.error is not None:
                     verdict = Verdict.FAILSAFE
-                    reason = PREPROCESS if frame.error.startswith(PREPROCESS) else DECODE
+                    reason = reason_kind(frame.error)
+                    reason = reason if reason in _FRAME_ERRORS else DECODE
                 elif t_deq + self._est_invoke_ns > deadline:
                     verdict, reason = Verdict.FAILSAFE, DEADLINE
                 else:
@@ -499,7 +511,7 @@ class Pipeline:
                        "total": (t_g1 - tc) / 1e6}
         if reason is None:
             why = ""
-        elif frame.error and reason in (DECODE, PREPROCESS, INFERENCE):
+        elif frame.error and reason in (DECODE, INFERENCE, *_FRAME_ERRORS):
             why = frame.error if frame.error.startswith(reason) else f"{reason}: {frame.error}"
         else:
             why = reason

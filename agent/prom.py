@@ -68,6 +68,13 @@ class PromMetrics:
                                     registry=r)
         self.reports_dropped = Counter("edge_inspect_reports_dropped",
                                        "Part records the output stage could not take", registry=r)
+        self.alerts_dropped = Counter("edge_inspect_alerts_dropped",
+                                      "Alerts NOT stored for delivery, by reason (disk_full, "
+                                      "outbox_max: oldest deleted past mqtt.outbox_max, error)",
+                                      ["reason"], registry=r)
+        self.outbox_disk_full = Gauge("edge_inspect_outbox_disk_full",
+                                      "1 while the alert outbox has hit a full disk (running on "
+                                      "its reserve, or past it)", registry=r)
         self._stages = {s: self.stage.labels(s) for s in STAGES}
         self._verdicts = {v: self.verdicts.labels(v) for v in ("PASS", "REJECT", "FAILSAFE")}
         self._failsafes = {f: self.failsafes.labels(f) for f in FAILSAFE_REASONS}
@@ -132,6 +139,12 @@ class PromMetrics:
         if total > prev:
             counter.inc(total - prev)
         self._rec_prev[key] = total
+
+    def set_alerts(self, dropped: dict[str, int], disk_full: bool) -> None:
+        """Totals of alerts not stored, by reason (counters only ever grow)."""
+        for reason, n in dropped.items():
+            self._delta(self.alerts_dropped.labels(reason), f"alerts:{reason}", n)
+        self.outbox_disk_full.set(1 if disk_full else 0)
 
     # -- HTTP endpoint -------------------------------------------------------------------
     def serve(self, port: int, bind: str = "127.0.0.1") -> None:

@@ -5,6 +5,11 @@ It runs in its own thread behind a bounded queue: the pipeline never waits for t
 A full queue or a full/broken disk drops the image (logged, counted), never the verdict.
 
 Layout: <dir>/<YYYYMMDD>/<verdict>/<part>.png + <part>.json
+
+Alerts come first: the recorder keeps its disk's free space above ``min_free_mb`` (deleting
+its oldest images, then refusing new ones: "disk_floor"), and saves nothing while ``hold()``
+says so ("outbox_priority": the alert outbox has hit a full disk), so it never eats space
+freed for alerts.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -29,9 +35,12 @@ log = logging.getLogger("recorder")
 
 class Recorder:
     def __init__(self, directory: str | Path, max_mb: float = 2048, pass_sample: float = 0.01,
-                 *, queue_size: int = 64, ext: str = ".png", seed: int | None = None):
+                 *, queue_size: int = 64, ext: str = ".png", seed: int | None = None,
+                 min_free_mb: float = 0.0, hold: Callable[[], bool] | None = None):
         self.dir = Path(directory)
         self.max_bytes = int(max_mb * 1024 * 1024)
+        self.min_free_bytes = int(min_free_mb * 1024 * 1024)
+        self.hold = hold
         self.pass_sample = float(pass_sample)
         self.ext = ext
         self._q: queue.Queue = queue.Queue(queue_size)
@@ -130,16 +139,46 @@ class Recorder:
             if self._q.empty():
                 self._idle.set()
 
+    def _free_bytes(self) -> int | None:
+        d = self.dir
+        while not d.exists() and d != d.parent:
+            d = d.parent
+        try:
+            st = os.statvfs(d)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def _room_for(self, size: int) -> bool:
+        """Keep min_free_bytes free after writing `size`: delete the oldest images first."""
+        if self.min_free_bytes <= 0:
+            return True
+        while True:
+            free = self._free_bytes()
+            if free is None or free - size >= self.min_free_bytes:
+                return True
+            if not self._files:
+                return False
+            self._delete_oldest()
+
     def _save(self, path: str, image: np.ndarray, record: dict) -> None:
         img_path = Path(path)
         json_path = img_path.with_suffix(".json")
         written: list[Path] = []
+        if self.hold is not None and self.hold():
+            self.dropped["outbox_priority"] += 1
+            return
         try:
             ok, buf = cv2.imencode(self.ext, image)
             if not ok:
                 raise ValueError(f"cannot encode a {image.shape} image as {self.ext}")
             data = buf.tobytes()
             meta = json.dumps(record, default=str, indent=1).encode()
+            if not self._room_for(len(data) + len(meta)):
+                self.dropped["disk_floor"] += 1
+                self._log_drop(record, "disk_floor", f"free space below recorder.min_free_mb "
+                               f"({self.min_free_bytes // (1024 * 1024)} MB)")
+                return
             img_path.parent.mkdir(parents=True, exist_ok=True)
             for p, d in ((img_path, data), (json_path, meta)):
                 with open(p, "wb") as f:
@@ -154,11 +193,7 @@ class Recorder:
             reason = "disk_full" if isinstance(e, OSError) and e.errno == 28 else \
                 "write_error" if isinstance(e, OSError) else "encode_error"
             self.dropped[reason] += 1
-            now = time.monotonic()
-            if now - self._last_err_log > 10:
-                self._last_err_log = now
-                log.error("recorder: image of part %s not saved (%s): %s",
-                          record.get("part"), reason, e)
+            self._log_drop(record, reason, e)
             return
         for p, d in ((img_path, data), (json_path, meta)):
             self._files.append((str(p), len(d)))
@@ -166,14 +201,24 @@ class Recorder:
         self.saved += 1
         self._enforce()
 
+    def _log_drop(self, record: dict, reason: str, why) -> None:
+        now = time.monotonic()
+        if now - self._last_err_log > 10:
+            self._last_err_log = now
+            log.error("recorder: image of part %s not saved (%s): %s",
+                      record.get("part"), reason, why)
+
     def _enforce(self) -> None:
         while self.bytes > self.max_bytes and self._files:
-            p, size = self._files.popleft()
-            try:
-                os.unlink(p)
-                self.deleted += 1
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("recorder: cannot delete %s: %s", p, e)
-            self.bytes -= size
+            self._delete_oldest()
+
+    def _delete_oldest(self) -> None:
+        p, size = self._files.popleft()
+        try:
+            os.unlink(p)
+            self.deleted += 1
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("recorder: cannot delete %s: %s", p, e)
+        self.bytes -= size

@@ -7,6 +7,7 @@ publish_results is on. The payload is `event_payload()`; see docs/agent.md for t
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from typing import Callable
@@ -64,6 +65,7 @@ class Reporter:
         self.alerts = 0
         self.results = 0
         self.errors = 0
+        self.alerts_dropped: collections.Counter = collections.Counter()
         self.publish_results = bool(link is not None and getattr(link.settings, "publish_results",
                                                                  False))
 
@@ -110,6 +112,13 @@ class Reporter:
                     self.results += 1
             except Exception as e:  # noqa: BLE001 - e.g. outbox full/disk error: log, count
                 self.errors += 1
-                log.error("part %s: MQTT event not queued: %s", insp.part_id, e)
+                if alert:
+                    # a lost alert: counted by reason, in Prometheus, metrics and status
+                    full = type(e).__name__ == "OutboxFull"
+                    self.alerts_dropped["disk_full" if full else "error"] += 1
+                # loud, but a full disk must not also flood the journal at line rate
+                if self.errors <= 10 or self.errors % 100 == 0:
+                    log.error("part %s: MQTT event NOT stored (%d so far): %s", insp.part_id,
+                              self.errors, e)
         if self.on_event is not None:
             self.on_event(payload)
