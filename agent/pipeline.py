@@ -101,17 +101,17 @@ class Pipeline:
     workers       inspect threads; give the inspector as many engines (Inspector.load
                   workers=N). Parts may then finish slightly out of order; each still gets
                   exactly one decision, gate action and report.
+    needs_encoder the gate times kicks by encoder count: a part without one (no TRG) is
+                  FAILSAFE (no_encoder), never timed by guess
+    on_decided    callable(Inspection) run in the inspect thread right after the gate
+                  command, before the next part (the reporter makes the alert durable there,
+                  so a kill -9 cannot lose the alert of a part the gate was told to kick)
     """
 
     def __init__(self, source: Source, inspector: Inspector, *, gate=None,
                  sinks: Iterable[Callable[[Inspection], None]] = (),
                  deadline_ms: float = 250.0, failsafe: str = "reject", queue_size: int = 2,
                  gate_number: int = 1, fps: float = 0.0, reconnect_min_s: float = 0.1,
-    needs_encoder the gate times kicks by encoder count: a part without one (no TRG) is
-                  FAILSAFE (no_encoder), never timed by guess
-    on_decided    callable(Inspection) run in the inspect thread right after the gate
-                  command, before the next part (the reporter makes the alert durable there,
-                  so a kill -9 cannot lose the alert of a part the gate was told to kick)
                  reconnect_max_s: float = 10.0, stall_timeout_s: float = 5.0,
                  part_prefix: str | None = None, out_queue_size: int = 1024,
                  on_state: Callable[[str, str, str], None] | None = None,
@@ -141,6 +141,8 @@ class Pipeline:
         self.paused = False
         self.pull = not getattr(source, "live", False) and self.fps <= 0
         self.workers = max(1, int(workers))
+        self.needs_encoder = needs_encoder
+        self.on_decided = on_decided
 
         self._in_q: queue.SimpleQueue = queue.SimpleQueue()
         # Pull mode (files): one frame decoded ahead is all the overlap there is to gain; a
@@ -150,8 +152,6 @@ class Pipeline:
         # Free inspect-queue slots as tokens in a C-level SimpleQueue (a cheaper semaphore).
         self._slots: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(self.depth):
-        self.needs_encoder = needs_encoder
-        self.on_decided = on_decided
             self._slots.put(None)
         self._in_depth = 0
         self._out_q: queue.SimpleQueue = queue.SimpleQueue()
@@ -236,6 +236,13 @@ class Pipeline:
     def finished(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def waiting_for_source(self) -> bool:
+        """The source is away and the capture thread is backing off to reopen it (not stuck
+        inside a read, which check_stall() reports)."""
+        return (self.running and self.source_state == "degraded" and not self._in_read_since
+                and not self.ended)
+
     # -- state -----------------------------------------------------------------------------
     def _set_source_state(self, state: str, reason: str = "") -> None:
         if state == self.source_state and reason == self.source_reason:
@@ -245,13 +252,6 @@ class Pipeline:
             log.warning("source %s degraded: %s", self.source.describe(), reason)
         elif state == "connected":
             log.info("source %s connected", self.source.describe())
-    @property
-    def waiting_for_source(self) -> bool:
-        """The source is away and the capture thread is backing off to reopen it (not stuck
-        inside a read, which check_stall() reports)."""
-        return (self.running and self.source_state == "degraded" and not self._in_read_since
-                and not self.ended)
-
         if self.on_state is not None:
             try:
                 self.on_state("source", state, reason)
@@ -429,6 +429,9 @@ class Pipeline:
                 deadline = frame.t_capture_ns + deadline_ns
                 if self.paused:
                     verdict, reason = Verdict.FAILSAFE, PAUSED
+                elif self.needs_encoder and frame.encoder is None:
+                    verdict, reason = Verdict.FAILSAFE, NO_ENCODER
+                    self._log_no_encoder(frame)
                 elif frame.error is not None:
                     verdict = Verdict.FAILSAFE
                     reason = reason_kind(frame.error)
@@ -441,9 +444,6 @@ class Pipeline:
                         if item.insp is not insp and item.insp.spec != insp.spec:
                             pixels = insp.preprocess(frame.image)
                         probs = insp.infer(pixels)
-                elif self.needs_encoder and frame.encoder is None:
-                    verdict, reason = Verdict.FAILSAFE, NO_ENCODER
-                    self._log_no_encoder(frame)
                         t_inv = mono()
                         verdict, score, label = insp.decide(probs)
                         t_dec = mono()
@@ -467,6 +467,16 @@ class Pipeline:
         finally:
             self._out_q.put(_END)
 
+    def _log_no_encoder(self, frame: Frame) -> None:
+        # Loud (ERROR), but a controller that stopped sending TRG must not flood the journal
+        # at line rate: the first ten, then every hundredth (all are counted).
+        with self._lock:
+            n = self.failsafes[NO_ENCODER] + 1
+        if n <= 10 or n % 100 == 0:
+            log.error("part %s: encoder timing but no encoder count (no TRG from the gate "
+                      "controller for it): FAILSAFE, no kick can be timed (%d so far)",
+                      frame.part_id, n)
+
     def _finish(self, frame: Frame, verdict: Verdict, score: float, label: str,
                 reason: str | None, insp: Inspector, t_pre: int, t_deq: int, t_inv: int,
                 t_dec: int, inspected: int) -> None:
@@ -479,16 +489,6 @@ class Pipeline:
         if gate is not None:
             try:
                 if act_reject:
-    def _log_no_encoder(self, frame: Frame) -> None:
-        # Loud (ERROR), but a controller that stopped sending TRG must not flood the journal
-        # at line rate: the first ten, then every hundredth (all are counted).
-        with self._lock:
-            n = self.failsafes[NO_ENCODER] + 1
-        if n <= 10 or n % 100 == 0:
-            log.error("part %s: encoder timing but no encoder count (no TRG from the gate "
-                      "controller for it): FAILSAFE, no kick can be timed (%d so far)",
-                      frame.part_id, n)
-
                     out = gate.reject(frame.part_id, frame.t_capture_ns, frame.encoder,
                                       self.gate_number)
                     target, late, gerr = out.target, out.late, out.error
@@ -524,6 +524,11 @@ class Pipeline:
             insp.threshold, why, frame.encoder, timings,
             image,
             insp.model_sha256, timings["total"], target, late, gerr)
+        if self.on_decided is not None:
+            try:
+                self.on_decided(insp_rec)
+            except Exception:  # noqa: BLE001 - the output thread reports it after all
+                log.exception("part %s: on_decided failed", frame.part_id)
         with self._lock:
             c = self.counts
             c["parts"] += 1
@@ -536,11 +541,6 @@ class Pipeline:
             if self.keep_images and image is None:
                 c["images_dropped"] += 1
         if self._out_q.qsize() < self._out_max:
-        if self.on_decided is not None:
-            try:
-                self.on_decided(insp_rec)
-            except Exception:  # noqa: BLE001 - the output thread reports it after all
-                log.exception("part %s: on_decided failed", frame.part_id)
             self._out_q.put(insp_rec)
         else:
             with self._lock:

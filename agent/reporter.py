@@ -69,8 +69,6 @@ class Reporter:
         self.publish_results = bool(link is not None and getattr(link.settings, "publish_results",
                                                                  False))
 
-    def __call__(self, insp: Inspection) -> None:
-        path = self.recorder.want(insp) if self.recorder is not None else None
     def commit(self, insp: Inspection) -> None:
         """Pipeline.on_decided (inspect thread, right after the gate command): commit an
         alert to the outbox now, so a kill -9 cannot lose the alert of a part the gate was
@@ -89,7 +87,7 @@ class Reporter:
         insp.image_path = path
         insp.alert = payload
 
-        alert = insp.verdict is not Verdict.PASS
+    def __call__(self, insp: Inspection) -> None:
         if insp.alert is not None:          # committed in the inspect thread already
             if insp.image_path is not None:
                 self.recorder.put(insp.image_path, insp.image, insp.alert)
@@ -97,6 +95,8 @@ class Reporter:
             if self.on_event is not None:
                 self.on_event(insp.alert)
             return
+        path = self.recorder.want(insp) if self.recorder is not None else None
+        alert = insp.verdict is not Verdict.PASS
         if not (alert or path or self.publish_results or self.on_event):
             return
         payload = event_payload(insp, self.station, self.failsafe_policy, path)
