@@ -54,7 +54,7 @@ def build_model(height: int, width: int, channels: int, n_labels: int, *,
     pool = layers.GlobalMaxPooling2D(name="max_cell")
     # Fixed, not learnt: P(defect k) = softmax([0, z_1..z_K])_k, so the verdict is exactly
     # the defect map's max (which map_loss trains) and more evidence never lowers it.
-    head = layers.Dense(n_labels, activation="softmax", name="probs", trainable=False)
+    head = _probs_head(n_labels)
 
     def apply(inp):
         x = inp
@@ -71,6 +71,84 @@ def build_model(height: int, width: int, channels: int, n_labels: int, *,
     train_model = keras.Model(any_inp, {"probs": probs, "defect_map": dmap}, name=f"{name}_train")
     head.set_weights([_monotone_head(n_labels - 1), np.zeros(n_labels, "float32")])
     return train_model, model
+
+
+def _probs_head(n_labels: int):
+    return layers.Dense(n_labels, activation="softmax", name="probs", trainable=False)
+
+
+# Lite0 blocks from this index on are fine-tuned; the ones before it stay frozen (ImageNet),
+# so their output is computed once per image and view and cached (convert.finetune): a step
+# then costs the upper blocks only, which keeps 1,000 images within minutes on 2 cores.
+LITE0_TUNED_FROM = 8
+LITE0_LAST = 10            # the end of Lite0's stride-16 stage (112 channels)
+LITE0_FEATURES = 80        # channels of the cached features (output of block 7)
+LITE0_HIDDEN = 96
+
+
+class Lite0Classifier:
+    """The pretrained classifier: raw pixels -> (x - 127) / 128, gray repeated to RGB (so the
+    bundle keeps raw uint8 input and agent.preprocess stays the one preprocessing) -> Lite0
+    blocks 0..7 (frozen) -> blocks 8..10 (tuned) -> a local head, a defect map over stride-16
+    cells -> max over cells -> the same fixed probs head as the scratch model.
+
+    model: the exported (static-shape) model; features: pixels -> cached block-7 features;
+    train_model: (tiles, h, w, 80) features -> {"probs", "defect_map"}, the tiles' maps laid
+    side by side so the max over cells is also the max over tiles (multiple-instance)."""
+
+    def __init__(self, height: int, width: int, channels: int, n_labels: int, parts,
+                 n_tiles: int = 1, name: str = "edge_inspect_lite0"):
+        import keras
+        from keras import ops
+
+        self.parts = parts
+        self.hidden = layers.Conv2D(LITE0_HIDDEN, 1, name="map_hidden")
+        self.hidden_act = layers.ReLU(6.0, name="map_hidden_relu6")
+        self.drop = layers.Dropout(0.25, name="map_dropout")
+        self.dmap = layers.Conv2D(n_labels - 1, 1, name="defect_map",
+                                  bias_initializer=keras.initializers.Constant(-2.0))
+        self.pool = layers.GlobalMaxPooling2D(name="max_cell")
+        self.head = _probs_head(n_labels)
+        channels_in = channels
+
+        def lower(inp):
+            x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="normalise")(inp)
+            if channels_in == 1:
+                x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
+            return parts.blocks(parts.stem(x), 0, LITE0_TUNED_FROM - 1)
+
+        def upper(f):
+            x = parts.blocks(f, LITE0_TUNED_FROM, LITE0_LAST)
+            return self.dmap(self.drop(self.hidden_act(self.hidden(x))))
+
+        inp = keras.Input((height, width, channels), name="pixels")
+        self.model = keras.Model(inp, self.head(self.pool(upper(lower(inp)))), name=name)
+        any_inp = keras.Input((None, None, channels), name="pixels")
+        self.features = keras.Model(any_inp, lower(any_inp), name=f"{name}_features")
+        h, w = -(-height // MAP_STRIDE), -(-width // MAP_STRIDE)
+        self.cells = (h, w)
+        T, k = n_tiles, n_labels - 1
+        f_inp = keras.Input((T, h, w, LITE0_FEATURES), name="features")
+        flat = layers.Lambda(lambda t: ops.reshape(t, (-1, h, w, LITE0_FEATURES)),
+                             output_shape=(h, w, LITE0_FEATURES), name="tiles_in")(f_inp)
+        # (B*T, h, w, K) -> (B, T*h, w, K): tile maps stacked, one max over all of them
+        side = layers.Lambda(lambda t: ops.reshape(t, (-1, T * h, w, k)), output_shape=(T * h, w, k),
+                             name="tiles_out")(upper(flat))
+        self.train_model = keras.Model(f_inp, {"probs": self.head(self.pool(side)), "defect_map": side},
+                                       name=f"{name}_train")
+        self.head.set_weights([_monotone_head(k), np.zeros(n_labels, "float32")])
+        # BatchNorm stays in inference mode with ImageNet statistics: batches of 16 from one
+        # line are too few and too alike to re-estimate them (the usual transfer-learning rule).
+        for layer in parts.L.values():
+            if isinstance(layer, layers.BatchNormalization):
+                layer.trainable = False
+        self.set_tuning(False)
+
+    def set_tuning(self, backbone: bool) -> None:
+        """Head only (the frozen warm-up), or the head and blocks 8..10 (fine-tuning)."""
+        for layer in self.parts.block_layers(LITE0_TUNED_FROM, LITE0_LAST):
+            if not isinstance(layer, layers.BatchNormalization):
+                layer.trainable = backbone
 
 
 def _monotone_head(k: int) -> np.ndarray:

