@@ -222,6 +222,22 @@ class Recorder(_Section):
     _dir_set = field_validator("dir", mode="before")(_not_empty)
 
 
+class Ui(_Section):
+    """The operator page (agent/ui/): off the inspect path, local unless configured."""
+    port: int = Field(0, ge=0, le=65535, description="0 turns the operator page off")
+    bind: str = "127.0.0.1"
+    # Anywhere but loopback the page needs this token (HTTP Basic password or Bearer).
+    token_file: Optional[Path] = None
+    # Pause / resume / threshold from the page; read-only without it.
+    control: bool = False
+    rejects: int = Field(24, ge=1, le=500, description="rejects kept for the gallery")
+    live_fps: float = Field(4.0, gt=0, le=30, description="live view refresh")
+
+    @property
+    def loopback(self) -> bool:
+        return self.bind in ("127.0.0.1", "localhost", "::1") or self.bind.startswith("127.")
+
+
 class FrameChecks(_Section):
     """Frame sanity checks before inference (agent/frame_checks.py): a part whose frame
     is blank, frozen or far from the training images is FAILSAFE, never judged."""
@@ -255,6 +271,7 @@ class Config(_Section):
     metrics: Metrics = Metrics()
     recorder: Recorder = Recorder()
     frame_checks: FrameChecks = FrameChecks()
+    ui: Ui = Ui()
     log: Log = Log()
 
     @model_validator(mode="after")
@@ -287,6 +304,12 @@ def combination_problems(s: dict) -> list[str]:
             out.append(f"gate.heartbeat_ms: {g.heartbeat_ms} ms is not shorter than the gate "
                        f"firmware's heartbeat timeout ({FIRMWARE_HB_TIMEOUT_MS} ms): the gate "
                        "would divert every part as if the host were gone")
+    ui = s.get("ui")
+    if ui is not None and ui.port and not ui.loopback and ui.token_file is None:
+        out.append(f"ui.token_file: the operator page is bound to {ui.bind}, beyond this box: "
+                   "it needs a token file (or bind = \"127.0.0.1\")")
+    if ui is not None and metrics is not None and ui.port and ui.port == metrics.port:
+        out.append(f"ui.port: {ui.port} is also metrics.port")
     if model is not None and model.workers > 1 and model.delegate != "cpu":
         out.append("model.workers: several inspect workers need delegate = 'cpu' "
                    "(one Edge TPU serves one interpreter)")
@@ -320,7 +343,7 @@ def combination_problems(s: dict) -> list[str]:
 
 _PATH_FIELDS = {
     ("model", "bundle"), ("mqtt", "password_file"), ("mqtt", "ca_file"), ("mqtt", "cert_file"),
-    ("mqtt", "key_file"), ("mqtt", "outbox"), ("recorder", "dir"),
+    ("mqtt", "key_file"), ("mqtt", "outbox"), ("recorder", "dir"), ("ui", "token_file"),
 }
 
 
@@ -447,6 +470,15 @@ def check_environment(cfg: Config, strict_devices: bool = True) -> list[str]:
             elif os.major(st.st_rdev) == 1:
                 problems.append(f"gate.port: {port} is not a serial port (a memory device "
                                 "swallows every reject); name the adapter, e.g. /dev/ttyUSB0")
+    t = cfg.ui.token_file
+    if cfg.ui.port and t is not None:
+        if not t.is_file():
+            problems.append(f"ui.token_file: {t} " + ("is a directory, not a file" if t.is_dir()
+                                                     else "does not exist"))
+        elif not os.access(t, os.R_OK):
+            problems.append(f"ui.token_file: {t} cannot be read by this user")
+        elif not t.read_text(errors="replace").strip():
+            problems.append(f"ui.token_file: {t} is empty")
     if cfg.recorder.enabled and cfg.recorder.dir.exists() and not cfg.recorder.dir.is_dir():
         problems.append(f"recorder.dir: {cfg.recorder.dir} is a file, not a folder")
     if cfg.mqtt.enabled:
@@ -506,6 +538,9 @@ def config_warnings(cfg: Config) -> list[str]:
     if cfg.mqtt.enabled and p is not None and p.is_file() and p.stat().st_mode & 0o004:
         out.append(f"mqtt.password_file: {p} is readable by every user on this box "
                    f"(chmod 600 {p}, or 640 with group edge-inspect)")
+    t = cfg.ui.token_file
+    if cfg.ui.port and t is not None and t.is_file() and t.stat().st_mode & 0o004:
+        out.append(f"ui.token_file: {t} is readable by every user on this box (chmod 600 {t})")
     return out
 
 
