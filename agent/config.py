@@ -17,6 +17,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .trigger_config import TRIGGER_MODES, FrameTrigger, TriggerConfig
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -273,6 +275,7 @@ class Config(_Section):
     frame_checks: FrameChecks = FrameChecks()
     ui: Ui = Ui()
     log: Log = Log()
+    trigger: TriggerConfig = FrameTrigger()
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -328,6 +331,7 @@ def combination_problems(s: dict) -> list[str]:
                    f"{g.ack_timeout_ms * g.retries} ms (ack_timeout_ms {g.ack_timeout_ms} x "
                    f"retries {g.retries}) after the first, when the part is past the gate "
                    f"(delay_ms {g.delay_ms:g}); lower retries or ack_timeout_ms")
+    out += _trigger_problems(s)
     if m is not None:
         if (m.cert_file is None) != (m.key_file is None):
             out.append("mqtt: cert_file and key_file go together (client certificate)")
@@ -338,6 +342,34 @@ def combination_problems(s: dict) -> list[str]:
         if metrics is not None and metrics.port and m.enabled and metrics.port == m.port \
                 and m.host in ("127.0.0.1", "localhost"):
             out.append(f"metrics.port: {metrics.port} is the local MQTT broker's port")
+    return out
+
+
+def _trigger_problems(s: dict) -> list[str]:
+    t, g, m, insp, cam = (s.get(k) for k in ("trigger", "gate", "mqtt", "inspection", "camera"))
+    out: list[str] = []
+    if t is None or t.mode == "frame":
+        return out
+    if g is not None and g.mode == "encoder":
+        out.append(f"trigger.mode: {t.mode!r} times parts by clock; encoder timing "
+                   "(gate.encoder_offset) latches a count per TRG frame: use gate.delay_ms")
+    if t.mode == "external":
+        if t.source == "serial" and g is not None and g.kind != "serial":
+            out.append("trigger.source: 'serial' triggers come from the gate controller's TRG "
+                       f"(gate.kind = 'serial'), not {g.kind!r}")
+        if t.source == "mqtt" and m is not None and not m.enabled:
+            out.append("trigger.source: 'mqtt' triggers need [mqtt] enabled = true")
+        if t.source == "modbus" and g is not None and g.kind != "modbus":
+            out.append("trigger.source: 'modbus' polls the Modbus gate's discrete input "
+                       "(gate.kind = 'modbus')")
+        if insp is not None and t.offset_ms + t.window_ms >= insp.deadline_ms:
+            out.append(f"trigger.offset_ms: offset {t.offset_ms:g} + window {t.window_ms:g} ms "
+                       f"is not inside inspection.deadline_ms ({insp.deadline_ms:g} ms): "
+                       "every part would be past its deadline before its frame arrives")
+    if cam is not None and isinstance(cam.source, str) and not cam.source.startswith("/dev/") \
+            and not _is_url(cam.source) and not cam.source.isdigit() and not cam.fps:
+        out.append(f"camera.fps: trigger mode {t.mode!r} on a file or folder needs camera.fps "
+                   "(frames paced as the camera would deliver them, so frame times are line times)")
     return out
 
 
@@ -375,14 +407,15 @@ def _model_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format(e: ValidationError, prefix: tuple = ()) -> list[str]:
+def _format(e: ValidationError, prefix: tuple = (), root: type[BaseModel] | None = None) -> list[str]:
     out = []
     for err in e.errors():
         loc = prefix + tuple(str(p) for p in err["loc"])
         where = ".".join(loc) or "config"
         kind = err["type"]
         if kind == "extra_forbidden":
-            known = _model_fields(Config, loc[:-1])
+            known = (list(root.model_fields) if root is not None
+                     else _model_fields(Config, loc[:-1]))
             near = difflib.get_close_matches(loc[-1], known, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(known)})"
             out.append(f"{where}: unknown key{hint}")
@@ -417,6 +450,9 @@ def parse_config(raw: dict, base: Path = Path(".")) -> Config:
             problems.append(f"{key}: unknown key{hint}")
     sections = {}
     for name, field in Config.model_fields.items():
+        if name == "trigger":
+            problems += _parse_trigger(raw.get(name, {}), sections)
+            continue
         try:
             sections[name] = field.annotation.model_validate(raw.get(name, {}))
         except ValidationError as e:
@@ -425,6 +461,22 @@ def parse_config(raw: dict, base: Path = Path(".")) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(**sections)
+
+
+def _parse_trigger(raw, sections: dict) -> list[str]:
+    """[trigger] is a union discriminated by `mode`: pick the mode's model first, so an
+    error names the mode's own keys rather than pydantic's tagged location."""
+    if not isinstance(raw, dict):
+        return ["trigger: must be a table ([trigger])"]
+    mode = raw.get("mode", "frame")
+    cls = TRIGGER_MODES.get(mode) if isinstance(mode, str) else None
+    if cls is None:
+        return [f"trigger.mode: {mode!r} is not one of {tuple(TRIGGER_MODES)}"]
+    try:
+        sections["trigger"] = cls.model_validate(raw)
+    except ValidationError as e:
+        return _format(e, ("trigger",), root=cls)
+    return []
 
 
 def check_environment(cfg: Config, strict_devices: bool = True) -> list[str]:
@@ -585,5 +637,6 @@ def summary(cfg: Config) -> str:
                          if cfg.metrics.port else "off"),
         "recorder  " + (f"{cfg.recorder.dir} (max {cfg.recorder.max_mb:g} MB)"
                          if cfg.recorder.enabled else "off"),
+        f"trigger   {cfg.trigger.describe()}",
     ]
     return "\n".join(lines)
