@@ -20,6 +20,10 @@ MANIFEST = "bundle.json"
 INT8_MODEL = "model.tflite"
 FLOAT_MODEL = "model_float.tflite"
 EDGETPU_MODEL = "model_edgetpu.tflite"
+# classifier: model.tflite gives label probabilities; anomaly: model.tflite gives patch features
+# and memory.npz (agent.anomaly) the good patches they are compared with.
+KINDS = ("classifier", "anomaly")
+ANOMALY_MEMORY = "memory.npz"
 
 
 class BundleError(Exception):
@@ -52,6 +56,7 @@ class Bundle:
     manifest_sha256: str = ""
     # Statistics of the training images (agent.frame_checks.image_stats), or None.
     input_stats: InputStats | None = None
+    kind: str = "classifier"
 
     @property
     def model_path(self) -> Path:
@@ -87,6 +92,7 @@ class Bundle:
     def to_manifest(self) -> dict:
         return {
             "format": BUNDLE_FORMAT,
+            "kind": self.kind,
             "name": self.name,
             "labels": self.labels,
             "good_label": self.good_label,
@@ -104,11 +110,12 @@ class Bundle:
 
 def write_manifest(bundle_dir: Path, *, labels, good_label, input_spec: InputSpec, threshold: float,
                    metrics: dict, provenance: dict, sample: str | None = None, name: str = "",
-                   input_stats: dict | None = None) -> Bundle:
+                   input_stats: dict | None = None, kind: str = "classifier",
+                   extra_files: tuple[str, ...] = ()) -> Bundle:
     """Hash every model file present in bundle_dir and write bundle.json. Used by convert."""
     bundle_dir = Path(bundle_dir)
     files = {}
-    for fname in (INT8_MODEL, FLOAT_MODEL, EDGETPU_MODEL) + ((sample,) if sample else ()):
+    for fname in (INT8_MODEL, FLOAT_MODEL, EDGETPU_MODEL, *extra_files) + ((sample,) if sample else ()):
         p = bundle_dir / fname
         if p.exists():
             files[fname] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -116,7 +123,8 @@ def write_manifest(bundle_dir: Path, *, labels, good_label, input_spec: InputSpe
                defect_labels=[lbl for lbl in labels if lbl != good_label], input=input_spec,
                threshold=float(threshold), files=files, metrics=metrics, provenance=provenance,
                sample=sample, name=name or bundle_dir.name,
-               input_stats=None if input_stats is None else parse_input_stats(input_stats))
+               input_stats=None if input_stats is None else parse_input_stats(input_stats),
+               kind=kind)
     tmp = bundle_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(b.to_manifest(), indent=2, sort_keys=False) + "\n")
     tmp.replace(bundle_dir / MANIFEST)
@@ -161,6 +169,12 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{mpath}: threshold {threshold} is outside [0, 1]")
     if INT8_MODEL not in files:
         raise BundleError(f"{mpath}: lists no {INT8_MODEL}")
+    kind = m.get("kind", "classifier")
+    if kind not in KINDS:
+        raise BundleError(f"{mpath}: kind {kind!r} is not one this agent knows ({', '.join(KINDS)}); "
+                          "upgrade edge-inspect")
+    if kind == "anomaly" and ANOMALY_MEMORY not in files:
+        raise BundleError(f"{mpath}: an anomaly bundle must list its memory file {ANOMALY_MEMORY}")
     sample = m.get("sample")
     for fname in [*files, *([sample] if sample is not None else [])]:
         _confine(path, fname, mpath)
@@ -168,7 +182,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
                threshold=threshold, files=files, metrics=m.get("metrics") or {},
                provenance=m.get("provenance") or {}, sample=sample, name=m.get("name", ""),
                manifest_sha256=hashlib.sha256(raw).hexdigest(),
-               input_stats=_input_stats(m.get("input_stats"), mpath))
+               input_stats=_input_stats(m.get("input_stats"), mpath), kind=kind)
     if verify:
         verify_files(b)
     return b

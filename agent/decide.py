@@ -27,3 +27,14 @@ def defect_score(probs: np.ndarray, bundle) -> tuple[float, str]:
     row = p[worst]
     best = max(defects, key=lambda i: row[i])
     return score, bundle.labels[best]
+
+
+def anomaly_probs(raw_scores, scale: float) -> np.ndarray:
+    """An anomaly bundle's raw image scores (max of the patch distance map, unbounded) as
+    (N, 2) [P(good), score] rows, score = raw / (raw + scale): monotone, so its AUROC is the
+    raw score's, and in [0, 1] like a classifier's, so defect_score and the threshold rule
+    above judge both kinds. `scale` is the raw score at the calibrated false-reject target,
+    so the trained threshold is 0.5 and a plant may move it like any other."""
+    r = np.maximum(np.asarray(raw_scores, dtype=np.float64), 0.0)
+    s = r / (r + float(scale))
+    return np.stack([1.0 - s, s], axis=-1).astype(np.float32)

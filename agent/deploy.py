@@ -58,7 +58,11 @@ def smoke_test(b: Bundle) -> str:
     from .preprocess import preprocess
 
     try:
-        engine = create_engine("cpu", b.model_path, b.input, len(b.labels))
+        if b.kind == "anomaly":
+            from .anomaly import AnomalyEngine
+            engine = AnomalyEngine.from_bundle(b)
+        else:
+            engine = create_engine("cpu", b.model_path, b.input, len(b.labels))
     except EngineError as e:
         raise DeployError(f"the model does not load: {e}") from None
     if b.sample:

@@ -63,10 +63,16 @@ class Inspector:
         if delegate == "edgetpu" and bundle.file("model_edgetpu.tflite") is not None:
             model = bundle.file("model_edgetpu.tflite")
         try:
-            engines = [create_engine(delegate, model, bundle.input, len(bundle.labels),
-                                     threads=threads, device=device, cpu_fallback=cpu_fallback,
-                                     cpu_model_path=bundle.model_path)
-                       for _ in range(max(1, workers))]
+            if bundle.kind == "anomaly":
+                # Features + memory search, on the CPU (the search is numpy, not a delegate op)
+                from .anomaly import AnomalyEngine
+                engines = [AnomalyEngine.from_bundle(bundle, threads=threads)
+                           for _ in range(max(1, workers))]
+            else:
+                engines = [create_engine(delegate, model, bundle.input, len(bundle.labels),
+                                         threads=threads, device=device, cpu_fallback=cpu_fallback,
+                                         cpu_model_path=bundle.model_path)
+                           for _ in range(max(1, workers))]
         except EngineError as e:
             raise InspectorError(str(e)) from None
         engine = engines[0] if len(engines) == 1 else EnginePool(engines)

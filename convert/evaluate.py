@@ -78,6 +78,7 @@ def _format_text(m: dict, bundle) -> str:
              f"at most {100 * m['escape_rate_upper_95']:.1f} % at 95 % confidence)",
              f"false-reject rate: {100 * m['false_reject_rate']:.2f} %  ({m['false_rejects']} good parts rejected)",
              f"label accuracy:    {100 * m['label_accuracy']:.2f} %",
+             *([f"image AUROC:       {m['auroc']:.4f}"] if m.get("auroc") is not None else []),
              f"mean time:         {m['ms_per_image']:.2f} ms per image (decode excluded; preprocess + int8 inference)",
              "confusion (rows: truth, columns: predicted):"]
     cols = list(next(iter(m["confusion"].values())).keys()) if m["confusion"] else []
@@ -120,8 +121,12 @@ def main(argv: list[str]) -> int:
         bundle.threshold = args.threshold
     from agent.engines import EngineError, create_engine
     try:
-        engine = create_engine("cpu", bundle.model_path, bundle.input, len(bundle.labels),
-                               threads=args.threads)
+        if bundle.kind == "anomaly":
+            from agent.anomaly import AnomalyEngine
+            engine = AnomalyEngine.from_bundle(bundle, threads=args.threads)
+        else:
+            engine = create_engine("cpu", bundle.model_path, bundle.input, len(bundle.labels),
+                                   threads=args.threads)
     except EngineError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -132,7 +137,8 @@ def main(argv: list[str]) -> int:
     scores, preds, ms = run_engine(engine, bundle, images)
     good = bundle.good_label if bundle.good_label in split.files or GOOD not in split.files else GOOD
     m = verdict_metrics(truth, preds, good, bundle.labels)
-    m.update(ms_per_image=ms, unreadable=len(bad), threshold=bundle.threshold, views=bundle.input.views,
+    from .anomaly import auroc
+    m.update(auroc=auroc(scores, [t != good for t in truth]), kind=bundle.kind, ms_per_image=ms, unreadable=len(bad), threshold=bundle.threshold, views=bundle.input.views,
              bundle=str(bundle.path), data=str(split.root), model_sha256=bundle.model_sha256)
     if args.json:
         print(json.dumps(m))
