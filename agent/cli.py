@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gate-sim": ("firmware_io.gate_sim:main", "a simulated reject-gate controller on a serial port"),
     "deploy-model": ("agent.deploy:main", "verify a bundle and switch to it atomically"),
     "show": ("agent.show:main", "a bundle's operating points, per-views table and provenance"),
+    "export-labels": ("agent.export_labels:main",
+                      "reviewed images from the operator page as a training folder"),
+    "simulate-line": ("agent.simulate_line:main",
+                      "a simulated conveyor video with its ground truth (parts, line and gate times)"),
 }
 
 

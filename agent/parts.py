@@ -1,0 +1,444 @@
+"""Frames to parts: the PartSelector stage between capture and inspect.
+
+A camera gives frames; a line has parts (docs/design.md, "Frames and parts"). A selector is
+fed every captured frame (capture thread) and answers with the parts it has finished
+selecting, each exactly once:
+
+    sel = make_selector(cfg.trigger)      # None for mode "frame": every frame is a part
+    for part in sel.feed(captured): ...   # 0, 1 or more parts
+    sel.trigger(t_ns, encoder)            # external mode, from any thread
+    for part in sel.poll(now_ns): ...     # supervisor tick: triggers whose frame never came
+
+A Part either carries the frame to judge or a FAILSAFE reason: it was there, it could not
+be judged, so it is rejected (by policy) and counted, never passed silently.
+
+Time is the capture clock (time.monotonic_ns): frames, triggers and crossings are compared
+on it, so a wall-clock step (NTP) moves nothing here.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from .sources import Captured
+
+log = logging.getLogger("parts")
+
+# FAILSAFE reasons a selector gives (Prometheus label values, like the pipeline's)
+NO_FRAME_FOR_TRIGGER = "no_frame_for_trigger"  # no frame within the window of trigger+offset
+MISSED_TRIGGER = "missed_trigger"              # more triggers pending than the bound (a storm)
+PART_NOT_JUDGED = "part_not_judged"            # seen, but lost before its reference line
+PART_STOPPED = "part_stopped"                  # stopped on the belt before the line
+TOUCHING = "touching_parts"                    # two or more parts in one blob
+REASONS = (NO_FRAME_FOR_TRIGGER, MISSED_TRIGGER, PART_NOT_JUDGED, PART_STOPPED, TOUCHING)
+
+
+@dataclass(slots=True)
+class Part:
+    captured: Captured | None      # the frame to judge; None when failsafe is set
+    t_ref_ns: int                  # gate timing counts from here (trigger / line crossing)
+    ref: str = ""                  # "trg:<name>" or "track:<id>": what selected it
+    encoder: int | None = None
+    failsafe: str | None = None
+    detail: str = ""
+    # judge = "worst": more frames of the same part; its score is the worst of all
+    extra: tuple = ()
+
+
+class _Base:
+    mode = "frame"
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts: collections.Counter = collections.Counter()
+
+    def trigger(self, t_ns: int, encoder: int | None = None, name: str = "") -> None:
+        """Only external mode uses triggers; the others count and ignore them."""
+        with self._lock:
+            self.counts["triggers_ignored"] += 1
+
+    def poll(self, now_ns: int) -> list[Part]:
+        return []
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    def _log_failsafe(self, reason: str, detail: str) -> None:
+        # Loud, but never at line rate: the first ten of each reason, then every hundredth.
+        n = self.counts[reason]
+        if n <= 10 or n % 100 == 0:
+            log.error("part FAILSAFE (%s): %s (%d so far)", reason, detail, n)
+
+
+class ExternalSelector(_Base):
+    """A part-present signal picks the frame nearest trigger time + offset from a ring.
+
+    A trigger is resolved when the first frame at or after its target arrives (the nearest
+    is then known), or by poll() once target + window has passed without one (the camera
+    stalled). A nearest frame further than window_ms from the target: FAILSAFE."""
+
+    mode = "external"
+
+    def __init__(self, offset_ms: float = 0.0, window_ms: float = 40.0, ring_frames: int = 32,
+                 debounce_ms: float = 5.0, max_pending: int = 64):
+        super().__init__()
+        self.offset_ns = int(offset_ms * 1e6)
+        self.window_ns = int(window_ms * 1e6)
+        self.debounce_ns = int(debounce_ms * 1e6)
+        self.max_pending = max_pending
+        self._ring: collections.deque[Captured] = collections.deque(maxlen=ring_frames)
+        self._pending: collections.deque = collections.deque()
+        self._last_trg_ns: int | None = None
+        self._n = 0
+        self._out: list[Part] = []      # overflow parts, handed out by the next feed/poll
+
+    def trigger(self, t_ns: int, encoder: int | None = None, name: str = "") -> None:
+        with self._lock:
+            self.counts["triggers"] += 1
+            if self._last_trg_ns is not None and 0 <= t_ns - self._last_trg_ns < self.debounce_ns:
+                # contact bounce, not a part: dropped, counted
+                self.counts["trigger_debounced"] += 1
+                return
+            self._last_trg_ns = t_ns
+            self._n += 1
+            name = name or f"T{self._n}"
+            self._pending.append((t_ns + self.offset_ns, t_ns, encoder, name))
+            while len(self._pending) > self.max_pending:
+                # A storm beyond the bound: the oldest cannot wait longer; it is a part
+                tgt, t0, enc, nm = self._pending.popleft()
+                self.counts[MISSED_TRIGGER] += 1
+                self._log_failsafe(MISSED_TRIGGER, f"trigger {nm}: more than "
+                                   f"{self.max_pending} triggers waiting for frames")
+                self._out.append(Part(None, t0, f"trg:{nm}", enc, MISSED_TRIGGER,
+                                      f"{MISSED_TRIGGER}: more than {self.max_pending} pending"))
+
+    def feed(self, got: Captured) -> list[Part]:
+        with self._lock:
+            self.counts["frames"] += 1
+            if got.image is not None:
+                self._ring.append(got)
+            return self._resolve(got.t_capture_ns, False)
+
+    def poll(self, now_ns: int) -> list[Part]:
+        with self._lock:
+            return self._resolve(now_ns, True)
+
+    def _resolve(self, now_ns: int, by_clock: bool) -> list[Part]:
+        out, self._out = self._out, []
+        while self._pending:
+            tgt, t0, enc, name = self._pending[0]
+            if not by_clock and now_ns < tgt:
+                break
+            if by_clock and now_ns < tgt + self.window_ns:
+                break
+            self._pending.popleft()
+            best = min(self._ring, key=lambda c: abs(c.t_capture_ns - tgt), default=None)
+            dt = abs(best.t_capture_ns - tgt) if best is not None else None
+            if dt is None or dt > self.window_ns:
+                self.counts[NO_FRAME_FOR_TRIGGER] += 1
+                why = ("no frame at all" if dt is None else
+                       f"nearest frame {dt / 1e6:.1f} ms from trigger + offset")
+                detail = f"{NO_FRAME_FOR_TRIGGER}: {why} (window {self.window_ns / 1e6:g} ms)"
+                self._log_failsafe(NO_FRAME_FOR_TRIGGER, f"trigger {name}: {detail}")
+                out.append(Part(None, t0, f"trg:{name}", enc, NO_FRAME_FOR_TRIGGER, detail))
+            else:
+                self.counts["parts"] += 1
+                out.append(Part(best, t0, f"trg:{name}", enc))
+        return out
+
+
+@dataclass
+class _Track:
+    tid: int
+    first_ns: int
+    obs: list = field(default_factory=list)   # (t_ns, centre, start, end, captured)
+    missed: int = 0
+    decided: bool = False
+    v: float = 0.0              # px (detector scale) per ns, along the belt
+    still_since: int = 0        # t_ns since which it has not moved
+
+    @property
+    def centre(self) -> float:
+        return self.obs[-1][1]
+
+    @property
+    def length(self) -> float:
+        return self.obs[-1][3] - self.obs[-1][2]
+
+
+class PresenceSelector(_Base):
+    """Parts found and tracked on a free-running camera; one decision per part.
+
+    Detector (cheap: a few numpy passes over a downscaled grey ROI): difference from an
+    empty-belt background (per-pixel median of the first learn_frames frames, then
+    adapted slowly where no part is), minus the frame's median difference (lighting drift),
+    over a threshold. The foreground is projected onto the belt axis: a part is a run of
+    occupied columns, so a part whose interior matches the belt is not split in two.
+
+    Behaviours (tests/test_parts.py):
+    - debris: a run shorter than min_length or with less than min_area foreground is ignored.
+    - one decision per track, when its centre crosses the reference line, on the frame
+      (before or after the line) whose centre is nearest it; the gate time is the crossing
+      time interpolated between those two frames.
+    - touching parts: a run longer than 1.6x the typical part length (learnt from single
+      parts) is round(length / typical) parts, each FAILSAFE (touching_parts).
+    - a part that stops before the line is FAILSAFE once (part_stopped) after stop_ms; if it
+      moves on it is still the same track, never a second decision.
+    - a part lost before the line (left unseen, camera stall) after 2+ sightings: FAILSAFE
+      (part_not_judged), gate time extrapolated at the measured belt speed. A part first
+      seen already past the line (appeared mid-ROI): the same.
+    - parts passing while the background is learnt are not seen: start on an empty belt.
+    """
+
+    mode = "presence"
+
+    def __init__(self, roi=(0.0, 0.0, 1.0, 1.0), direction: str = "+x", line: float = 0.5,
+                 threshold: float = 30.0, min_length: float = 0.05, min_area: float = 0.01,
+                 learn_frames: int = 15, adapt: float = 0.02, judge: str = "centred",
+                 stop_ms: float = 1000.0, max_missed: int = 3, scale: int = 4):
+        super().__init__()
+        self.roi = tuple(roi)
+        self.direction = direction
+        self.line_f = line
+        self.threshold = float(threshold)
+        self.min_length_f, self.min_area_f = min_length, min_area
+        self.learn_frames = learn_frames
+        self.adapt = adapt
+        self.judge = judge
+        self.stop_ns = int(stop_ms * 1e6)
+        self.max_missed = max_missed
+        self.scale = max(1, int(scale))
+        self._shape = None
+        self._learn: list[np.ndarray] = []
+        self.bg: np.ndarray | None = None
+        self.noise = 0.0
+        self._tracks: list[_Track] = []
+        self._tid = 0
+        self._lengths: collections.deque = collections.deque(maxlen=32)
+        self.belt_v = 0.0           # px/ns at detector scale, from decided tracks
+
+    # -- detector ------------------------------------------------------------------------
+    def _setup(self, shape) -> None:
+        h, w = shape[:2]
+        x0, y0, x1, y1 = self.roi
+        self._sl = (slice(int(y0 * h), max(int(y0 * h) + 1, int(y1 * h))),
+                    slice(int(x0 * w), max(int(x0 * w) + 1, int(x1 * w))))
+        rh = self._sl[0].stop - self._sl[0].start
+        rw = self._sl[1].stop - self._sl[1].start
+        self._size = (max(1, rw // self.scale), max(1, rh // self.scale))  # cv2: (w, h)
+        self._shape = shape
+
+    def grey(self, image: np.ndarray) -> np.ndarray:
+        """The ROI, grey, downscaled and turned so the belt runs along axis 1, +."""
+        if self._shape != image.shape:
+            self._setup(image.shape)
+            self.bg = None
+            self._learn = []
+            self._tracks = []
+        sub = image[self._sl]
+        if sub.ndim == 3:
+            sub = cv2.cvtColor(sub, cv2.COLOR_BGR2GRAY if sub.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
+        small = cv2.resize(sub, self._size, interpolation=cv2.INTER_AREA)
+        if self.direction in ("+y", "-y"):
+            small = small.T
+        if self.direction in ("-x", "-y"):
+            small = small[:, ::-1]
+        return small.astype(np.float32)
+
+    def detect(self, image: np.ndarray) -> list[tuple[float, float, float]] | None:
+        """(start, end, area) runs along the belt axis, detector pixels; None while learning."""
+        g = self.grey(image)
+        if self.bg is None:
+            self._learn.append(g)
+            if len(self._learn) < self.learn_frames:
+                return None
+            stack = np.stack(self._learn)
+            self.bg = np.median(stack, axis=0).astype(np.float32)
+            # The belt's own frame-to-frame noise (texture, sensor): the threshold never
+            # goes below 5 of it, so a coarse belt texture is not a part.
+            self.noise = float(np.median(np.abs(stack - self.bg)) * 1.4826)
+            self._learn = []
+            return None
+        d = g - self.bg
+        d -= float(np.median(d[::4, ::4]))      # lighting drift moves the whole ROI
+        thr = max(self.threshold, 5.0 * self.noise)
+        fg = np.abs(d) > thr
+        h, L = fg.shape
+        col = np.count_nonzero(fg, axis=0)
+        occ = col >= max(1, h // 20)
+        runs = _runs(occ, gap=max(1, L // 50))
+        min_len, min_area = self.min_length_f * L, self.min_area_f * L * h
+        out = []
+        busy = np.zeros(L, bool)
+        for a, b in runs:
+            area = float(col[a:b].sum())
+            busy[max(0, a - 2):b + 2] = True
+            if b - a >= min_len and area >= min_area:
+                out.append((float(a), float(b), area))
+            else:
+                self.counts["debris"] += 1
+        if self.adapt > 0:
+            free = ~busy
+            if free.any():
+                self.bg[:, free] += self.adapt * (g[:, free] - self.bg[:, free])
+        self._L = L
+        return out
+
+    # -- tracking ------------------------------------------------------------------------
+    def feed(self, got: Captured) -> list[Part]:
+        with self._lock:
+            self.counts["frames"] += 1
+            if got.image is None:
+                return []
+            runs = self.detect(got.image)
+            if runs is None:
+                self.counts["learning_frames"] += 1
+                return []
+            return self._track(got, runs)
+
+    def _track(self, got: Captured, runs) -> list[Part]:
+        t = got.t_capture_ns
+        L = self._L
+        line = self.line_f * L
+        out: list[Part] = []
+        blobs = [((a + b) / 2, a, b) for a, b, _ in runs]
+        free_b = set(range(len(blobs)))
+        pairs = []
+        for ti, tr in enumerate(self._tracks):
+            t_last, c_last = tr.obs[-1][0], tr.obs[-1][1]
+            v = tr.v or self.belt_v
+            pred = c_last + v * (t - t_last)
+            for bi, (c, a, b) in enumerate(blobs):
+                gate = 0.5 * max(tr.length, b - a) + 2
+                if abs(c - pred) <= gate and c >= c_last - gate:
+                    pairs.append((abs(c - pred), ti, bi))
+        pairs.sort()
+        used_t = set()
+        for _, ti, bi in pairs:
+            if ti in used_t or bi not in free_b:
+                continue
+            used_t.add(ti)
+            free_b.discard(bi)
+            tr = self._tracks[ti]
+            c, a, b = blobs[bi]
+            prev = tr.obs[-1]
+            inside = a > 0 and b < L and prev[2] > 0 and prev[3] < L
+            if inside and t > prev[0]:
+                v = (c - prev[1]) / (t - prev[0])
+                tr.v = v if not tr.v else tr.v + 0.5 * (v - tr.v)
+            if abs(c - prev[1]) > 1.0:
+                tr.still_since = t
+            tr.obs.append((t, c, a, b, got))
+            del tr.obs[:-4]                  # the frames the decision can still use
+            tr.missed = 0
+            if not tr.decided:
+                if prev[1] < line <= c:
+                    out += self._decide(tr, prev, tr.obs[-1], line)
+                elif t - tr.still_since >= self.stop_ns:
+                    tr.decided = True
+                    out.append(self._failsafe(tr, PART_STOPPED, t,
+                                              f"{PART_STOPPED}: not moved for "
+                                              f"{(t - tr.still_since) / 1e9:.1f} s before the line"))
+        for bi in sorted(free_b):
+            c, a, b = blobs[bi]
+            self._tid += 1
+            tr = _Track(self._tid, t, [(t, c, a, b, got)], still_since=t)
+            self._tracks.append(tr)
+            if c >= line and a > 0:
+                # first seen past the line: its crossing was not seen
+                tr.decided = True
+                out.append(self._failsafe(tr, PART_NOT_JUDGED, self._t_at_line(tr, line),
+                                          f"{PART_NOT_JUDGED}: first seen past the line"))
+        keep = []
+        for ti, tr in enumerate(self._tracks):
+            if ti not in used_t and tr.obs[-1][0] != t:
+                tr.missed += 1
+                if tr.missed > self.max_missed:
+                    if not tr.decided and len(tr.obs) >= 2:
+                        out.append(self._failsafe(tr, PART_NOT_JUDGED, self._t_at_line(tr, line),
+                                                  f"{PART_NOT_JUDGED}: lost before the line"))
+                    elif not tr.decided:
+                        self.counts["flicker"] += 1
+                    continue
+            keep.append(tr)
+        self._tracks = keep
+        return out
+
+    def _t_at_line(self, tr: _Track, line: float) -> int:
+        t, c = tr.obs[-1][0], tr.obs[-1][1]
+        v = tr.v or self.belt_v
+        return int(t + (line - c) / v) if v > 0 else t
+
+    def _failsafe(self, tr: _Track, reason: str, t_ref: int, detail: str) -> Part:
+        self.counts[reason] += 1
+        self.counts["parts"] += 1
+        self._log_failsafe(reason, f"track {tr.tid}: {detail}")
+        return Part(None, t_ref, f"track:{tr.tid}", None, reason, detail)
+
+    def _decide(self, tr: _Track, prev, cur, line: float) -> list[Part]:
+        tr.decided = True
+        (t0, c0, *_), (t1, c1, *_) = prev, cur
+        t_cross = int(t0 + (line - c0) / (c1 - c0) * (t1 - t0)) if c1 > c0 else t1
+        best = prev if abs(c0 - line) <= abs(c1 - line) else cur
+        length = best[3] - best[2]
+        if tr.v > 0:
+            self.belt_v = tr.v if not self.belt_v else self.belt_v + 0.2 * (tr.v - self.belt_v)
+        typical = float(np.median(self._lengths)) if len(self._lengths) >= 3 else 0.0
+        if typical and length > 1.6 * typical:
+            n = max(2, int(round(length / typical)))
+            v = tr.v or self.belt_v
+            parts = []
+            for i in range(n):
+                # sub-part i's centre passes the line earlier the further downstream it is
+                sub_c = best[2] + (i + 0.5) * length / n
+                t_i = int(t_cross - (sub_c - (best[2] + best[3]) / 2) / v) if v > 0 else t_cross
+                parts.append(self._failsafe(tr, TOUCHING, t_i, f"{TOUCHING}: {n} parts in one "
+                                            f"blob ({length:.0f} px, typical {typical:.0f})"))
+            return parts
+        self._lengths.append(length)
+        self.counts["parts"] += 1
+        extra = ()
+        if self.judge == "worst":
+            extra = tuple(o[4] for o in tr.obs if o is not best and o[2] > 0 and o[3] < self._L)
+        return [Part(best[4], t_cross, f"track:{tr.tid}", extra=extra)]
+
+    def tracks(self) -> int:
+        with self._lock:
+            return len(self._tracks)
+
+
+def _runs(occ: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """[start, end) runs of True, with holes of up to `gap` filled (a part whose middle
+    matches the belt stays one part)."""
+    if not occ.any():
+        return []
+    x = np.concatenate(([0], occ.view(np.int8), [0]))
+    edges = np.flatnonzero(np.diff(x))
+    starts, ends = edges[::2], edges[1::2]
+    out = [[int(starts[0]), int(ends[0])]]
+    for a, b in zip(starts[1:], ends[1:]):
+        if a - out[-1][1] <= gap:
+            out[-1][1] = int(b)
+        else:
+            out.append([int(a), int(b)])
+    return [(a, b) for a, b in out]
+
+
+def make_selector(trigger) -> ExternalSelector | PresenceSelector | None:
+    """The selector for a config's [trigger]; None for mode 'frame' (every frame a part)."""
+    if trigger is None or trigger.mode == "frame":
+        return None
+    if trigger.mode == "external":
+        return ExternalSelector(trigger.offset_ms, trigger.window_ms, trigger.ring_frames,
+                                trigger.debounce_ms, trigger.max_pending)
+    return PresenceSelector(trigger.roi, trigger.direction, trigger.line, trigger.threshold,
+                            trigger.min_length, trigger.min_area, trigger.learn_frames,
+                            trigger.adapt, trigger.judge, trigger.stop_ms, trigger.max_missed,
+                            trigger.scale)
