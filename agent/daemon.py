@@ -105,7 +105,7 @@ def mqtt_settings(cfg: Config):
 
 
 # Sections whose change needs a restart (the rest is applied by a reload).
-_RESTART_SECTIONS = ("station", "camera", "gate", "mqtt", "metrics")
+_RESTART_SECTIONS = ("station", "camera", "gate", "mqtt", "metrics", "ui")
 
 
 class Agent:
@@ -146,6 +146,7 @@ class Agent:
         self.reporter: Reporter | None = None
         self.prom = PromMetrics()
         self.watchdog = None
+        self.ui = None          # agent/ui: the operator page's server, when [ui] port is set
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload_requested = False
@@ -217,25 +218,48 @@ class Agent:
                 height=cfg.camera.height, read_timeout_s=cfg.camera.stall_timeout_s)
             self.watchdog = Watchdog(self.notifier, max(30.0, 3 * (cfg.camera.reconnect_max_s
                                                                   + cfg.camera.stall_timeout_s)))
+            ui_state = None
+            if cfg.ui.port:
+                from .ui import UiState
+
+                ui_state = UiState(cfg.ui.rejects)
             sinks = [self.reporter, self.prom, self._kick_sink, self._progress,
-                     *self._extra_sinks]
+                     *self._extra_sinks, *([ui_state] if ui_state is not None else [])]
             self.pipeline = Pipeline(
                 source, self.inspector, gate=self.gate, sinks=sinks,
                 deadline_ms=cfg.inspection.deadline_ms, failsafe=cfg.inspection.failsafe,
                 queue_size=cfg.inspection.queue_size, gate_number=cfg.gate.gate,
                 fps=cfg.camera.fps, reconnect_max_s=cfg.camera.reconnect_max_s,
                 stall_timeout_s=cfg.camera.stall_timeout_s, on_state=self._on_state,
-                keep_images=self.recorder is not None, workers=cfg.model.workers,
+                keep_images=self.recorder is not None or ui_state is not None,
+                workers=cfg.model.workers,
                 needs_encoder=cfg.gate.kind == "serial" and cfg.gate.mode == "encoder",
                 on_decided=self.reporter.commit)
             self.pipeline.frame_checks = FrameChecker(cfg.frame_checks.settings())
             log.info("part ids: %s-<seq>", self.pipeline.prefix)
+            if ui_state is not None:
+                self._start_ui(ui_state)
             self.pipeline.start()
             self.watchdog.start()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _start_ui(self, ui_state) -> None:
+        from .ui import build_server
+
+        ui = self.cfg.ui
+        try:
+            self.ui = build_server(self, ui_state).start()
+        except OSError as e:
+            raise StartupError([f"ui.port: cannot listen on {ui.bind}:{ui.port}: "
+                                f"{e.strerror or e}"]) from None
+        except ValueError as e:
+            raise StartupError([f"ui.token_file: {e}"]) from None
+        log.info("operator page on http://%s:%d/ (%s%s)", ui.bind, self.ui.port,
+                 "control on" if ui.control else "read-only",
+                 ", token" if ui.token_file else "")
 
     # -- hooks ---------------------------------------------------------------------------
     def _progress(self, insp: Inspection) -> None:
@@ -564,6 +588,8 @@ class Agent:
             if self.link.outbox_depth() and self.link.connected():
                 self.link.wait_drained(2.0)
             self.link.stop()
+        if self.ui is not None:
+            self.ui.stop()
         self.prom.close()
 
 
