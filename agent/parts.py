@@ -102,11 +102,12 @@ class ExternalSelector(_Base):
     def trigger(self, t_ns: int, encoder: int | None = None, name: str = "") -> None:
         with self._lock:
             self.counts["triggers"] += 1
-            if self._last_trg_ns is not None and 0 <= t_ns - self._last_trg_ns < self.debounce_ns:
-                # contact bounce, not a part: dropped, counted
+            last, self._last_trg_ns = self._last_trg_ns, t_ns
+            if last is not None and 0 <= t_ns - last < self.debounce_ns:
+                # contact bounce, not a part: dropped, counted; measured from the last
+                # edge, so a whole bounce train is one part
                 self.counts["trigger_debounced"] += 1
                 return
-            self._last_trg_ns = t_ns
             self._n += 1
             name = name or f"T{self._n}"
             self._pending.append((t_ns + self.offset_ns, t_ns, encoder, name))

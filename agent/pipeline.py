@@ -31,6 +31,8 @@ import numpy as np
 from .frame_checks import REASONS as FRAME_CHECK_REASONS
 from .frame_checks import FrameChecker
 from .inspector import Inspector
+from .parts import REASONS as PART_REASONS
+from .parts import Part
 from .sources import Captured, Source, SourceError
 from .types import Frame, Inspection, Verdict
 
@@ -52,6 +54,8 @@ IMAGE_BACKLOG = 16               # reports in the output queue beyond which imag
 
 # blank_frame, frozen_frame, frame_out_of_range: the frame showed nothing worth judging
 FAILSAFE_REASONS = FAILSAFE_REASONS + FRAME_CHECK_REASONS
+# no_frame_for_trigger, missed_trigger, part_not_judged, ...: the part selector's (parts.py)
+FAILSAFE_REASONS = FAILSAFE_REASONS + PART_REASONS
 _FRAME_ERRORS = (PREPROCESS, *FRAME_CHECK_REASONS)
 
 STAGES = ("decode", "preprocess", "queue", "invoke", "decide", "gate", "total")
@@ -73,13 +77,14 @@ def boot_prefix() -> str:
 
 
 class _Item:
-    __slots__ = ("frame", "pixels", "insp", "t_pre_ns")
+    __slots__ = ("frame", "pixels", "insp", "t_pre_ns", "extra")
 
-    def __init__(self, frame, pixels, insp, t_pre_ns):
+    def __init__(self, frame, pixels, insp, t_pre_ns, extra=()):
         self.frame = frame
         self.pixels = pixels
         self.insp = insp
         self.t_pre_ns = t_pre_ns
+        self.extra = extra          # more frames of the same part (judge = "worst")
 
 
 _END = object()
@@ -117,7 +122,8 @@ class Pipeline:
                  on_state: Callable[[str, str, str], None] | None = None,
                  keep_images: bool = True, pull_queue_size: int = 1, workers: int = 1,
                  needs_encoder: bool = False,
-                 on_decided: Callable[[Inspection], None] | None = None):
+                 on_decided: Callable[[Inspection], None] | None = None,
+                 selector=None):
         if failsafe not in ("reject", "pass"):
             raise ValueError(f"failsafe must be 'reject' or 'pass', not {failsafe!r}")
         self.source = source
@@ -139,7 +145,12 @@ class Pipeline:
         self.frame_checks: FrameChecker | None = None
         self.keep_images = keep_images
         self.paused = False
-        self.pull = not getattr(source, "live", False) and self.fps <= 0
+        # agent.parts selector (trigger mode external/presence); None: every frame a part.
+        # A frame may then make no part or several, so the source is never pulled per part.
+        self.selector = selector
+        self.mode = getattr(selector, "mode", "frame")
+        self._admit_lock = threading.Lock()
+        self.pull = not getattr(source, "live", False) and self.fps <= 0 and selector is None
         self.workers = max(1, int(workers))
         self.needs_encoder = needs_encoder
         self.on_decided = on_decided
@@ -201,8 +212,17 @@ class Pipeline:
 
     def on_trigger(self, part: str, encoder: int) -> None:
         """A part-present trigger from the gate controller: the next frame carries its
-        encoder count (encoder-mode reject timing)."""
+        encoder count (encoder-mode reject timing); in external trigger mode, a part."""
+        if self.selector is not None:
+            self.selector.trigger(time.monotonic_ns(), int(encoder), part)
+            return
         self._pending_encoder = int(encoder)
+
+    def part_trigger(self, name: str = "", t_ns: int | None = None,
+                     encoder: int | None = None) -> None:
+        """A part-present trigger from MQTT, Modbus or a test (external trigger mode)."""
+        if self.selector is not None:
+            self.selector.trigger(time.monotonic_ns() if t_ns is None else t_ns, encoder, name)
 
     def start(self) -> "Pipeline":
         self.t_started = time.monotonic()
@@ -261,6 +281,10 @@ class Pipeline:
     def check_stall(self) -> bool:
         """Call periodically: a source stuck in read() longer than stall_timeout_s is
         reported degraded (the read cannot be interrupted; the watchdog sees no progress)."""
+        if self.selector is not None and self.running:
+            # triggers whose frame never came (a stalled camera) are parts: FAILSAFE now
+            for part in self.selector.poll(time.monotonic_ns()):
+                self._admit_part(part)
         since = self._in_read_since
         if since and time.monotonic_ns() - since > self.stall_timeout_ns:
             self._set_source_state("degraded", "stalled: no frame for "
@@ -283,6 +307,9 @@ class Pipeline:
         if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
             rate = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
         return {
+            "mode": self.mode,
+            "frames": self.counts["frames"],
+            "selector": self.selector.counters() if self.selector is not None else {},
             "parts": self.counts["parts"],
             "pass": self.counts["PASS"], "reject": self.counts["REJECT"],
             "failsafe": self.counts["FAILSAFE"],
@@ -380,12 +407,37 @@ class Pipeline:
             self._in_q.put(_END)
 
     def _admit(self, got: Captured) -> None:
+        with self._lock:
+            self.counts["frames"] += 1
+        self._last_frame_ns = got.t_decoded_ns
+        if self.selector is None:
+            return self._admit_frame(got)
+        for part in self.selector.feed(got):
+            self._admit_part(part)
+
+    def _admit_part(self, part: Part) -> None:
+        # The part's reference time (trigger, line crossing) stands in for the capture
+        # time: deadlines and the gate's travel delay count from it.
+        with self._admit_lock:
+            if part.failsafe is None:
+                return self._admit_frame(part.captured, part.t_ref_ns, part.encoder, part.extra,
+                                         part.ref)
+            self._seq += 1
+            seq = self._seq
+            frame = Frame(seq, f"{self.prefix}-{seq}", part.t_ref_ns, time.time(), None,
+                          part.ref, part.encoder, part.t_ref_ns, part.detail)
+            self._finish(frame, Verdict.FAILSAFE, math.nan, "", part.failsafe, self._inspector,
+                         part.t_ref_ns, part.t_ref_ns, 0, 0, 0)
+
+    def _admit_frame(self, got: Captured, t_ref_ns: int | None = None,
+                     enc: int | None = None, extra=(), ref: str = "") -> None:
         self._seq += 1
         seq = self._seq
-        self._last_frame_ns = got.t_decoded_ns
-        enc, self._pending_encoder = self._pending_encoder, None
-        frame = Frame(seq, f"{self.prefix}-{seq}", got.t_capture_ns, time.time(), got.image,
-                      got.ref, enc, got.t_decoded_ns, got.error)
+        if self.selector is None:
+            enc, self._pending_encoder = self._pending_encoder, None
+        tc = got.t_capture_ns if t_ref_ns is None else t_ref_ns
+        frame = Frame(seq, f"{self.prefix}-{seq}", tc, time.time(), got.image,
+                      f"{got.ref} {ref}" if ref else got.ref, enc, got.t_decoded_ns, got.error)
         if not self.pull:
             try:
                 self._slots.get_nowait()
@@ -404,8 +456,15 @@ class Pipeline:
                 frame.error = f"{PREPROCESS}: {e}"
         if frame.error is None and self.frame_checks is not None:
             frame.error = self.frame_checks.check(got.image, insp.bundle.input_stats)
+        more = []
+        if frame.error is None:
+            for c in extra:
+                try:
+                    more.append(insp.preprocess(c.image))
+                except Exception:  # noqa: BLE001 - the main frame still judges the part
+                    pass
         self._in_depth += 1
-        self._in_q.put(_Item(frame, pixels, insp, time.monotonic_ns()))
+        self._in_q.put(_Item(frame, pixels, insp, time.monotonic_ns(), more))
 
     # -- inspect ---------------------------------------------------------------------------
     def _inspect_loop(self) -> None:
@@ -446,6 +505,10 @@ class Pipeline:
                         probs = insp.infer(pixels)
                         t_inv = mono()
                         verdict, score, label = insp.decide(probs)
+                        for px in item.extra:     # judge = "worst": the worst frame decides
+                            v2, s2, l2 = insp.decide(insp.infer(px))
+                            if s2 > score:
+                                verdict, score, label = v2, s2, l2
                         t_dec = mono()
                     except Exception as e:  # noqa: BLE001 - FAILSAFE, counted, reported
                         t_inv = t_dec = mono()
@@ -511,7 +574,7 @@ class Pipeline:
                        "total": (t_g1 - tc) / 1e6}
         if reason is None:
             why = ""
-        elif frame.error and reason in (DECODE, INFERENCE, *_FRAME_ERRORS):
+        elif frame.error and reason in (DECODE, INFERENCE, *_FRAME_ERRORS, *PART_REASONS):
             why = frame.error if frame.error.startswith(reason) else f"{reason}: {frame.error}"
         else:
             why = reason
