@@ -202,7 +202,7 @@ def run(sel, gen):
 
 
 def test_debris_is_ignored_and_a_part_still_counts():
-    debris = moving(-20, speed=20, w=8, h=8, y=100)
+    debris = moving(-20, speed=20, w=16, h=40, y=100)   # 4 detector px along the belt
     sel = PresenceSelector()
     parts = run(sel, belt_frames([debris, moving(-40, start=25)], 70))
     assert len(parts) == 1 and parts[0].failsafe is None
