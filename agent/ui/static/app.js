@@ -160,6 +160,7 @@ async function mark(label) {
     const next = queue.findIndex((q, i) => i > sel && !q.review);
     if (next >= 0) sel = next;
     showReview();
+    loadQueue();      // the counts, and anything recorded meanwhile
   } else {
     alert(out.error || code);
   }
