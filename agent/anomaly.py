@@ -143,9 +143,16 @@ class Scorer:
         return np.sqrt(np.maximum(dist, 0.0)).reshape(self.m.grid)
 
     def raw_score(self, pmap: np.ndarray) -> float:
-        if self.m.smooth > 0:
-            pmap = cv2.GaussianBlur(pmap, (0, 0), self.m.smooth)
-        return float(pmap.max())
+        return blur_max(pmap, self.m.smooth)
+
+
+def blur_max(pmap: np.ndarray, sigma: float) -> float:
+    """The image's raw score: the max of the (blurred) patch map. The blur makes a defect a
+    few patches wide outscore one noisy patch on a good part (AUROC 0.88 -> 0.955 with
+    sigma 3 for PatchCore on magnetic tiles; benchmarks/README.md)."""
+    if sigma > 0:
+        pmap = cv2.GaussianBlur(pmap, (0, 0), sigma)
+    return float(pmap.max())
 
 
 class FeatureModel:

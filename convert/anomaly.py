@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.anomaly import MEMORY_FILE, METHODS, FeatureModel, Memory, Scorer, patch_features
+from agent.anomaly import MEMORY_FILE, METHODS, FeatureModel, Memory, Scorer, blur_max, patch_features
 from agent.bundle import INT8_MODEL, MANIFEST, sha256_file, write_manifest
 from agent.decide import anomaly_probs
 from agent.preprocess import InputSpec, preprocess
@@ -48,6 +48,12 @@ FALSE_REJECT_TARGETS = (0.001, 0.005, 0.01, 0.02, 0.05)
 # The coreset is chosen from at most this many patches (random): greedy k-center is
 # O(pool x bank), and a random pool of 200k patches already covers a few hundred images.
 CORESET_POOL = 200_000
+# Measured on magnetic tiles (benchmarks/README.md): PaDiM gains up to 96 dims (a 14 MB
+# float16 memory at 28x28; 128 would pass 20 MB), PatchCore's search cost grows with dims
+# for little gain past 64.
+DEFAULT_DIM = {"patchcore": 64, "padim": 96}
+DEFAULT_SMOOTH = {"patchcore": 3.0, "padim": 1.0}
+SMOOTHS = (1.0, 2.0, 3.0)      # tried with validation defects
 
 
 class AnomalyDataError(DataError):
@@ -56,15 +62,15 @@ class AnomalyDataError(DataError):
 
 @dataclass
 class AnomalyOptions:
-    method: str = "patchcore"
+    method: str = "auto"          # auto: the better validation AUROC where defects exist
     size: tuple[int, int] = (224, 224)      # (w, h)
     color: str = "auto"
     fit: str = "stretch"
     holdout: float = 0.2
     false_reject: float = 0.01
     bank: int = 2000              # patchcore coreset size
-    dim: int = 64                 # PCA dimensions of a patch feature
-    smooth: float = 1.0           # blur sigma (patches) before the max
+    dim: int | None = None        # PCA dims of a patch feature; None: DEFAULT_DIM[method]
+    smooth: float | None = None   # blur sigma (patches) before the max; None: chosen/default
     representative: int = 64
     seed: int = 0
 
@@ -142,12 +148,13 @@ def greedy_coreset(x: np.ndarray, m: int, seed: int) -> np.ndarray:
 
 
 def fit_memory(feats: np.ndarray, grid: tuple[int, int], model_sha256: str,
-               opts: AnomalyOptions) -> Memory:
+               opts: AnomalyOptions, method: str) -> Memory:
     """A Memory (scale 1, to be calibrated) from good patch features (N, P, D)."""
     n, p, d_in = feats.shape
     flat = feats.reshape(-1, d_in)
-    mean, proj = fit_pca(flat, opts.dim, opts.seed)
-    if opts.method == "patchcore":
+    mean, proj = fit_pca(flat, opts.dim or DEFAULT_DIM[method], opts.seed)
+    smooth = DEFAULT_SMOOTH[method] if opts.smooth is None else opts.smooth
+    if method == "patchcore":
         rng = np.random.default_rng(opts.seed)
         pool = flat[rng.permutation(len(flat))[:CORESET_POOL]]
         x = (pool - mean) @ proj
@@ -155,19 +162,45 @@ def fit_memory(feats: np.ndarray, grid: tuple[int, int], model_sha256: str,
         idx = greedy_coreset(x, opts.bank, opts.seed)
         log.info("coreset: %d of %d pooled patches (%d images x %d) in %.1fs", len(idx), len(x), n, p,
                  time.perf_counter() - t0)
-        return Memory("patchcore", mean, proj, grid, 1.0, opts.smooth, model_sha256, bank=x[idx])
+        return Memory("patchcore", mean, proj, grid, 1.0, smooth, model_sha256, bank=x[idx])
     x = ((flat - mean) @ proj).reshape(n, p, -1).astype(np.float64)
     mu = x.mean(axis=0)
     c = x - mu
     cov = np.einsum("npi,npj->pij", c, c) / max(1, n - 1)
     # The usual PaDiM ridge: a few dozen images cannot pin a 64x64 covariance down
     cov += 0.01 * np.eye(cov.shape[-1])[None]
-    return Memory("padim", mean, proj, grid, 1.0, opts.smooth, model_sha256, mu=mu.astype(np.float32),
+    return Memory("padim", mean, proj, grid, 1.0, smooth, model_sha256, mu=mu.astype(np.float32),
                   inv_cov=np.linalg.inv(cov).astype(np.float32))
 
 
 def raw_scores(scorer: Scorer, feats: np.ndarray) -> np.ndarray:
     return np.array([scorer.raw_score(scorer.patch_map(f)) for f in feats])
+
+
+def choose_memory(f_mem, f_held, f_def, grid, model_sha256: str, opts: AnomalyOptions):
+    """(memory, table): the memory to ship and what each candidate measured. With defect
+    images and --memory auto (or no --smooth), every method x blur is scored on held-back
+    good vs those defects and the best AUROC wins; without defects, PatchCore (it needs no
+    alignment between parts) at its default blur."""
+    methods = list(METHODS) if opts.method == "auto" and len(f_def) else \
+        ["patchcore" if opts.method == "auto" else opts.method]
+    table, best = [], None
+    for method in methods:
+        mem = fit_memory(f_mem, grid, model_sha256, opts, method)
+        sc = Scorer(mem)
+        held_maps = [sc.patch_map(f) for f in f_held]
+        def_maps = [sc.patch_map(f) for f in f_def]
+        smooths = SMOOTHS if opts.smooth is None and len(f_def) else [mem.smooth]
+        for s in smooths:
+            g = np.array([blur_max(m, s) for m in held_maps])
+            d = np.array([blur_max(m, s) for m in def_maps])
+            auc = auroc(np.r_[g, d], np.r_[np.zeros(len(g), bool), np.ones(len(d), bool)]) if len(d) else None
+            table.append({"method": method, "smooth": s, "validation_auroc": auc})
+            log.info("memory %s, blur %.1f: validation AUROC %s", method, s,
+                     "n/a (no defects)" if auc is None else f"{auc:.4f}")
+            if best is None or (auc or 0) > (best[0] or 0):
+                best = (auc, Memory(**{**mem.__dict__, "smooth": s}))
+    return best[1], table
 
 
 def threshold_for_false_reject(good_scores, target: float) -> float:
@@ -282,9 +315,10 @@ def train_anomaly(data: Path, out_dir: Path, opts: AnomalyOptions) -> dict:
     t0 = time.perf_counter()
     f_mem = extract(fm, px_good[mem_i])
     f_held = extract(fm, px_good[held_i])
+    f_def = extract(fm, _pixels(defect_imgs, spec)) if defect_imgs else np.empty((0,) + f_held.shape[1:])
     extract_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    memory = fit_memory(f_mem, fm.grid(), model_sha, opts)
+    memory, table = choose_memory(f_mem, f_held, f_def, fm.grid(), model_sha, opts)
     fit_s = time.perf_counter() - t0
     scorer = Scorer(memory)
     held_raw = raw_scores(scorer, f_held)
@@ -295,7 +329,8 @@ def train_anomaly(data: Path, out_dir: Path, opts: AnomalyOptions) -> dict:
     norm = lambda r: anomaly_probs(r, t_raw)[:, 1] if len(r) else np.empty(0)   # noqa: E731
 
     metrics: dict = {
-        "kind": "anomaly", "method": memory.method, "false_reject_target": opts.false_reject,
+        "kind": "anomaly", "method": memory.method, "smooth": memory.smooth, "candidates": table,
+        "false_reject_target": opts.false_reject,
         "raw_threshold": t_raw, "held_back_good": int(len(held_i)), "memory_good": int(len(mem_i)),
         "feature_dim": int(memory.dim), "pca_dim": int(memory.proj.shape[1]),
         "grid": list(memory.grid), "bank": int(len(memory.bank)) if memory.bank is not None else None,
@@ -308,7 +343,7 @@ def train_anomaly(data: Path, out_dir: Path, opts: AnomalyOptions) -> dict:
                              for t in FALSE_REJECT_TARGETS],
     }
     held_norm = norm(held_raw)
-    d_norm = norm(raw_scores(scorer, extract(fm, _pixels(defect_imgs, spec)))) if defect_imgs else np.empty(0)
+    d_norm = norm(raw_scores(scorer, f_def)) if len(f_def) else np.empty(0)
     metrics["validation"] = defect_report(held_norm, d_norm, threshold)
     if test is not None:
         _, t_cls, t_imgs, t_bad = load_split(test, "test")
@@ -376,9 +411,10 @@ def main(argv: list[str]) -> int:
                                             "defect folders only report).")
     p.add_argument("data", type=Path, metavar="DATA_DIR")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
-    p.add_argument("--memory", choices=METHODS, default="patchcore",
-                   help="patchcore (nearest good patch; default) or padim (Gaussian per position: "
-                        "fixtured cameras only)")
+    p.add_argument("--memory", choices=("auto",) + METHODS, default="auto",
+                   help="patchcore (nearest good patch), padim (Gaussian per position: fixtured "
+                        "cameras), or auto (default): the better validation AUROC where defect "
+                        "folders exist, else patchcore")
     p.add_argument("--input-size", type=_size, default=(224, 224), metavar="N|WxH")
     p.add_argument("--color", choices=["auto", "gray", "rgb"], default="auto")
     p.add_argument("--fit", choices=["stretch", "letterbox", "center_crop"], default="stretch")
@@ -387,8 +423,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--false-reject", type=float, default=0.01,
                    help="false-reject target on held-back good images (default 0.01)")
     p.add_argument("--bank", type=int, default=2000, help="patchcore coreset size (default 2000)")
-    p.add_argument("--dim", type=int, default=64, help="PCA dims per patch (default 64)")
-    p.add_argument("--smooth", type=float, default=1.0, help="map blur sigma in patches (0: none)")
+    p.add_argument("--dim", type=int, default=None, help="PCA dims per patch (default 64 "
+                   "patchcore, 96 padim)")
+    p.add_argument("--smooth", type=float, default=None, help="map blur sigma in patches (0: none; "
+                   "default: chosen on validation defects, else 3 patchcore, 1 padim)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true")
     try:
@@ -404,7 +442,7 @@ def main(argv: list[str]) -> int:
         problems.append("--holdout must be within (0, 0.9)")
     if not 0.0 <= a.false_reject < 0.5:
         problems.append("--false-reject must be within [0, 0.5)")
-    if a.bank < 1 or a.dim < 1 or a.smooth < 0:
+    if a.bank < 1 or (a.dim is not None and a.dim < 1) or (a.smooth is not None and a.smooth < 0):
         problems.append("--bank and --dim must be >= 1, --smooth >= 0")
     if problems:
         print(f"{prog}: " + "; ".join(problems), file=sys.stderr)
