@@ -28,6 +28,7 @@ from .config import Config, ConfigError, config_warnings, load_config, print_pro
 from .frame_checks import FrameChecker
 from .inspector import Inspector, InspectorError
 from .kicks import KickLedger
+from .parts import make_selector
 from .pipeline import Pipeline
 from .prom import PromMetrics
 from .recorder import Recorder
@@ -105,7 +106,7 @@ def mqtt_settings(cfg: Config):
 
 
 # Sections whose change needs a restart (the rest is applied by a reload).
-_RESTART_SECTIONS = ("station", "camera", "gate", "mqtt", "metrics", "ui")
+_RESTART_SECTIONS = ("station", "camera", "gate", "mqtt", "metrics", "ui", "trigger")
 
 
 class Agent:
@@ -234,12 +235,13 @@ class Agent:
                 keep_images=self.recorder is not None or ui_state is not None,
                 workers=cfg.model.workers,
                 needs_encoder=cfg.gate.kind == "serial" and cfg.gate.mode == "encoder",
-                on_decided=self.reporter.commit)
+                on_decided=self.reporter.commit, selector=make_selector(cfg.trigger))
             self.pipeline.frame_checks = FrameChecker(cfg.frame_checks.settings())
             log.info("part ids: %s-<seq>", self.pipeline.prefix)
             if ui_state is not None:
                 self._start_ui(ui_state)
             self.pipeline.start()
+            self._start_trigger_source()
             self.watchdog.start()
         except BaseException:
             self.close()
@@ -357,7 +359,7 @@ class Agent:
         return (f"{self.overall_state()}: {s['rate']:.1f} parts/s, {s['parts']} parts, "
                 f"{s['reject']} rejects, {s['failsafe']} failsafe, {h['kicks_failed']} kicks "
                 f"failed, p99 {s['latency_ms']['p99'] or 0:.1f} ms; source {src}, gate "
-                f"{h['gate']}, mqtt {h['mqtt']}")
+                f"{h['gate']}, mqtt {h['mqtt']}; trigger {s['mode']}")
 
     def metrics_payload(self) -> dict:
         p = self.pipeline
@@ -568,10 +570,27 @@ class Agent:
                 self.link.publish_metrics(self.metrics_payload())
         self.close()
 
+    def _start_trigger_source(self) -> None:
+        # external mode over MQTT: its own subscriber, so a trigger never waits on alerts
+        t = self.cfg.trigger
+        if t.mode != "external" or t.source != "mqtt":
+            return
+        from .trigger_sources import MqttTrigger
+
+        m = self.cfg.mqtt
+        password = Path(m.password_file).read_text().strip() if m.password_file else None
+        self.trigger_source = MqttTrigger(
+            m.host, m.port, f"{m.prefix}/{self.cfg.station.id}/trigger",
+            lambda name, t_ns, enc: self.pipeline.part_trigger(name, t_ns, enc),
+            username=m.username, password=password, tls=m.tls,
+            ca_file=str(m.ca_file) if m.ca_file else None).start()
+
     def close(self) -> None:
         if getattr(self, "_closed", False):
             return
         self._closed = True
+        if getattr(self, "trigger_source", None) is not None:
+            self.trigger_source.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.recorder is not None:
