@@ -1,7 +1,11 @@
-"""`edge-inspect evaluate BUNDLE_DIR DATA_DIR [--json]`: measure a bundle on labelled images.
+"""`edge-inspect evaluate BUNDLE_DIR DATA_DIR [--json] [--report DIR]`: measure a bundle on
+labelled images.
 
 Runs the bundle's int8 model through agent.preprocess and the agent's own engine, exactly as
-the line does. TensorFlow is imported nowhere on this path.
+the line does. TensorFlow is imported nowhere on this path, nor matplotlib unless --report
+asks for the pictures (convert.report). Besides the figures at the bundle's threshold it gives
+the ROC AUC and this set's operating-point table (the threshold each escape target would pick
+on these very scores), so a model and a threshold policy can be judged apart.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from agent.decide import defect_score
 from agent.preprocess import VIEWS, preprocess
 
 from .data import GOOD, DataError, load_split, scan_eval
-from .threshold import rate_upper_bound
+from .monitor import roc_auc
+from .threshold import OPERATING_POINTS, operating_points, rate_upper_bound
 
 log = logging.getLogger("convert.evaluate")
 
@@ -78,15 +83,49 @@ def _format_text(m: dict, bundle) -> str:
              f"at most {100 * m['escape_rate_upper_95']:.1f} % at 95 % confidence)",
              f"false-reject rate: {100 * m['false_reject_rate']:.2f} %  ({m['false_rejects']} good parts rejected)",
              f"label accuracy:    {100 * m['label_accuracy']:.2f} %",
-             *([f"image AUROC:       {m['auroc']:.4f}"] if m.get("auroc") is not None else []),
-             f"mean time:         {m['ms_per_image']:.2f} ms per image (decode excluded; preprocess + int8 inference)",
-             "confusion (rows: truth, columns: predicted):"]
+             "ROC AUC:           " + ("undefined (needs good and defect images)" if m.get("roc_auc") is None
+                                        else f"{m['roc_auc']:.4f}"),
+             f"mean time:         {m['ms_per_image']:.2f} ms per image (decode excluded; preprocess + int8 inference)"]
+    if m.get("operating_points"):
+        lines += ["operating points on this set (the threshold each escape target picks on these very "
+                  "scores: the model, apart from the threshold policy):",
+                  f"  {'escape target':>13}  {'threshold':>9}  {'escape':>8}  {'false reject':>12}"]
+        lines += [f"  {100 * q['max_escape']:>11.1f} %  {q['threshold']:>9.4f}  {100 * q['escape_rate']:>6.2f} %"
+                  f"  {100 * q['false_reject_rate']:>10.2f} %" for q in m["operating_points"]]
+    lines.append("confusion (rows: truth, columns: predicted):")
     cols = list(next(iter(m["confusion"].values())).keys()) if m["confusion"] else []
     w = max([len(c) for c in cols + list(m["confusion"])] + [6]) + 2
     lines.append(" " * w + "".join(c.rjust(w) for c in cols))
     for tn, row in m["confusion"].items():
         lines.append(tn.ljust(w) + "".join(str(row.get(c, 0)).rjust(w) for c in cols))
+    if m.get("report"):
+        lines.append(f"report: {m['report']}")
     return "\n".join(lines)
+
+
+def _write_report(out_dir: Path, engine, bundle, split, paths, truth, images, scores, good,
+                  max_escape: float | None) -> Path:
+    """convert.report's pictures of this evaluation. An engine that gives defect maps
+    (`engine.maps(pixels)`, e.g. the anomaly engine) has them drawn over the gallery images,
+    computed for those images only, where one map covers the whole image (1 tile, no ROI,
+    stretched)."""
+    from .report import ScoredSet, gallery_indices, write_report
+
+    maps = None
+    spec = bundle.input
+    if (callable(getattr(engine, "maps", None)) and tuple(spec.tiles) == (1, 1) and spec.roi is None
+            and spec.fit == "stretch"):
+        scored = ScoredSet(np.asarray(scores), list(truth), [str(q) for q in paths], images)
+        low, high = gallery_indices(scored, good)
+        maps = [None] * len(images)
+        buf = np.empty(spec.shape, dtype=np.uint8)
+        for i in low + high:
+            maps[i] = np.asarray(engine.maps(preprocess(images[i], spec, out=buf))[0], np.float32)
+    scored = ScoredSet(np.asarray(scores), list(truth), [str(q) for q in paths], images, maps)
+    title = f"{bundle.name or Path(bundle.path).name} on {split.root}"
+    return write_report(out_dir, title=title, history=None, scored=scored,
+                        threshold=bundle.threshold, max_escape=max_escape, labels=list(bundle.labels),
+                        good=good)
 
 
 def main(argv: list[str]) -> int:
@@ -102,6 +141,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--views", type=int, choices=VIEWS, default=None,
                    help="mirror views per tile, at most the bundle's (default: the bundle's); "
                         "decides at the bundle's threshold for that many unless --threshold")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR",
+                   help="also draw the pictures (ROC, escape vs false reject, confusion, galleries) "
+                        "into DIR/report/ with an index.html; needs matplotlib (the train extra)")
     try:
         args = p.parse_args(argv[1:])
     except SystemExit as e:
@@ -130,7 +172,7 @@ def main(argv: list[str]) -> int:
     except EngineError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    _, truth, images, bad = load_split(split, "evaluation")
+    paths, truth, images, bad = load_split(split, "evaluation")
     if not images:
         print(f"{prog}: no readable images under {split.root}", file=sys.stderr)
         return 2
@@ -140,6 +182,24 @@ def main(argv: list[str]) -> int:
     from .anomaly import auroc
     m.update(auroc=auroc(scores, [t != good for t in truth]), kind=bundle.kind, ms_per_image=ms, unreadable=len(bad), threshold=bundle.threshold, views=bundle.input.views,
              bundle=str(bundle.path), data=str(split.root), model_sha256=bundle.model_sha256)
+    is_def = [t != good for t in truth]
+    auc = roc_auc(scores, is_def)
+    m.update(roc_auc=None if np.isnan(auc) else auc,
+             operating_points=operating_points(scores, is_def, OPERATING_POINTS) if any(is_def) else [])
+    if args.report is not None:
+        # the escape target the threshold was chosen for; none when --threshold overrides it
+        max_escape = None if args.threshold is not None else \
+            (bundle.metrics.get("threshold_selection") or {}).get("max_escape")
+        try:
+            m["report"] = str(_write_report(args.report, engine, bundle, split, paths, truth, images,
+                                            scores, good, max_escape))
+        except ImportError as e:
+            print(f"{prog}: --report needs matplotlib (pip install 'edge-inspect[train]'): {e}",
+                  file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"{prog}: cannot write the report into {args.report}: {e}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(m))
     else:
