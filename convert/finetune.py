@@ -29,8 +29,16 @@ VIEWS_CACHED = 4
 TUNE_LR_FACTOR = 0.25       # fine-tuning rate = --lr x this (1e-3 -> 2.5e-4)
 
 
-def cache_features(clf: Lite0Classifier, X: np.ndarray, views: int, batch: int = 8) -> np.ndarray:
-    """(N, T, H, W, C) uint8 pixels -> (N, views, T, h, w, 192) float16 block-13 features."""
+# Photometric jitter of the cached training views (as convert.crops.augmenter gives the
+# scratch model): a line's lighting drifts, and a model that keys on a tile's overall
+# brightness rejects a whole shift's parts when the lamp ages.
+BRIGHTNESS, CONTRAST = 20.0, 0.15
+
+
+def cache_features(clf: Lite0Classifier, X: np.ndarray, views: int, batch: int = 8,
+                   jitter_seed: int | None = None) -> np.ndarray:
+    """(N, T, H, W, C) uint8 pixels -> (N, views, T, h, w, C') float16 features of the frozen
+    blocks; with jitter_seed, every view gets its own brightness and contrast jitter."""
     import tensorflow as tf
 
     n, T = X.shape[0], X.shape[1]
@@ -39,8 +47,14 @@ def cache_features(clf: Lite0Classifier, X: np.ndarray, views: int, batch: int =
     infer = tf.function(lambda x: clf.features(x, training=False), reduce_retracing=True)
     out = None
     flat = X.reshape((-1,) + X.shape[2:])                              # (N*T, H, W, C)
+    rng = np.random.default_rng(jitter_seed)
     for s in range(0, len(flat), batch):
         xb = add_views(flat[s:s + batch], views).astype(np.float32)   # (b*V, ...), views inner
+        if jitter_seed is not None:
+            k = rng.uniform(1 - CONTRAST, 1 + CONTRAST, (len(xb), 1, 1, 1))
+            br = rng.uniform(-BRIGHTNESS, BRIGHTNESS, (len(xb), 1, 1, 1))
+            mean = xb.mean(axis=(1, 2, 3), keepdims=True)
+            xb = np.clip((xb - mean) * k + mean + br, 0.0, 255.0)
         f = infer(xb).numpy().astype(np.float16)
         if out is None:
             out = np.empty((n * T * views,) + f.shape[1:], np.float16)
@@ -64,11 +78,11 @@ def fit_lite0(clf: Lite0Classifier, X: np.ndarray, y: np.ndarray, sample_weight:
 
     t0 = time.perf_counter()
     views = VIEWS_CACHED if flips else 1
-    F_tr = cache_features(clf, X[tr_i], views)
+    F_tr = cache_features(clf, X[tr_i], views, jitter_seed=seed)
     F_va = cache_features(clf, X[va_i], 1)[:, 0]
     cache_s = time.perf_counter() - t0
-    log.info("Lite0 blocks 0-13 (frozen, ImageNet) cached for %d training images x %d view(s) "
-             "and %d validation images: %.0f MB, %.0fs", len(tr_i), views, len(va_i),
+    log.info("Lite0 blocks 0-%d (frozen, ImageNet) cached for %d training images x %d view(s) "
+             "and %d validation images: %.0f MB, %.0fs", clf.tuned_from - 1, len(tr_i), views, len(va_i),
              (F_tr.nbytes + F_va.nbytes) / 1e6, cache_s)
     yt, wt = y[tr_i].astype(np.int32), sample_weight[tr_i].astype(np.float32)
     # One (image, view) per sample and epoch, drawn by a seeded generator: deterministic.

@@ -81,8 +81,13 @@ def _probs_head(n_labels: int):
 # so their output is computed once per image and view and cached (convert.finetune): a step
 # then costs the upper blocks only, which keeps 1,000 images within minutes on 2 cores.
 LITE0_TUNED_FROM = 14      # the last two blocks and the 1280-channel head conv are tuned
-LITE0_FEATURES = 192       # channels of the cached features (output of block 13, stride 32)
-LITE0_STRIDE = 32
+
+
+def lite0_cut(tuned_from: int) -> tuple[int, int]:
+    """(stride, channels) of the cached features: the output of block tuned_from - 1."""
+    from .lite0 import BLOCKS
+    stride = 2 * int(np.prod([b[1] for b in BLOCKS[:tuned_from]]))
+    return stride, BLOCKS[tuned_from - 1][4]
 
 
 class Lite0Classifier:
@@ -105,7 +110,8 @@ class Lite0Classifier:
     warm-up fits the softmax on it in closed form, convert.finetune)."""
 
     def __init__(self, height: int, width: int, channels: int, n_labels: int, parts,
-                 n_tiles: int = 1, good_idx: int = 0, name: str = "edge_inspect_lite0"):
+                 n_tiles: int = 1, good_idx: int = 0, tuned_from: int = LITE0_TUNED_FROM,
+                 name: str = "edge_inspect_lite0"):
         import keras
         from keras import ops
 
@@ -126,10 +132,10 @@ class Lite0Classifier:
             x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="normalise")(inp)
             if channels_in == 1:
                 x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
-            return parts.blocks(parts.stem(x), 0, LITE0_TUNED_FROM - 1)
+            return parts.blocks(parts.stem(x), 0, tuned_from - 1)
 
         def pooled(f):
-            x = parts.blocks(f, LITE0_TUNED_FROM, STRIDE_END[32])
+            x = parts.blocks(f, tuned_from, STRIDE_END[32])
             x = layers.ReLU(6.0)(parts.L["head_bn"](parts.L["head_conv"](x)))
             return self.cat([self.gmp(x), self.gap(x)])
 
@@ -140,14 +146,16 @@ class Lite0Classifier:
         self.model = keras.Model(inp, upper(lower(inp)), name=name)
         any_inp = keras.Input((None, None, channels), name="pixels")
         self.features = keras.Model(any_inp, lower(any_inp), name=f"{name}_features")
-        h, w = -(-height // LITE0_STRIDE), -(-width // LITE0_STRIDE)
+        self.tuned_from = tuned_from
+        stride, C = lite0_cut(tuned_from)
+        h, w = -(-height // stride), -(-width // stride)
         self.cells = (h, w)
-        p_inp = keras.Input((h, w, LITE0_FEATURES), name="features")
+        p_inp = keras.Input((h, w, C), name="features")
         self.pooled = keras.Model(p_inp, pooled(p_inp), name=f"{name}_pooled")
         T = n_tiles
-        f_inp = keras.Input((T, h, w, LITE0_FEATURES), name="features")
-        flat = layers.Lambda(lambda t: ops.reshape(t, (-1, h, w, LITE0_FEATURES)),
-                             output_shape=(h, w, LITE0_FEATURES), name="tiles_in")(f_inp)
+        f_inp = keras.Input((T, h, w, C), name="features")
+        flat = layers.Lambda(lambda t: ops.reshape(t, (-1, h, w, C)), output_shape=(h, w, C),
+                             name="tiles_in")(f_inp)
         p = upper(flat)
 
         def most_defective_tile(p):     # as agent.decide scores a frame: its worst tile
@@ -167,7 +175,7 @@ class Lite0Classifier:
 
     def tuned_layers(self):
         from .lite0 import BLOCKS
-        return self.parts.block_layers(LITE0_TUNED_FROM, len(BLOCKS) - 1) + [self.parts.L["head_conv"]]
+        return self.parts.block_layers(self.tuned_from, len(BLOCKS) - 1) + [self.parts.L["head_conv"]]
 
     def set_tuning(self, backbone: bool) -> None:
         """Head only (the frozen warm-up), or the head and the upper blocks (fine-tuning)."""

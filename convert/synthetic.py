@@ -88,6 +88,8 @@ def make_synthetic_dataset(root, n_per_class: int = 20, size: int = 64, seed: in
 def train_tiny_bundle(data_dir, out_dir, *, epochs: int = 12, input_size: int = 48, seed: int = 0,
                       **overrides) -> dict:
     """Train a small bundle quickly (a few seconds on 2 cores). Returns train_bundle's summary.
+    The from-scratch backbone unless overridden: the pretrained one needs its weights package
+    and costs more than these tests want.
 
     Imports TensorFlow (training side); the bundle it writes is read by agent.bundle.
     """
@@ -95,5 +97,5 @@ def train_tiny_bundle(data_dir, out_dir, *, epochs: int = 12, input_size: int = 
 
     opts = TrainOptions(**{**dict(epochs=epochs, input_size=(input_size, input_size), seed=seed,
                                   patience=epochs, verbose=False, representative=50, color="gray",
-                                  batch_size=8), **overrides})
+                                  batch_size=8, backbone="scratch"), **overrides})
     return train_bundle(Path(data_dir), Path(out_dir), opts)

@@ -308,10 +308,11 @@ def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, 
 
     from .finetune import fit_lite0
     from .lite0 import pretrained_layers
-    from .model import Lite0Classifier
+    from .model import LITE0_TUNED_FROM, Lite0Classifier
 
     clf = Lite0Classifier(spec.height, spec.width, spec.channels, len(labels), pretrained_layers(),
-                          n_tiles=spec.n_tiles, good_idx=labels.index(GOOD))
+                          n_tiles=spec.n_tiles, good_idx=labels.index(GOOD),
+                          tuned_from=int(os.environ.get("EDGE_INSPECT_LITE0_TUNED_FROM", LITE0_TUNED_FROM)))
     if opts.weights:
         try:
             clf.model.load_weights(str(opts.weights))
@@ -321,8 +322,8 @@ def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, 
     cw = len(tr_i) / (len(labels) * np.maximum(n_cls, 1))
     epochs = opts.epochs or EPOCHS_LITE0
     log.info("training: a softmax on frozen features (warm-up), then up to %d fine-tuning epochs "
-             "of Lite0 blocks 14-15, its head conv and the softmax (best and early stopping by "
-             "validation AUC; patience %d)", epochs, opts.patience)
+             "of Lite0 blocks %d-15, its head conv and the softmax (best and early stopping by "
+             "validation AUC; patience %d)", epochs, clf.tuned_from, opts.patience)
     res = fit_lite0(clf, X, y, cw[y].astype(np.float32), tr_i, va_i, epochs=epochs,
                     batch_size=opts.batch_size, learning_rate=opts.learning_rate,
                     patience=opts.patience, seed=opts.seed, verbose=opts.verbose,

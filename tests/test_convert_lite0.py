@@ -152,3 +152,51 @@ def test_the_cache_is_used_and_a_bad_cache_is_rebuilt(tmp_path, monkeypatch):
     ref = lw.read_state_dict(lw.weights_file())["_conv_stem.weight"].transpose(2, 3, 1, 0)
     np.testing.assert_array_equal(w, ref)
     assert cached[0].stat().st_size > 1_000_000
+
+
+def test_auto_picks_lite0_for_labels_only_and_scratch_for_boxed_data():
+    from convert.train import choose_backbone
+    assert choose_backbone("auto", crop_training=False)[0] == "lite0"
+    assert choose_backbone("auto", crop_training=True)[0] == "scratch"
+    assert choose_backbone("lite0", crop_training=True) == ("lite0", "asked for")
+
+
+@pytest.fixture(scope="module")
+def lite0_bundle(tmp_path_factory):
+    """A label-only synthetic set trained through the CLI with the default (auto) backbone."""
+    from convert.synthetic import make_synthetic_dataset
+    root = tmp_path_factory.mktemp("l0data")
+    make_synthetic_dataset(root / "train", n_per_class=40, size=96, seed=1)
+    make_synthetic_dataset(root / "test", n_per_class=20, size=96, seed=2)
+    out = tmp_path_factory.mktemp("l0bundle") / "b"
+    env = dict(os.environ, EDGE_INSPECT_CACHE=str(tmp_path_factory.mktemp("cache")))
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "train", str(root), "--out", str(out),
+                           "--epochs", "4", "--views", "2", "-q"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=280, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, out, proc
+
+
+def test_lite0_bundle_end_to_end(lite0_bundle):
+    import json
+    from agent.bundle import load_bundle
+    root, out, proc = lite0_bundle
+    b = load_bundle(out)
+    m = b.metrics
+    assert m["backbone"]["chosen"] == "lite0" and m["backbone"]["requested"] == "auto"
+    assert "pretrained EfficientNet-Lite0" in proc.stderr
+    assert 0.5 < m["backbone"]["warmup"]["val_auc"] <= 1.0
+    # raw uint8 input (normalisation inside the model), every op Edge TPU mappable
+    assert (b.input.width, b.input.height) == (96, 96)
+    assert m["edgetpu"]["all_supported"], m["edgetpu"]
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "REDUCE_MAX", "MEAN"} <= set(m["edgetpu"]["ops"])
+    assert abs(m["int8_accuracy"] - m["float_accuracy"]) <= 0.02
+    # the pictures and the frame-check statistics come with the bundle
+    assert (out / "report" / "index.html").is_file()
+    assert "input_stats" in json.loads((out / "bundle.json").read_text())
+    # scored through the agent's own engine (no TensorFlow on that path): well above chance
+    ev = subprocess.run([sys.executable, "-m", "agent.cli", "evaluate", str(out), str(root / "test"),
+                         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    r = json.loads(ev.stdout)
+    assert r["roc_auc"] >= 0.9, r["roc_auc"]

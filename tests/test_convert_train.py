@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "b"
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "train", str(root), "--out", str(out), "--epochs", "20",
-         "--input-size", "48", "--seed", "3", "--patience", "20", "--batch-size", "8", "--views", "2", "--edgetpu", "-q"],
+         "--input-size", "48", "--seed", "3", "--patience", "20", "--batch-size", "8", "--views", "2", "--edgetpu", "--backbone", "scratch", "-q"],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, out, proc
