@@ -138,17 +138,21 @@ def warm_start(clf: Lite0Classifier, F_tr, y_tr, w_tr, F_va, y_va, good_idx: int
     t0 = time.perf_counter()
     n, V, T = F_tr.shape[:3]
     # per tile: pooled vectors of every view (train) and of view 0 (validation)
-    P = _pooled(clf, F_tr.reshape((-1,) + F_tr.shape[3:]))          # (n*V*T, D)
+    P = _pooled(clf, F_tr.reshape((-1,) + F_tr.shape[3:]))          # (n*V*T, 2 x 1280)
     D = P.shape[1]
     mu, sd = P.mean(0), P.std(0) + 1e-3
-    clf.norm.set_weights([mu, sd ** 2, np.array(0)] if len(clf.norm.get_weights()) == 3 else [mu, sd ** 2])
+    half = D // 2
+    for norm, sl in ((clf.norm_max, slice(0, half)), (clf.norm_mean, slice(half, D))):
+        w = norm.get_weights()
+        norm.set_weights([mu[sl], sd[sl] ** 2] + w[2:])
     Z = (P - mu) / sd
     # a frame's label is its worst tile's: for T > 1 the defect label goes to every tile here
     # (a start, which fine-tuning's max-over-tiles corrects)
     yy = np.repeat(y_tr, V * T)
     ww = np.repeat(w_tr, V * T)
-    W, b = softmax_regression(Z, yy, ww, n_classes=clf.head.units)
-    clf.head.set_weights([W.astype(np.float32), b.astype(np.float32)])
+    W, b = softmax_regression(Z, yy, ww, n_classes=clf.logit_max.units)
+    clf.logit_max.set_weights([W[:half].astype(np.float32), b.astype(np.float32)])
+    clf.logit_mean.set_weights([W[half:].astype(np.float32)])
     p_va = clf.train_model.predict(F_va.astype(np.float32), verbose=0, batch_size=64)
     auc = roc_auc(1.0 - p_va[:, good_idx], y_va != good_idx)
     return {"val_auc": float(auc), "seconds": round(time.perf_counter() - t0, 1), "dims": int(D)}
@@ -156,7 +160,7 @@ def warm_start(clf: Lite0Classifier, F_tr, y_tr, w_tr, F_va, y_va, good_idx: int
 
 def _pooled(clf: Lite0Classifier, F: np.ndarray) -> np.ndarray:
     """Max-and-mean vectors before standardisation."""
-    return np.concatenate([clf.pooled.predict(F[s:s + 256].astype(np.float32), verbose=0)
+    return np.concatenate([np.concatenate(clf.pooled.predict(F[s:s + 256].astype(np.float32), verbose=0), 1)
                            for s in range(0, len(F), 256)])
 
 
