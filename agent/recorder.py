@@ -46,7 +46,9 @@ class Recorder:
         self._q: queue.Queue = queue.Queue(queue_size)
         self._rng = random.Random(seed)
         self._thread: threading.Thread | None = None
-        self._files: collections.deque = collections.deque()   # (stem path, bytes), oldest first
+        # (paths of one image: its picture and its .json, bytes), oldest first: the quota
+        # deletes them together, never a .json without its picture
+        self._files: collections.deque = collections.deque()
         self.bytes = 0
         self.saved = 0
         self.deleted = 0
@@ -100,7 +102,7 @@ class Recorder:
 
     # -- the recorder thread -------------------------------------------------------------
     def _scan(self) -> None:
-        found = []
+        pairs: dict[str, list] = {}     # stem -> [oldest mtime, paths, bytes]
         if self.dir.is_dir():
             for root, _dirs, files in os.walk(self.dir):
                 for f in files:
@@ -110,10 +112,12 @@ class Recorder:
                             st = os.stat(p)
                         except OSError:
                             continue
-                        found.append((st.st_mtime, p, st.st_size))
-        found.sort()
-        for _m, p, size in found:
-            self._files.append((p, size))
+                        e = pairs.setdefault(os.path.splitext(p)[0], [st.st_mtime, [], 0])
+                        e[0] = min(e[0], st.st_mtime)
+                        e[1].append(p)
+                        e[2] += st.st_size
+        for stem, (_m, paths, size) in sorted(pairs.items(), key=lambda kv: (kv[1][0], kv[0])):
+            self._files.append((tuple(paths), size))
             self.bytes += size
         self._enforce()
 
@@ -195,9 +199,8 @@ class Recorder:
             self.dropped[reason] += 1
             self._log_drop(record, reason, e)
             return
-        for p, d in ((img_path, data), (json_path, meta)):
-            self._files.append((str(p), len(d)))
-            self.bytes += len(d)
+        self._files.append(((str(img_path), str(json_path)), len(data) + len(meta)))
+        self.bytes += len(data) + len(meta)
         self.saved += 1
         self._enforce()
 
@@ -213,12 +216,14 @@ class Recorder:
             self._delete_oldest()
 
     def _delete_oldest(self) -> None:
-        p, size = self._files.popleft()
-        try:
-            os.unlink(p)
-            self.deleted += 1
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("recorder: cannot delete %s: %s", p, e)
+        paths, size = self._files.popleft()
+        # the picture first: a failure leaves at worst a picture without its .json
+        for p in sorted(paths, key=lambda p: p.endswith(".json")):
+            try:
+                os.unlink(p)
+                self.deleted += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("recorder: cannot delete %s: %s", p, e)
         self.bytes -= size
