@@ -103,4 +103,12 @@ def test_inline_setting_names_a_real_key(doc, section, key, value):
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         return          # a placeholder such as `workers = N`
+    if section == "trigger":        # a union: validate against the mode that owns the key
+        from agent.trigger_config import TRIGGER_MODES
+        if key == "mode":
+            assert parsed in TRIGGER_MODES, f"{doc}: `[trigger] mode = {value}`"
+        else:
+            mode = next(m for m in TRIGGER_MODES.values() if key in m.model_fields)
+            mode.model_validate({key: parsed})
+        return
     model.model_validate({key: parsed})
