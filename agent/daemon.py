@@ -484,7 +484,9 @@ class Agent:
                          mqtt=h["mqtt"],
                          outbox=self.link.outbox_depth() if self.link is not None else None,
                          paused=h["paused"],
-                         recorder=self.recorder.counters() if self.recorder else None)
+                         recorder=self.recorder.counters() if self.recorder else None,
+                         mode=p.mode,
+                         selector=p.selector.counters() if p.selector is not None else None)
         self.prom.set_alerts(self.alerts_dropped(),
                              self.link.disk_full() if self.link is not None else False)
 

@@ -75,6 +75,14 @@ class PromMetrics:
         self.outbox_disk_full = Gauge("edge_inspect_outbox_disk_full",
                                       "1 while the alert outbox has hit a full disk (running on "
                                       "its reserve, or past it)", registry=r)
+        self.trigger_mode = Enum("edge_inspect_trigger_mode", "How frames become parts "
+                                 "([trigger] mode)", states=["frame", "external", "presence"],
+                                 registry=r)
+        self.selector = Counter("edge_inspect_selector",
+                                "Part selector counters by trigger mode (frames, parts, "
+                                "triggers, trigger_debounced, missed_trigger, "
+                                "no_frame_for_trigger, part_not_judged, part_stopped, "
+                                "touching_parts, debris, ...)", ["mode", "event"], registry=r)
         self._stages = {s: self.stage.labels(s) for s in STAGES}
         self._verdicts = {v: self.verdicts.labels(v) for v in ("PASS", "REJECT", "FAILSAFE")}
         self._failsafes = {f: self.failsafes.labels(f) for f in FAILSAFE_REASONS}
@@ -115,7 +123,8 @@ class PromMetrics:
     def update(self, *, queues: dict | None = None, gate: str | None = None,
                source: str | None = None, mqtt: str | None = None,
                outbox: int | None = None, paused: bool | None = None,
-               recorder: dict | None = None) -> None:
+               recorder: dict | None = None, mode: str | None = None,
+               selector: dict | None = None) -> None:
         for q, n in (queues or {}).items():
             self.queue_depth.labels(q).set(n)
         if gate in ("connected", "degraded", "down"):
@@ -133,6 +142,11 @@ class PromMetrics:
             for reason, n in (recorder.get("dropped") or {}).items():
                 self._delta(self.recorder_dropped.labels(reason), f"dropped:{reason}", n)
             self.recorder_bytes.set(recorder.get("bytes", 0))
+        if mode in ("frame", "external", "presence"):
+            self.trigger_mode.state(mode)
+        for event, n in (selector or {}).items():
+            m = mode or "frame"
+            self._delta(self.selector.labels(m, event), f"selector:{m}:{event}", n)
 
     def _delta(self, counter, key: str, total: float) -> None:
         prev = self._rec_prev.get(key, 0)
