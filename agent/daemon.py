@@ -619,6 +619,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--config", "-c", required=True, help="path to config.toml")
     ap.add_argument("--no-devices", action="store_true",
                     help="start even if the camera or gate device is not plugged in yet")
+    ap.add_argument("--pid-file", type=Path,
+                    help="write this process's pid here at start and remove it on exit "
+                         "(for deploy-model --pid-file outside systemd)")
     args = ap.parse_args(argv[1:])
     from .logs import setup_logging
 
@@ -632,12 +635,37 @@ def main(argv: list[str]) -> int:
         log.warning("%s", line)
     log.info("edge-inspect %s starting: station %s, config %s", __version__, cfg.station.id,
              args.config)
-    agent = Agent(cfg, config_path=args.config)
+    if args.pid_file is not None:
+        try:
+            _write_pid(args.pid_file)
+        except OSError as e:
+            return print_problems([f"--pid-file: cannot write {args.pid_file}: {e.strerror}"])
     try:
-        agent.start()
-    except StartupError as e:
-        return print_problems(e.problems)
-    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
-    signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
-    return agent.run()
+        agent = Agent(cfg, config_path=args.config)
+        try:
+            agent.start()
+        except StartupError as e:
+            return print_problems(e.problems)
+        signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
+        return agent.run()
+    finally:
+        if args.pid_file is not None:
+            _remove_pid(args.pid_file)
+
+
+def _write_pid(path: Path) -> None:
+    """Atomically (a reader never sees a half-written file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _remove_pid(path: Path) -> None:
+    # only our own: another agent may have taken the file over since
+    try:
+        if path.read_text().split()[:1] == [str(os.getpid())]:
+            path.unlink()
+    except (OSError, IndexError):
+        pass

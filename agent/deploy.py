@@ -269,7 +269,32 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     who.add_argument("--service", default="edge-inspect",
                      help="systemd unit to reload (default edge-inspect)")
     who.add_argument("--pid-file", help="send SIGHUP to the pid in this file instead of systemctl")
+    p.add_argument("--check", action="store_true",
+                   help="only verify BUNDLE (hashes, file names, the model loads and runs as "
+                        "'run' would); switch nothing. Exit 0 verified, 2 refused, 1 error")
     return p
+
+
+def check(bundle: Path) -> int:
+    """--check: verify only, one line. 0 verified, 2 refused, 1 the check itself failed."""
+    import io
+
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            b, smoke = verify(bundle.resolve())
+    except DeployError as e:
+        _say(f"refused: {bundle}: {e}")
+        return 2
+    except Exception as e:  # noqa: BLE001 - the runtime itself failed: not the bundle's verdict
+        _say(f"error: cannot check {bundle}: {type(e).__name__}: {e}")
+        return 1
+    warn = "; ".join(line.split("deploy-model: ", 1)[-1] for line in out.getvalue().splitlines()
+                     if line.strip())
+    _say(f"ok: {bundle} verifies: {len(b.files)} file(s) match bundle.json, input "
+         f"{b.input.width}x{b.input.height}x{b.input.channels} {b.input.color}, labels "
+         f"{b.labels}; {smoke}" + (f" ({warn})" if warn else "") + "; nothing switched")
+    return 0
 
 
 def _rollback(models_dir: Path) -> str:
@@ -291,6 +316,10 @@ def _rollback(models_dir: Path) -> str:
 def main(argv: list[str]) -> int:
     p = _parser(argv[0] if argv else "edge-inspect deploy-model")
     args = p.parse_args(argv[1:])
+    if args.check:
+        if args.bundle is None or args.rollback:
+            p.error("--check needs a BUNDLE (and no --rollback)")
+        return check(args.bundle)
     if args.rollback == (args.bundle is not None):
         p.error("give a BUNDLE to deploy, or --rollback (not both)")
     models_dir: Path = args.models_dir
