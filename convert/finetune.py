@@ -1,12 +1,12 @@
 """Fitting the pretrained Lite0 classifier (convert.model.Lite0Classifier) on cached features.
 
-The frozen lower blocks see every training image once per mirror view (the same views the
-bundle scores, agent.preprocess.add_views); their outputs are cached, and training runs the
-tuned upper blocks and the local head only. Two phases, the usual transfer-learning recipe:
-a frozen warm-up that trains the new head on ImageNet features, then fine-tuning of the
-upper blocks at a lower rate (BatchNorm frozen throughout). Both use the scratch model's
-defect-map loss (convert.model.map_loss): good images teach every cell, boxes or masks teach
-their cells, a label-only defect image asks for one confident cell.
+The frozen lower blocks see every training image once per mirror view (the views the bundle
+scores, agent.preprocess.add_views, each with its own photometric jitter); their outputs are
+cached, and training runs only the tuned upper blocks and the head. Two phases, the usual
+transfer-learning recipe: a frozen warm-up (here a softmax fitted in closed form on the
+frozen features), then fine-tuning of the upper blocks at a lower rate, BatchNorm frozen
+throughout. Image labels only: boxes and masks are not used by this backbone (auto gives
+fully boxed data to the scratch model, which trains on them cell by cell).
 """
 
 from __future__ import annotations

@@ -308,11 +308,10 @@ def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, 
 
     from .finetune import fit_lite0
     from .lite0 import pretrained_layers
-    from .model import LITE0_TUNED_FROM, Lite0Classifier
+    from .model import Lite0Classifier
 
     clf = Lite0Classifier(spec.height, spec.width, spec.channels, len(labels), pretrained_layers(),
-                          n_tiles=spec.n_tiles, good_idx=labels.index(GOOD),
-                          tuned_from=int(os.environ.get("EDGE_INSPECT_LITE0_TUNED_FROM", LITE0_TUNED_FROM)))
+                          n_tiles=spec.n_tiles, good_idx=labels.index(GOOD))
     if opts.weights:
         try:
             clf.model.load_weights(str(opts.weights))
