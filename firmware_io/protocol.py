@@ -10,6 +10,7 @@ upper-case hex. See docs/serial-protocol.md for the full specification.
 
 from __future__ import annotations
 
+import binascii
 import logging
 import re
 from dataclasses import dataclass, fields as dc_fields
@@ -31,25 +32,12 @@ _AT_RE = re.compile(r"^([de])([0-9]{1,10})$")
 # ---------------------------------------------------------------------------- CRC
 
 
-def _make_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-            crc &= 0xFFFF
-        table.append(crc)
-    return table
-
-
-_TABLE = _make_table()
-
-
 def crc16_ccitt_false(data: bytes, crc: int = 0xFFFF) -> int:
-    """CRC-16/CCITT-FALSE. crc16_ccitt_false(b"123456789") == 0x29B1."""
-    for b in data:
-        crc = ((crc << 8) & 0xFFFF) ^ _TABLE[((crc >> 8) ^ b) & 0xFF]
-    return crc
+    """CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF, no reflection, no final xor).
+
+    crc16_ccitt_false(b"123456789") == 0x29B1. binascii.crc_hqx is this same CRC, in C.
+    """
+    return binascii.crc_hqx(data, crc)
 
 
 # ---------------------------------------------------------------------------- encode
