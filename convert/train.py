@@ -52,6 +52,7 @@ SAMPLE = "sample.png"
 # the validation defects that forced the threshold down.
 HIGH_FALSE_REJECT = 0.10
 EPOCHS_CROPS, EPOCHS_WHOLE = 20, 12
+MAX_TILE_ASPECT = 2.0       # auto tiles (label-only data): no tile longer than twice its width
 EPOCHS_LITE0 = 15           # fine-tuning epochs after the warm-up (cached features: cheap)
 
 
@@ -113,6 +114,18 @@ def parse_tiles(text: str) -> tuple[int, int]:
     if not (1 <= r <= 16 and 1 <= c <= 16):
         raise argparse.ArgumentTypeError(f"tiles must be within 1..16, got {text!r}")
     return r, c
+
+
+def auto_tiles(images: list[np.ndarray], max_aspect: float = MAX_TILE_ASPECT) -> tuple[int, int]:
+    """Tiles for elongated frames: cut along the long side until every tile's aspect ratio is
+    at most max_aspect, so a 4096x256 line-scan strip becomes 8 tiles of 512x256 instead of
+    one input squashed 3x (its small defects would vanish)."""
+    aspect = float(np.median([im.shape[1] / im.shape[0] for im in images]))
+    if aspect > max_aspect:
+        return 1, int(math.ceil(aspect / max_aspect))
+    if aspect < 1.0 / max_aspect:
+        return int(math.ceil(1.0 / (aspect * max_aspect))), 1
+    return 1, 1
 
 
 def _auto_spec(images: list[np.ndarray], opts: TrainOptions, max_side: int = DEFAULT_MAX_SIDE) -> InputSpec:
@@ -358,6 +371,11 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
 
     tr_boxes = [read_boxes(train_split.root, p) if c != GOOD else None for p, c in zip(tr_paths, tr_cls)]
     boxed = all(b for b, c in zip(tr_boxes, tr_cls) if c != GOOD)        # as defect_masks counts them
+    if not boxed and opts.tiles == (1, 1) and opts.input_size is None and opts.backbone != "scratch":
+        tiles = auto_tiles(tr_imgs)
+        if tiles != (1, 1):
+            log.info("frames are elongated (median aspect ratio beyond %g): %dx%d tiles", MAX_TILE_ASPECT, *tiles)
+            opts = dataclasses.replace(opts, tiles=tiles)
     spec = _auto_spec(tr_imgs, opts, DEFAULT_MAX_SIDE_BOXED if boxed and opts.crops and opts.tiles == (1, 1)
                       else DEFAULT_MAX_SIDE)
     # The model trains on one view of each image (spec); the bundle scores every tile as the

@@ -200,3 +200,11 @@ def test_lite0_bundle_end_to_end(lite0_bundle):
     assert ev.returncode == 0, ev.stderr[-2000:]
     r = json.loads(ev.stdout)
     assert r["roc_auc"] >= 0.9, r["roc_auc"]
+
+
+def test_elongated_frames_are_tiled_not_squashed():
+    from convert.train import auto_tiles
+    strip = [np.zeros((256, 4096), np.uint8)] * 3
+    assert auto_tiles(strip) == (1, 8)                  # 8 tiles of 512x256
+    assert auto_tiles([np.zeros((1250, 500), np.uint8)]) == (2, 1)
+    assert auto_tiles([np.zeros((300, 300), np.uint8), np.zeros((200, 380), np.uint8)]) == (1, 1)
