@@ -395,6 +395,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
 
 
 def _is_url(s: str) -> bool:
+    """scheme://... (rtsp://, http://, spy://, socket://): a URL, not a path. The one definition."""
     return bool(re.match(r"^[a-z][a-z0-9+.-]*://", s, re.I))
 
 

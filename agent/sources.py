@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from .config import _is_url
 
 log = logging.getLogger("source")
 
@@ -57,10 +58,6 @@ class Source:
 
     def describe(self) -> str:
         return self.name
-
-
-def _is_url(s: str) -> bool:
-    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", s, re.I))
 
 
 def open_source(spec, *, loop: bool = False, width: int | None = None,
