@@ -24,10 +24,9 @@ import cv2
 import numpy as np
 
 from .config import _is_url
+from .images import IMAGE_EXTS
 
 log = logging.getLogger("source")
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp"}
 
 
 class SourceError(Exception):

@@ -18,9 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from agent.images import IMAGE_EXTS
+
 log = logging.getLogger("convert.data")
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 GOOD = "good"
 
 

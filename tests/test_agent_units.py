@@ -285,3 +285,12 @@ def test_stalled_live_source_is_reported_degraded(insp):
     release.set()
     assert p.wait(5) and len(got) == 4
     assert [s for s, _r in states][:3] == ["connected", "degraded", "connected"]
+
+
+def test_one_image_extension_list_for_agent_and_convert():
+    # a folder the agent runs on is a folder convert trains on: the same files count as images
+    import convert.data
+    from agent import images, simulate_line, sources
+    assert convert.data.IMAGE_EXTS is images.IMAGE_EXTS
+    assert sources.IMAGE_EXTS is images.IMAGE_EXTS and simulate_line.IMAGE_EXTS is images.IMAGE_EXTS
+    assert all(e.startswith(".") and e == e.lower() for e in images.IMAGE_EXTS)
