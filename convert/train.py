@@ -42,6 +42,7 @@ from .threshold import (OPERATING_POINTS, allowed_escapes, defects_to_show, oper
 log = logging.getLogger("convert.train")
 
 MIN_PER_CLASS = 2          # readable images a class needs to be trained on at all
+MIN_VALIDATION = 3         # validation images of each side (good, defect) a threshold needs
 # Default input side (about; aspect ratio kept, never above native). Whole-frame training
 # at 640 px costs four times 320 px per epoch; crop training (every defect boxed) costs the
 # same at any input size, so boxed data gets the resolution that small defects need.
@@ -418,6 +419,14 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         if not np.any(y_all[va_i] == labels.index(c)) or not np.any(y_all[tr_i] == labels.index(c)):
             raise DataError(f"class '{c}' has too few distinct images (after near-duplicate "
                             "grouping) for both a training and a validation part")
+    va_good = int(np.sum(y_all[va_i] == labels.index(GOOD)))
+    va_def = len(va_i) - va_good
+    if min(va_good, va_def) < MIN_VALIDATION:
+        # The threshold is chosen on these images; with one or two of a kind it is a guess
+        # that a bundle would carry as if it were measured.
+        raise DataError(f"validation holds {va_good} good and {va_def} defect image(s): choosing a "
+                        f"threshold needs at least {MIN_VALIDATION} of each (add images, or raise "
+                        f"--val-fraction from {opts.val_fraction:g})")
     log.info("split by near-duplicate group (seed %d): %d train, %d validation%s  [%.1fs]",
              opts.seed, len(tr_i), len(va_i), f", {len(te_imgs)} test" if te_imgs else "",
              time.perf_counter() - th)

@@ -126,7 +126,7 @@ def test_corrupt_or_truncated_weights_are_one_clear_error(tmp_path):
 def test_train_with_bad_weights_exits_2_in_one_line(tmp_path):
     """No silent fall-back to random weights: train stops, naming the file and the package."""
     from convert.synthetic import make_synthetic_dataset
-    make_synthetic_dataset(tmp_path / "data", n_per_class=12, size=48, seed=1)
+    make_synthetic_dataset(tmp_path / "data", n_per_class=20, size=48, seed=1)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file")
     env = dict(os.environ, EDGE_INSPECT_LITE0_WEIGHTS=str(junk),
@@ -208,3 +208,16 @@ def test_elongated_frames_are_tiled_not_squashed():
     assert auto_tiles(strip) == (1, 8)                  # 8 tiles of 512x256
     assert auto_tiles([np.zeros((1250, 500), np.uint8)]) == (2, 1)
     assert auto_tiles([np.zeros((300, 300), np.uint8), np.zeros((200, 380), np.uint8)]) == (1, 1)
+
+
+def test_too_few_validation_images_is_refused(tmp_path):
+    """Two validation images made a bundle with exit 0; the threshold would have been a guess."""
+    from convert.synthetic import make_synthetic_dataset
+    make_synthetic_dataset(tmp_path / "data", n_per_class=6, size=48, seed=1)
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "train", str(tmp_path / "data"),
+                           "--out", str(tmp_path / "b"), "-q"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "validation holds" in last and "at least 3 of each" in last and "--val-fraction" in last
+    assert not (tmp_path / "b" / "bundle.json").exists()
