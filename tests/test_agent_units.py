@@ -20,7 +20,7 @@ from agent.reporter import Reporter, event_payload
 from agent.sources import (CaptureSource, FolderSource, SourceError, VideoFileSource,
                            open_source)
 from agent.types import Verdict
-from test_agent_support import copy_bundle, make_folder, make_image, make_video, tiny_bundle, wait_for
+from tests.support import copy_bundle, make_folder, make_image, make_video, tiny_bundle, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +294,18 @@ def test_one_image_extension_list_for_agent_and_convert():
     assert convert.data.IMAGE_EXTS is images.IMAGE_EXTS
     assert sources.IMAGE_EXTS is images.IMAGE_EXTS and simulate_line.IMAGE_EXTS is images.IMAGE_EXTS
     assert all(e.startswith(".") and e == e.lower() for e in images.IMAGE_EXTS)
+
+
+def test_tiny_bundle_separates_synthetic_images():
+    from agent.bundle import load_bundle
+    from agent.decide import defect_score
+    from agent.engines import create_engine
+    from agent.preprocess import preprocess
+
+    b = load_bundle(tiny_bundle())
+    eng = create_engine("cpu", b.model_path, b.input, len(b.labels), threads=1)
+    for i in range(6):
+        for defect in (False, True):
+            score, label = defect_score(eng.invoke(preprocess(make_image(defect, i), b.input)), b)
+            assert (score >= b.threshold) == defect, (i, defect, score)
+            assert label == "defect"

@@ -8,7 +8,7 @@ import cv2
 import pytest
 
 from agent.bundle import load_bundle, write_manifest
-from tests.test_agent_support import copy_bundle, make_image, make_video, tiny_bundle
+from tests.support import copy_bundle, make_image, make_video, tiny_bundle
 
 KEYS = {"invoke_ms_p50", "invoke_ms_p99", "pipeline_parts_per_s", "naive_parts_per_s",
         "latency_ms_p50", "latency_ms_p99", "deadline_miss_rate", "rss_mb"}

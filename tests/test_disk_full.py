@@ -22,7 +22,7 @@ from agent.daemon import Agent, mqtt_settings
 from agent.types import Verdict
 from firmware_io.mqtt_link import MqttLink
 from firmware_io.outbox import Outbox, OutboxFull
-from test_agent_support import MqttCollector, agent_cfg, wait_for
+from tests.support import MqttCollector, agent_cfg, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "agent" / "demo_data"

@@ -16,7 +16,7 @@ from agent.daemon import Agent
 from agent.inspector import WrappedEngine
 from agent.types import Verdict
 from firmware_io.gate_sim import GateSimulator
-from test_agent_support import MqttCollector, agent_cfg, make_folder, make_video, wait_for
+from tests.support import MqttCollector, agent_cfg, make_folder, make_video, wait_for
 
 DELAY = 400
 

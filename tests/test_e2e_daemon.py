@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_agent_support import PY, ROOT, MqttCollector, copy_bundle, make_folder, wait_for
+from tests.support import PY, ROOT, MqttCollector, copy_bundle, make_folder, wait_for
 
 
 class Daemon:

@@ -10,7 +10,7 @@ import cv2
 import pytest
 
 from agent.demo import DEMO_DATA
-from test_agent_support import PY, ROOT, make_image, tiny_bundle
+from tests.support import PY, ROOT, make_image, tiny_bundle
 
 
 def run_demo(*args, timeout=90):

@@ -16,7 +16,7 @@ from agent.bundle import load_bundle
 from agent.daemon import Agent
 from agent.frame_checks import FrameChecker, image_stats, parse_input_stats, summarize_stats
 from agent.types import Verdict
-from test_agent_support import agent_cfg
+from tests.support import agent_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "agent" / "demo_data"

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.daemon import Agent
-from test_agent_support import agent_cfg, wait_for
+from tests.support import agent_cfg, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "agent" / "demo_data"

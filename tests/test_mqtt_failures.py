@@ -96,7 +96,7 @@ def test_a_refused_login_is_refused_not_connecting(closed_broker, tmp_path, capl
 
 def test_the_station_is_degraded_while_mqtt_is_down(own_broker, tmp_path):
     from agent.daemon import Agent
-    from tests.test_agent_support import agent_cfg
+    from tests.support import agent_cfg
 
     images = tmp_path / "images"
     images.mkdir()

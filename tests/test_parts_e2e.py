@@ -11,7 +11,7 @@ from agent.daemon import Agent
 from agent.simulate_line import LineSpec, LineVideoSource, drive_triggers, labelled_images, render
 from agent.trigger_sources import ModbusTrigger, MqttTrigger
 from firmware_io import protocol as P
-from test_agent_support import agent_cfg, wait_for
+from tests.support import agent_cfg, wait_for
 from test_e2e_agent import rig  # noqa: F401 - the gate simulator on a pty
 from test_parts import IMAGES
 

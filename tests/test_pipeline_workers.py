@@ -12,7 +12,7 @@ from agent.sources import open_source
 from agent.types import Verdict
 from firmware_io.gates import GateSettings, create_gate
 from tests.helpers import wait_until
-from tests.test_agent_support import make_folder, tiny_bundle
+from tests.support import make_folder, tiny_bundle
 
 
 def test_two_workers_decide_every_part_once(tmp_path):

@@ -23,7 +23,7 @@ from agent.daemon import Agent
 from agent.types import Verdict
 from firmware_io import protocol as P
 from firmware_io.gate_sim import GateSimulator
-from test_agent_support import PY, ROOT, MqttCollector, agent_cfg, copy_bundle, make_folder, \
+from tests.support import PY, ROOT, MqttCollector, agent_cfg, copy_bundle, make_folder, \
     wait_for
 
 

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 
 from agent.daemon import Agent
 from agent.simulate_line import LineSpec, LineVideoSource, labelled_images, render
-from test_agent_support import agent_cfg, wait_for
+from tests.support import agent_cfg, wait_for
 from test_parts import IMAGES
 
 

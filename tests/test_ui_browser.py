@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_agent_support import PY, ROOT
+from tests.support import PY, ROOT
 from ui_support import start_line
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -16,8 +16,8 @@ from agent.config import ConfigError, check_environment, parse_config
 from agent.types import Inspection, Verdict
 from agent.ui import overlay
 from agent.ui.state import UiState
-from helpers import wait_until
-from test_agent_support import PY, ROOT
+from tests.helpers import wait_until
+from tests.support import PY, ROOT
 from ui_support import Client, start_line
 
 
