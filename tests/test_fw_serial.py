@@ -45,10 +45,16 @@ def test_registry():
         create_gate("laser")
     with pytest.raises(ValueError):
         create_gate("mqtt", GateSettings())           # needs a link
-    g = create_gate("none")
+    # a gate that does nothing says so: no target, never late, not "connected" (with
+    # delay_ms 0, what the agent passes for kind = "none", every part would be "late")
+    g = create_gate("none", GateSettings(timing=RejectTiming(delay_ms=0)))
     g.open()
-    out = g.reject("P1", time.monotonic_ns())
-    assert out.sent and not out.late and out.target.startswith("d") and g.state() == "connected"
+    out = g.reject("P1", time.monotonic_ns() - 1_000_000)
+    assert out.sent and not out.late and out.target == "" and out.error is None
+    assert g.state() == "none"
+    assert g.records[-1].part_id == "P1" and g.records[-1].target == "d0" and g.records[-1].late
+    assert g.counters().get("recorded") == 1 and "sent" not in g.counters()
+    assert "late" not in g.counters()
     g.close()
 
 

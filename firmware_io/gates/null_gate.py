@@ -1,4 +1,10 @@
-"""The "none" gate: a station without a reject gate. Records what it would have done."""
+"""The "none" gate: a station without a reject gate. Records what it would have done.
+
+Nothing is commanded, so what the station reports says so: state() is "none" (not
+"connected"), and the outcome the pipeline gets has no target, is never late and is not
+counted as sent (a part's reject event shows ``gate.commanded: false``; ``kicks.commanded``
+in metrics stays 0). The would-be target is kept in ``records`` (counted as "recorded").
+"""
 
 from __future__ import annotations
 
@@ -25,18 +31,17 @@ class NullGate(Gate):
     def reject(self, part_id: str, t_capture_ns: int, encoder: int | None = None,
                gate: int = 1) -> GateOutcome:
         target = compute_target(self.settings.timing, t_capture_ns, encoder, time.monotonic_ns())
-        out = GateOutcome(part_id, True, target.late, target.at)
-        self._count("sent")
-        if target.late:
-            self._count("late")
+        self._count("recorded")
         with self._rlock:
-            self.records.append(out)
+            self.records.append(GateOutcome(part_id, False, target.late, target.at))
             if len(self.records) > 10_000:
                 del self.records[:1000]
-        return out
+        # sent=True: nothing failed (no "not sent" kick failure); target "": nothing was
+        # commanded; late False: there is no gate for the part to be late at
+        return GateOutcome(part_id, True, False, "")
 
     def state(self) -> str:
-        return "connected"
+        return "none"
 
     def close(self) -> None:
         pass
