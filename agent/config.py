@@ -506,7 +506,9 @@ def check_environment(cfg: Config, strict_devices: bool = True) -> list[str]:
         elif not os.path.exists(src):
             problems.append(f"camera.source: {src} does not exist (expected a device, URL, "
                             "video file or image folder)")
-    if cfg.gate.kind in ("serial", "modbus") and cfg.gate.port:
+    if cfg.gate.kind == "serial" and cfg.gate.port and _is_url(cfg.gate.port):
+        pass        # a pyserial URL (spy://, socket://, rfc2217://): checked when the gate opens it
+    elif cfg.gate.kind in ("serial", "modbus") and cfg.gate.port:
         port = cfg.gate.port
         if not os.path.exists(port):
             if strict_devices:

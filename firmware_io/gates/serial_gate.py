@@ -45,7 +45,7 @@ class SerialGate(Gate):
 
     def __init__(self, settings: GateSettings, link=None):
         super().__init__(settings, link)
-        self._ser: serial.Serial | None = None
+        self._ser: serial.SerialBase | None = None
         self._wlock = threading.Lock()          # guards _ser swaps and writes
         self._plock = threading.Lock()          # guards _pending / _hb_sent
         self._pending: dict[int, _Pending] = {}
@@ -200,8 +200,9 @@ class SerialGate(Gate):
 
     def _try_open(self) -> bool:
         try:
-            ser = serial.Serial(self.settings.port, self.settings.baud, timeout=0.05,
-                                write_timeout=0.2)
+            # a device path, or a pyserial URL: spy://PORT logs the wire, socket://HOST:PORT
+            ser = serial.serial_for_url(self.settings.port, self.settings.baud, timeout=0.05,
+                                        write_timeout=0.2)
         except (serial.SerialException, OSError, ValueError) as exc:
             self.last_error = f"open {self.settings.port}: {exc}"
             return False
