@@ -4,7 +4,7 @@
                     status_fields=lambda: {"version": "0.1.0", "model_sha256": sha})
     link.start()                          # never raises when the broker is down
     link.publish_alert({"part": "P42", "verdict": "REJECT", ...})   # durable, QoS 1
-    link.stop()                           # publishes status offline (retained)
+    link.stop()                           # publishes status offline (retained, real ts)
 
 Alerts go through an SQLite outbox (firmware_io.outbox): committed before publish, deleted
 on PUBACK, drained in order after a reconnect or a restart. Delivery is at-least-once;
@@ -258,7 +258,12 @@ class MqttLink:
             c.username_pw_set(s.username, s.password)
         if s.tls:
             c.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file)
-        c.will_set(self.topic("status"), self._status_payload("offline", with_fields=False),
+        # The will is registered now and published by the broker later, when it sees the
+        # connection die: a time stamped here would be the connect time, not when the
+        # station went offline. So it has no ts (the broker's arrival time is the truth);
+        # stop() publishes its own offline status with the real time.
+        c.will_set(self.topic("status"),
+                   self._status_payload("offline", with_fields=False, with_ts=False),
                    qos=1, retain=True)
         c.max_inflight_messages_set(max(1, s.inflight_window))
         c.max_queued_messages_set(0)
@@ -453,9 +458,11 @@ class MqttLink:
         body.setdefault("station", self.settings.station)
         self.publish_raw("events/result", body, qos=0)
 
-    def _status_payload(self, state: str, with_fields: bool = True, **fields) -> bytes:
-        body: dict[str, Any] = {"state": state, "station": self.settings.station,
-                                "ts": round(time.time(), 3)}
+    def _status_payload(self, state: str, with_fields: bool = True, with_ts: bool = True,
+                        **fields) -> bytes:
+        body: dict[str, Any] = {"state": state, "station": self.settings.station}
+        if with_ts:
+            body["ts"] = round(time.time(), 3)
         if with_fields:
             body["uptime_s"] = round(time.time() - self._started_at, 1)
             body["host"] = socket.gethostname()

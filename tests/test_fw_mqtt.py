@@ -130,6 +130,39 @@ def test_alert_status_metrics_and_clean_offline(mqtt_broker, tmp_path):
     late.close()
 
 
+def test_last_will_has_no_stale_ts_and_clean_stop_has_the_real_time(mqtt_broker, tmp_path):
+    """The will is registered at connect and published by the broker when the connection
+    dies: it carries no ts (it would be the connect time). A clean stop's offline status
+    carries the time of the stop."""
+    import socket
+
+    s = settings_for(mqtt_broker, tmp_path)
+    sub = Subscriber(mqtt_broker, f"{s.prefix}/{s.station}/status")
+    # only this station's (amqtt may hand a new subscriber other topics' retained messages)
+    mine = lambda: [b for b in sub.on("/status") if b.get("station") == s.station]  # noqa: E731
+    link = MqttLink(s)
+    link.start()
+    try:
+        assert wait_until(link.connected)
+        t_connected = time.time()
+        time.sleep(1.0)
+        # the TCP connection dies without a DISCONNECT (a pulled cable, a crash)
+        link._client.socket().shutdown(socket.SHUT_RDWR)
+        assert wait_until(lambda: any(b.get("state") == "offline" for b in mine()))
+        will = [b for b in mine() if b["state"] == "offline"][0]
+        assert will == {"state": "offline", "station": s.station}
+        check_schema("status.json", will)
+        assert wait_until(lambda: link.connected() and mine()[-1]["state"] == "online")
+    finally:
+        t_stop = time.time()
+        link.stop()
+    assert wait_until(lambda: mine()[-1]["state"] == "offline")
+    bye = mine()[-1]
+    assert bye["ts"] >= t_stop - 0.001 and t_stop > t_connected + 0.9   # ts: 3 decimals
+    check_schema("status.json", bye)
+    sub.close()
+
+
 def test_start_with_broker_down_never_raises_then_drains(own_broker, tmp_path):
     own_broker.stop()
     s = settings_for(own_broker, tmp_path)
