@@ -20,6 +20,8 @@ import time
 import tty
 from pathlib import Path
 
+from firmware_io.timing import quantile
+
 from .config import parse_config, print_problems
 from .sources import FolderSource
 from .types import Inspection, Verdict
@@ -213,7 +215,8 @@ def summary(results: list[Inspection], fired: set[str], elapsed: float, agent, o
     rate = (n - 1) / span if span > 0 else 0.0
 
     def q(p):
-        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+        v = quantile(lat, p)
+        return float("nan") if v is None else v
 
     judged = [(i, _truth(i.source_ref)) for i in results if i.verdict is not Verdict.FAILSAFE]
     known = [(i, t) for i, t in judged if t is not None]

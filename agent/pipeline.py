@@ -28,6 +28,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from firmware_io.timing import quantile
+
 from .frame_checks import REASONS as FRAME_CHECK_REASONS
 from .frame_checks import FrameChecker
 from .inspector import Inspector
@@ -300,7 +302,8 @@ class Pipeline:
         inv = sorted(self.invoke_ms)
 
         def q(s, p):
-            return round(s[min(len(s) - 1, int(p * len(s)))], 3) if s else None
+            v = quantile(s, p)
+            return None if v is None else round(v, 3)
 
         marks = list(self._rate_marks)
         rate = 0.0

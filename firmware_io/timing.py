@@ -84,3 +84,11 @@ def retarget(target: Target, now_ns: int | None = None) -> str:
         now_ns = time.monotonic_ns()
     remaining = (target.fire_at_ns - now_ns) / 1e6
     return f"d{max(0, int(round(remaining)))}"
+
+
+def quantile(sorted_values, q: float):
+    """The nearest-rank q-quantile (0 <= q <= 1) of an already sorted sequence,
+    sorted_values[min(n - 1, int(q * n))]; None when it is empty. The one quantile rule for
+    latency summaries (pipeline stats, demo summary, gate RTT / fire error)."""
+    n = len(sorted_values)
+    return sorted_values[min(n - 1, int(q * n))] if n else None

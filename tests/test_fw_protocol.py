@@ -157,3 +157,19 @@ def test_timing_validation():
         RejectTiming(mode="laser")
     with pytest.raises(ValueError):
         RejectTiming(pulse_ms=0)
+
+
+def test_one_nearest_rank_quantile():
+    from firmware_io.gates.base import quantiles_ms
+    from firmware_io.timing import quantile
+    assert quantile([], 0.5) is None
+    assert quantile([7], 0.0) == quantile([7], 0.99) == 7
+    s = list(range(1, 101))                       # 1..100
+    assert quantile(s, 0.5) == 51 and quantile(s, 0.99) == 100 and quantile(s, 0.0) == 1
+    assert quantile(s, 1.0) == 100
+    for n in range(1, 40):
+        s = sorted((i * 37) % 101 for i in range(n))
+        for q in (0.0, 0.25, 0.5, 0.9, 0.99, 1.0):
+            assert quantile(s, q) == s[min(len(s) - 1, int(q * len(s)))]
+    assert quantiles_ms([3_000_000, 1_000_000, 2_000_000]) == {"p50": 2.0, "p99": 3.0, "max": 3.0, "n": 3}
+    assert quantiles_ms([]) == {}

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
 
-from ..timing import RejectTiming
+from ..timing import RejectTiming, quantile
 
 log = logging.getLogger("firmware_io.gates")
 
@@ -150,7 +150,7 @@ def quantiles_ms(samples_ns, qs=(0.5, 0.99)) -> dict[str, float]:
         return {}
     out = {}
     for q in qs:
-        out[f"p{int(q * 100)}"] = s[min(len(s) - 1, int(q * len(s)))] / 1e6
+        out[f"p{int(q * 100)}"] = quantile(s, q) / 1e6
     out["max"] = s[-1] / 1e6
     out["n"] = len(s)
     return out
