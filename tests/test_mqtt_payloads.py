@@ -123,3 +123,28 @@ def test_validator_catches_what_the_schemas_forbid():
     assert validate(rs["properties"]["label"], None)                # label is never null
     assert validate(rs["properties"]["gate"], {"sent": True})       # no gate.sent
     assert validate(schema("reload_event.json"), {"ok": True, "origin": "x", "ts": 1.0})
+
+
+def _doc_example(after: str) -> dict:
+    """The first ```json block in docs/mqtt.md after the line starting with `after`."""
+    text = (ROOT / "docs" / "mqtt.md").read_text()
+    rest = text[text.index(after):]
+    block = rest[rest.index("```json") + len("```json"):]
+    return json.loads(block[:block.index("```")])
+
+
+def test_mqtt_md_reject_example_is_what_the_agent_publishes(published):
+    doc = _doc_example("Reject event (the agent builds it")
+    real = next(e for e in published["events/reject"] if e["verdict"] == "REJECT")
+    assert set(doc) == set(real), set(doc) ^ set(real)
+    assert set(doc["gate"]) == set(real["gate"]) and set(doc["timings"]) == set(real["timings"])
+    # the shape of ids and paths: <prefix>-<seq>, <recorder.dir>/<YYYYMMDD>/reject/<part>.png
+    for e in (doc, real):
+        prefix, seq = e["part"].rsplit("-", 1)
+        assert seq == str(e["seq"]) and prefix.isalnum() and len(prefix) == len(real["part"]) - \
+            len(str(real["seq"])) - 1, e["part"]
+        img = Path(e["image_path"])
+        assert img.name == e["part"] + ".png" and img.parent.name == "reject", img
+        assert len(img.parent.parent.name) == 8 and img.parent.parent.name.isdigit(), img
+        assert Path(e["source_ref"]).suffix == ".png"           # a folder source: the file
+    assert real["image_path"].startswith(published["record_dir"])
