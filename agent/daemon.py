@@ -530,9 +530,11 @@ class Agent:
                     state = self.overall_state()
                     detail = self.health()
                     if state != last_state or detail != last_detail:
-                        if last_state is not None and state != last_state:
+                        # the first state too when it is degraded: a source that fails before
+                        # the first tick must not start silently
+                        if state != last_state and (last_state is not None or state == "degraded"):
                             log.log(logging.WARNING if state == "degraded" else logging.INFO,
-                                    "state %s -> %s (%s)", last_state, state, detail)
+                                    "state %s -> %s (%s)", last_state or "starting", state, detail)
                         last_state, last_detail = state, detail
                         self._publish_status()
                 if now >= next_status:

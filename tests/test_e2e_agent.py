@@ -3,6 +3,7 @@ serial gate against the gate simulator on a pty, a real MQTT broker."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -413,3 +414,27 @@ def test_encoder_mode_uses_trigger_counts(tmp_path, rig):
         assert i.gate_target == f"e{i.encoder + 3000}"
     wait_for(lambda: {i.part_id for i in with_enc} <= {e.part for e in rig.sim.fired},
              timeout=3, what="encoder-timed rejects fired")
+
+
+def test_source_failing_from_the_start_logs_degraded(tmp_path, caplog):
+    """A camera that fails before the first status tick used to start without a word."""
+    from agent.sources import FolderSource, SourceError
+
+    make_folder(tmp_path / "imgs", "gdgg")
+
+    class Dead(FolderSource):
+        def read(self):
+            raise SourceError("injected: camera never answered")
+
+    cfg = agent_cfg(tmp_path, tmp_path / "imgs", camera={"loop": True, "fps": 50})
+    agent = Agent(cfg, source=Dead(str(tmp_path / "imgs"), loop=True))
+    with caplog.at_level(logging.WARNING, logger="daemon"):
+        th = run_agent(agent)
+        try:
+            wait_for(lambda: any("-> degraded" in r.getMessage() for r in caplog.records),
+                     what="a degraded log line")
+        finally:
+            agent.request_stop()
+            th.join(10)
+    line = next(r.getMessage() for r in caplog.records if "-> degraded" in r.getMessage())
+    assert line.startswith("state starting -> degraded") and "source" in line
