@@ -176,7 +176,7 @@ def warm_start(clf: Lite0Classifier, P_tr, y_tr, w_tr, F_va, y_va, good_idx: int
     for norm, sl in ((clf.norm_max, slice(0, half)), (clf.norm_mean, slice(half, D))):
         w = norm.get_weights()
         norm.set_weights([mu[sl], sd[sl] ** 2] + w[2:])
-    Z = (P - mu) / sd
+    Z = ((P - mu) / sd).astype(np.float32)       # float32 matmuls: half the warm-up time
     # a frame's label is its worst tile's: for T > 1 the defect label goes to every tile here
     # (a start, which fine-tuning's max-over-tiles corrects)
     yy = np.repeat(y_tr, V * T)
@@ -194,20 +194,21 @@ def softmax_regression(Z: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: i
     """Weighted multinomial logistic regression, full-batch gradient descent with Nesterov
     momentum on standardised inputs (convex: the result does not depend on a seed)."""
     d = Z.shape[1]
-    W = np.zeros((d, n_classes))
-    b = np.zeros(n_classes)
+    W = np.zeros((d, n_classes), np.float32)
+    b = np.zeros(n_classes, np.float32)
     vW, vb = np.zeros_like(W), np.zeros_like(b)
-    Y = np.eye(n_classes)[y]
-    sw = (w / w.sum())[:, None]
+    Y = np.eye(n_classes, dtype=np.float32)[y]
+    sw = (w / w.sum()).astype(np.float32)[:, None]
     # step size 1/L: L bounds the curvature of the weighted cross-entropy (0.5 x the largest
     # eigenvalue of the weighted feature covariance), found by power iteration
-    v = np.ones(d) / np.sqrt(d)
+    v = np.full(d, 1.0 / np.sqrt(d), np.float32)
     for _ in range(20):
         v = Z.T @ (sw[:, 0] * (Z @ v))
         lam = np.linalg.norm(v)
         v /= lam
-    lr = 1.0 / (0.5 * lam + l2)
-    mom = 0.9
+    lr = np.float32(1.0 / (0.5 * lam + l2))   # float32 throughout: one float64 scalar made
+    mom = np.float32(0.9)                     # every matmul mixed-precision, 10x slower
+    l2 = np.float32(l2)
     for _ in range(steps):
         Wl, bl = W + mom * vW, b + mom * vb
         logits = Z @ Wl + bl
