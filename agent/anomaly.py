@@ -14,14 +14,13 @@ exactly the features the line sees. No TensorFlow here.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .bundle import ANOMALY_MEMORY
+from .bundle import ANOMALY_MEMORY, sha256_file
 from .decide import anomaly_probs
 from .engines.base import Engine, EngineError
 from .engines.litert import interpreter_module
@@ -200,14 +199,6 @@ class FeatureModel:
         return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class AnomalyEngine(Engine):
     """The Engine of an anomaly bundle: pixels (N, H, W, C) -> (N, 2) [P(good), score], so the
     Inspector, agent.decide and evaluate judge it exactly like a classifier."""
@@ -218,7 +209,7 @@ class AnomalyEngine(Engine):
                  model_sha256: str | None = None):
         self.features = FeatureModel(model_path, spec, threads=threads)
         try:
-            self.memory = load_memory(memory_path, model_sha256 or _sha256(model_path))
+            self.memory = load_memory(memory_path, model_sha256 or sha256_file(model_path))
         except AnomalyMemoryError as e:
             raise EngineError(str(e)) from None
         if tuple(self.memory.grid) != self.features.grid() or self.memory.dim != self.features.dim():

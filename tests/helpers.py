@@ -1,5 +1,6 @@
 """Small helpers shared by tests (not fixtures)."""
 
+import threading
 import time
 
 
@@ -11,3 +12,11 @@ def wait_until(pred, timeout: float = 5.0, step: float = 0.005) -> bool:
             return True
         time.sleep(step)
     return bool(pred())
+
+
+def run_agent(agent) -> threading.Thread:
+    """Start an agent.daemon.Agent and run its supervisor loop in a daemon thread."""
+    agent.start()
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    return t

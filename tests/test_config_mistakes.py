@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.check_config import main as check_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "agent" / "demo_data" / "bundle"

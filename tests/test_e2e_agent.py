@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import time
 import tty
 from pathlib import Path
@@ -17,6 +16,7 @@ from agent.daemon import Agent
 from agent.inspector import WrappedEngine
 from agent.types import Verdict
 from firmware_io.gate_sim import GateSimulator
+from tests.helpers import run_agent
 from tests.support import MqttCollector, agent_cfg, make_folder, make_video, wait_for
 
 DELAY = 400
@@ -63,13 +63,6 @@ def rig(tmp_path):
     r = Rig(tmp_path)
     yield r
     r.close()
-
-
-def run_agent(agent: Agent) -> threading.Thread:
-    agent.start()
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
-    return t
 
 
 def collect(agent: Agent):

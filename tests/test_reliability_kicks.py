@@ -20,6 +20,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from agent.daemon import Agent
+from tests.helpers import run_agent
 from agent.types import Verdict
 from firmware_io import protocol as P
 from firmware_io.gate_sim import GateSimulator
@@ -61,13 +62,6 @@ def gate_sim():
     yield make
     for s in made:
         s.close()
-
-
-def run_agent(agent: Agent) -> threading.Thread:
-    agent.start()
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
-    return t
 
 
 def prom_value(agent: Agent, name: str, **labels) -> float:
