@@ -42,7 +42,7 @@ from .threshold import (OPERATING_POINTS, allowed_escapes, defects_to_show, oper
 log = logging.getLogger("convert.train")
 
 MIN_PER_CLASS = 2          # readable images a class needs to be trained on at all
-MIN_VALIDATION = 3         # validation images of each side (good, defect) a threshold needs
+MIN_VALIDATION = 2         # validation images of each side (good, defect) a threshold needs
 # Default input side (about; aspect ratio kept, never above native). Whole-frame training
 # at 640 px costs four times 320 px per epoch; crop training (every defect boxed) costs the
 # same at any input size, so boxed data gets the resolution that small defects need.

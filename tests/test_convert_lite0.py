@@ -213,11 +213,11 @@ def test_elongated_frames_are_tiled_not_squashed():
 def test_too_few_validation_images_is_refused(tmp_path):
     """Two validation images made a bundle with exit 0; the threshold would have been a guess."""
     from convert.synthetic import make_synthetic_dataset
-    make_synthetic_dataset(tmp_path / "data", n_per_class=6, size=48, seed=1)
+    make_synthetic_dataset(tmp_path / "data", n_per_class=5, size=48, seed=1)
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "train", str(tmp_path / "data"),
                            "--out", str(tmp_path / "b"), "-q"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert "validation holds" in last and "at least 3 of each" in last and "--val-fraction" in last
+    assert "validation holds" in last and "at least 2 of each" in last and "--val-fraction" in last
     assert not (tmp_path / "b" / "bundle.json").exists()
