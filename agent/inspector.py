@@ -43,6 +43,8 @@ class Inspector:
         self.good_label = bundle.good_label
         self.delegate = delegate
         self._good = bundle.labels.index(bundle.good_label)
+        # engines with maps(pixels) (anomaly bundles) can say WHERE a part is defective
+        self.can_map = callable(getattr(engine, "maps", None))
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -134,6 +136,18 @@ class Inspector:
         if score >= self.threshold:
             return Verdict.REJECT, score, label
         return Verdict.PASS, score, self.good_label
+
+    def defect_map(self, pixels: np.ndarray) -> np.ndarray | None:
+        """The (h, w) patch map of a part's pixels, or None when the engine gives none. It runs
+        the feature model again (the pipeline asks only for REJECTs, after the gate command):
+        each tile's first view; of several tiles, the one with the hottest patch."""
+        if not self.can_map:
+            return None
+        views = self.spec.views
+        maps = self.engine.maps(pixels[::views] if views > 1 else pixels)
+        if not maps:
+            return None
+        return max(maps, key=lambda m: float(np.max(m)))
 
     def inspect(self, image: np.ndarray, out: np.ndarray | None = None) -> tuple[Verdict, float, str]:
         """preprocess -> infer -> decide, in the caller's thread."""

@@ -487,6 +487,7 @@ class Pipeline:
                 insp = self._inspector
                 t_deq = mono()
                 score, label, reason = math.nan, "", None
+                decided = None
                 t_inv = t_dec = t_deq
                 deadline = frame.t_capture_ns + deadline_ns
                 if self.paused:
@@ -508,10 +509,11 @@ class Pipeline:
                         probs = insp.infer(pixels)
                         t_inv = mono()
                         verdict, score, label = insp.decide(probs)
+                        decided = pixels
                         for px in item.extra:     # judge = "worst": the worst frame decides
                             v2, s2, l2 = insp.decide(insp.infer(px))
                             if s2 > score:
-                                verdict, score, label = v2, s2, l2
+                                verdict, score, label, decided = v2, s2, l2, px
                         t_dec = mono()
                     except Exception as e:  # noqa: BLE001 - FAILSAFE, counted, reported
                         t_inv = t_dec = mono()
@@ -525,7 +527,7 @@ class Pipeline:
                     if reason is None and t_dec > deadline:
                         verdict, reason = Verdict.FAILSAFE, DEADLINE
                 self._finish(frame, verdict, score, label, reason, insp, item.t_pre_ns, t_deq,
-                             t_inv, t_dec, 1)
+                             t_inv, t_dec, 1, decided if reason is None else None)
         except Exception as e:
             log.exception("inspect thread crashed")
             self.error = f"inspect thread crashed: {type(e).__name__}: {e}"
@@ -545,8 +547,10 @@ class Pipeline:
 
     def _finish(self, frame: Frame, verdict: Verdict, score: float, label: str,
                 reason: str | None, insp: Inspector, t_pre: int, t_deq: int, t_inv: int,
-                t_dec: int, inspected: int) -> None:
-        """Act on the decision (gate) at once, then hand the record to the output thread."""
+                t_dec: int, inspected: int, pixels: np.ndarray | None = None) -> None:
+        """Act on the decision (gate) at once, then hand the record to the output thread.
+        A REJECT of an engine with maps gets its defect map here, after the gate command and
+        the alert commit (the part's gate timing never waits for it)."""
         act_reject = verdict is Verdict.REJECT or (verdict is Verdict.FAILSAFE
                                                    and self.failsafe == "reject")
         gate = self.gate
@@ -595,6 +599,13 @@ class Pipeline:
                 self.on_decided(insp_rec)
             except Exception:  # noqa: BLE001 - the output thread reports it after all
                 log.exception("part %s: on_decided failed", frame.part_id)
+        if verdict is Verdict.REJECT and pixels is not None and image is not None and insp.can_map:
+            t_m0 = time.monotonic_ns()
+            try:
+                insp_rec.defect_map = insp.defect_map(pixels)
+            except Exception as e:  # noqa: BLE001 - a picture aid: the verdict stands
+                log.warning("part %s: defect map failed: %s", frame.part_id, e)
+            timings["map"] = (time.monotonic_ns() - t_m0) / 1e6
         with self._lock:
             c = self.counts
             c["parts"] += 1

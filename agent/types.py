@@ -53,6 +53,9 @@ class Inspection:
     gate_error: str | None = None
     image_path: str | None = None     # where the recorder was asked to save the image
     alert: dict | None = None         # the alert as committed to the outbox (inspect thread)
+    # (h, w) float patch map of where the part looks defective: filled for REJECTs of an
+    # engine that gives maps (anomaly bundles), after the gate command; None otherwise
+    defect_map: np.ndarray | None = None
 
     @property
     def rejected(self) -> bool:

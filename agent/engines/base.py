@@ -45,6 +45,15 @@ class EnginePool(Engine):
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for e in self.engines:
             self._free.put(e)
+        if all(callable(getattr(e, "maps", None)) for e in self.engines):
+            self.maps = self._maps          # an anomaly pool gives maps like its engines
+
+    def _maps(self, pixels: np.ndarray) -> list[np.ndarray]:
+        engine = self._free.get()
+        try:
+            return engine.maps(pixels)
+        finally:
+            self._free.put(engine)
 
     def invoke(self, pixels: np.ndarray) -> np.ndarray:
         engine = self._free.get()

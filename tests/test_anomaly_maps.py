@@ -1,0 +1,85 @@
+"""Where an anomaly bundle's REJECT is defective: the pipeline fills Inspection.defect_map
+(rejects only, after the gate command), the recorder writes <part>_map.png beside the image
+(quota'd with it), the operator page draws it. A real bundle trained here, real images."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from agent.inspector import Inspector  # noqa: E402
+from agent.pipeline import Pipeline  # noqa: E402
+from agent.sources import open_source  # noqa: E402
+from agent.types import Verdict  # noqa: E402
+from firmware_io.gates import GateSettings, create_gate  # noqa: E402
+from tests.test_anomaly import blemish, bundle, data, texture  # noqa: E402,F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int] | None]]:
+    """A folder of 6 good textures and 6 with a blemish; name -> blemish (y, x) or None."""
+    root = tmp_path_factory.mktemp("anomaly_parts")
+    rng = np.random.default_rng(7)
+    truth = {}
+    for i in range(12):
+        img = texture(rng)
+        yx = None
+        if i % 2:
+            img, yx = blemish(img, rng)
+        name = f"p{i:02d}.png"
+        cv2.imwrite(str(root / name), img)
+        truth[name] = yx
+    return root, truth
+
+
+def run_line(bundle, folder, sinks=(), workers=1):
+    insp = Inspector.load(bundle, threads=1, workers=workers)
+    gate = create_gate("none", GateSettings())
+    got = []
+    pipe = Pipeline(open_source(str(folder)), insp, gate=gate, sinks=[got.append, *sinks],
+                    workers=workers, deadline_ms=10_000)
+    pipe.start()
+    assert pipe.wait(120)
+    return insp, gate, got
+
+
+def test_rejects_get_a_map_passes_do_not(bundle, parts):
+    folder, truth = parts
+    insp, gate, got = run_line(bundle, folder)
+    assert insp.can_map and len(got) == len(truth)
+    rejects = [r for r in got if r.verdict is Verdict.REJECT]
+    passes = [r for r in got if r.verdict is Verdict.PASS]
+    assert rejects and passes
+    grid = tuple(insp.engine.memory.grid)
+    for r in rejects:
+        assert r.defect_map is not None and r.defect_map.shape == grid
+        assert np.all(np.isfinite(r.defect_map)) and r.timings_ms["map"] > 0
+    for r in passes:
+        assert r.defect_map is None and "map" not in r.timings_ms
+    assert sorted(o.part_id for o in gate.records) == sorted(r.part_id for r in rejects)
+    # a blemished reject's map is hottest near its blemish (stretched over the 128 px image)
+    for r in rejects:
+        yx = truth[r.source_ref]
+        if yx is None:
+            continue
+        m = r.defect_map
+        cy, cx = np.unravel_index(int(np.argmax(m)), m.shape)
+        sy, sx = 128 / m.shape[0], 128 / m.shape[1]
+        assert abs((cy + 0.5) * sy - yx[0]) <= 24 and abs((cx + 0.5) * sx - yx[1]) <= 24, (r.source_ref, (cy, cx), yx)
+    cost = [r.timings_ms["map"] for r in rejects]
+    print(f"\nper-reject map cost: median {np.median(cost):.1f} ms, max {max(cost):.1f} ms; "
+          f"invoke median {np.median([r.timings_ms['invoke'] for r in got]):.1f} ms")
+
+
+def test_a_pool_of_anomaly_engines_gives_maps(bundle, parts):
+    folder, _ = parts
+    insp, _, got = run_line(bundle, folder, workers=2)
+    assert insp.can_map
+    assert all((r.defect_map is not None) == (r.verdict is Verdict.REJECT) for r in got)
