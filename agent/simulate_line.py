@@ -13,6 +13,14 @@ t_gate_s: it reaches the gate (t_line_s + --gate-delay-ms); t_trigger_s: a part-
 sensor --sensor-offset-ms upstream of the line fires. LineVideoSource replays the video as
 a camera would (frame i captured at t0 + i / fps) and drive_triggers() sends the gate
 simulator's TRG at t0 + t_trigger_s, so tests and the bench share one clock with the truth.
+
+From the command line, --drive-trg PORT serves the gate simulator on PORT (a serial device,
+or "pty": a new pty pair whose host-side path is printed) and sends each part's TRG at
+t0 + t_trigger_s, t0 = the host's first HELLO (--trg-t0 hello, the default) or the moment
+the video is written (--trg-t0 now), plus --trg-delay-ms either way; it fires the host's
+rejects like `edge-inspect gate-sim` and exits after the last part has passed the gate.
+A daemon started separately opens its camera some time after its HELLO: --trg-delay-ms is
+that lag (the TRG lines say where each part is; the camera must agree within window_ms).
 """
 
 from __future__ import annotations
@@ -211,6 +219,49 @@ def drive_triggers(send, truth: dict, t0_ns: int, stop: threading.Event | None =
     return th
 
 
+def serve_triggers(port: str, truth: dict, *, t0: str = "hello", delay_ms: float = 0.0,
+                   wait_s: float = 60.0, linger_s: float = 2.0, out=print) -> int:
+    """--drive-trg: the gate simulator on port, TRG at the truth's sensor times."""
+    import tty
+
+    from firmware_io import protocol as P
+    from firmware_io.gate_sim import GateSimulator
+
+    slave = None
+    if port == "pty":
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        sim = GateSimulator(fd=master)
+        sim._own_fd = True
+        out(f"gate simulator on {os.ttyname(slave)}")
+    else:
+        sim = GateSimulator(port=port)
+    sim.start()
+    try:
+        if t0 == "hello":
+            end = time.monotonic() + wait_s
+            while sim.counters.hello == 0:
+                if time.monotonic() > end:
+                    out(f"simulate-line: no HELLO on {port} in {wait_s:g} s; no TRG sent")
+                    return 1
+                time.sleep(0.001)
+        t0_ns = time.monotonic_ns() + int(delay_ms * 1e6)
+        th = drive_triggers(lambda name, t: sim.send(P.Trigger(name, sim.encoder(t))),
+                            truth, t0_ns)
+        th.join()
+        last = max(p["t_gate_s"] for p in truth["parts"]) if truth["parts"] else 0.0
+        rest = t0_ns / 1e9 + last + linger_s - time.monotonic()
+        if rest > 0:
+            time.sleep(rest)
+        c = sim.counters
+        out(f"simulate-line: sent {len(truth['parts'])} TRG; gate rej={c.rej} fired={c.fired}")
+        return 0
+    finally:
+        sim.stop()
+        if slave is not None:
+            os.close(slave)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog=argv[0], description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,6 +276,14 @@ def main(argv: list[str]) -> int:
     for f in ("fps", "rate", "speed", "jitter", "drift", "drift_period_s", "lead_s", "line",
               "gate_delay_ms", "sensor_offset_ms"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float, default=getattr(d, f))
+    ap.add_argument("--drive-trg", metavar="PORT",
+                    help="serve the gate simulator on PORT ('pty': a new pty) and send TRG "
+                         "at the truth's sensor times")
+    ap.add_argument("--trg-t0", choices=("hello", "now"), default="hello",
+                    help="time 0 of the TRG schedule: the host's first HELLO, or now")
+    ap.add_argument("--trg-delay-ms", type=float, default=0.0,
+                    help="added to time 0 (the camera's start after HELLO)")
+    ap.add_argument("--trg-wait-s", type=float, default=60.0, help="wait this long for HELLO")
     args = ap.parse_args(argv[1:])
     spec = LineSpec(**{k: getattr(args, k) for k in asdict(d)})
     if spec.speed / spec.rate < spec.part_px * 1.3:
@@ -235,4 +294,8 @@ def main(argv: list[str]) -> int:
     n_def = sum(p["label"] != "good" for p in truth["parts"])
     print(f"{args.out}: {truth['frames']} frames at {spec.fps:g} fps, {len(truth['parts'])} parts "
           f"({n_def} defect) at {spec.rate:g}/s; truth in {truth_path}")
+    if args.drive_trg:
+        return serve_triggers(args.drive_trg, truth, t0=args.trg_t0,
+                              delay_ms=args.trg_delay_ms, wait_s=args.trg_wait_s,
+                              out=lambda m: print(m, flush=True))
     return 0

@@ -79,3 +79,51 @@ def test_modbus_trigger_counts_rising_edges_only():
     for _ in range(9):
         m.poll_once()
     assert seen == ["M1", "M2"] and m.read_errors == 1   # a failed read is no edge
+
+
+def test_simulate_line_drive_trg_serves_the_gate_and_sends_trg_on_the_truths_clock(tmp_path):
+    """`simulate-line --drive-trg PORT`: the gate simulator on a pty, TRG at HELLO + t_trigger_s."""
+    import json
+    import os
+    import select
+    import tty
+
+    from agent.simulate_line import main
+
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    video = str(tmp_path / "line.avi")
+    rc = []
+    th = threading.Thread(target=lambda: rc.append(main(
+        ["simulate-line", "--out", video, "--parts", "6", "--rate", "5", "--lead-s", "0.3",
+         "--seed", "2", "--drive-trg", os.ttyname(slave)])), daemon=True)
+    th.start()
+    buf, got, t_hello = b"", [], None
+    try:
+        end = time.monotonic() + 30
+        while len(got) < 6 and time.monotonic() < end:
+            if t_hello is None:                       # a host retries HELLO until answered
+                t_sent = time.monotonic_ns()
+                os.write(master, P.Hello().encode())
+            r, _, _ = select.select([master], [], [], 0.05 if t_hello is None else 0.5)
+            if not r:
+                continue
+            now = time.monotonic_ns()
+            buf += os.read(master, 4096)
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                m = P.decode_line(line.strip(), "to_host")
+                if isinstance(m, P.HelloReply) and t_hello is None:
+                    t_hello = t_sent
+                elif isinstance(m, P.Trigger):
+                    got.append((m.part, (now - t_hello) / 1e6))
+        th.join(15)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert rc == [0]
+    truth = json.loads((tmp_path / "line.json").read_text())
+    assert [n for n, _ in got] == [f"P{p['n']}" for p in truth["parts"]]
+    for (_, t_ms), p in zip(got, truth["parts"]):
+        assert -2 < t_ms - p["t_trigger_s"] * 1e3 < 25, (t_ms, p)
