@@ -3,7 +3,9 @@
 Three measurements in one run, on the same source, so they compare on a shared, noisy box:
 1. model only: int8 invoke p50/p99 per backend and thread count (and the float32 model);
 2. the real pipeline (threads, bounded queues) from a video file or image folder;
-3. a naive single-threaded loop (read, preprocess, invoke, decide) on the same source.
+3. a naive single-threaded loop (read, preprocess, invoke, decide) on the same source;
+and the trigger modes' own cost per frame on that source's frames, at its resolution
+(`frame`: none; `external`: the frame ring; `presence`: the part detector), one thread.
 """
 
 from __future__ import annotations
@@ -214,6 +216,38 @@ def measure_durability(inspector: Inspector, src: str, deadline_ms: float, plain
     return rows
 
 
+def trigger_cost(src: str, max_frames: int = 300) -> dict:
+    """ms per frame of each part selector on the source's decoded frames, one OpenCV thread
+    (the capture thread runs it). The presence detector is fed from an empty-belt start, as
+    on a line; a bench video of parts is its worst case (a part in every frame)."""
+    from .parts import ExternalSelector, PresenceSelector
+    from .sources import Captured
+
+    frames = []
+    for img in iter_source(src):
+        t = int(len(frames) * 1e9 / 30)
+        frames.append(Captured(img, f"#{len(frames)}", t, t))
+        if len(frames) >= max_frames:
+            break
+    h, w = frames[0].image.shape[:2]
+    nthreads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    out = {"frames": len(frames), "size": [w, h], "frame_ms_per_frame": 0.0}
+    try:
+        for name, sel in (("presence", PresenceSelector()), ("external", ExternalSelector())):
+            ms = []
+            for f in frames:
+                t0 = time.perf_counter()
+                sel.feed(f)
+                ms.append((time.perf_counter() - t0) * 1e3)
+            out[f"{name}_ms_p50"] = round(pct(ms, 50), 3)
+            out[f"{name}_ms_p99"] = round(pct(ms, 99), 3)
+            out[f"{name}_ms_per_frame"] = round(float(np.mean(ms)), 3)
+    finally:
+        cv2.setNumThreads(nthreads)
+    return out
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=argv[0], description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -337,6 +371,12 @@ def main(argv: list[str]) -> int:
                       verdict="keeps up" if ok else "too slow")
         print(f"  line {args.line_rate:g} parts/min = {need:.2f} parts/s: headroom {headroom:.1f}x -> "
               f"{'KEEPS UP' if ok else 'TOO SLOW'}", file=out)
+    trig = result["trigger"] = trigger_cost(src)
+    result["presence_ms_per_frame"] = trig["presence_ms_per_frame"]
+    print(f"  trigger     at {trig['size'][0]}x{trig['size'][1]}, one thread, "
+          f"{trig['frames']} frames: presence detector {trig['presence_ms_per_frame']:.3f} ms "
+          f"a frame (p99 {trig['presence_ms_p99']:.3f}), external ring "
+          f"{trig['external_ms_per_frame']:.3f} ms, frame 0", file=out)
     print(f"  resident memory {result['rss_mb']} MB", file=out)
     if args.json:
         print(json.dumps(result))

@@ -27,6 +27,9 @@ def test_bench_json_on_a_video(tmp_path):
                   "--threads", "1", "--workers", "2", "--line-rate", "600", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)           # stdout is exactly one JSON object
+    cap = cv2.VideoCapture(str(video))
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    cap.release()
     assert KEYS <= out.keys()
     # the three measurements saw the same parts
     assert out["naive"]["parts"] == out["pipeline"]["parts"] == len(pattern)
@@ -51,6 +54,12 @@ def test_bench_json_on_a_video(tmp_path):
         assert row["vs_no_durability"] == pytest.approx(
             row["parts_per_s"] / out["pipeline_parts_per_s"], rel=0.01)
         assert 0 < row["commit_ms_p50"] <= row["commit_ms_p99"]
+    # the trigger modes' cost on the source's own frames, at its resolution
+    trig = out["trigger"]
+    assert trig["size"] == [w, h] and trig["frames"] == len(pattern)
+    assert out["presence_ms_per_frame"] == trig["presence_ms_per_frame"] > 0
+    assert trig["presence_ms_p99"] >= trig["presence_ms_p50"] > 0
+    assert trig["external_ms_per_frame"] >= 0 and trig["frame_ms_per_frame"] == 0
     edgetpu = [row for row in out["invoke"] if row["backend"] == "edgetpu"]
     assert edgetpu and (edgetpu[0]["available"] or "libedgetpu" in edgetpu[0]["reason"])
 
@@ -64,6 +73,7 @@ def test_bench_default_source_is_the_bundle_sample_and_text_output(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "naive loop  threads=1" in r.stdout and "pipeline    threads=1 workers=1" in r.stdout
     assert "best pipeline" in r.stdout and "x naive" in r.stdout
+    assert "trigger     at " in r.stdout and "presence detector" in r.stdout
 
 
 def test_bench_refuses_missing_bundle_and_source(tmp_path):
