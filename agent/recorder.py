@@ -4,7 +4,9 @@ for retraining, under a disk quota (oldest deleted first).
 It runs in its own thread behind a bounded queue: the pipeline never waits for the disk.
 A full queue or a full/broken disk drops the image (logged, counted), never the verdict.
 
-Layout: <dir>/<YYYYMMDD>/<verdict>/<part>.png + <part>.json
+Layout: <dir>/<YYYYMMDD>/<verdict>/<part>.png + <part>.json, and <part>_map.png when the part
+has a defect map (an anomaly bundle's REJECT): the map as a colour heat overlay on the image,
+for a person. The three are one unit: counted in the quota together, deleted together.
 
 Alerts come first: the recorder keeps its disk's free space above ``min_free_mb`` (deleting
 its oldest images, then refusing new ones: "disk_floor"), and saves nothing while ``hold()``
@@ -32,6 +34,18 @@ from .types import Inspection, Verdict
 
 log = logging.getLogger("recorder")
 
+MAP_SUFFIX = "_map.png"     # <part>_map.png beside <part>.<ext>: the defect map drawn on it
+
+
+def map_path(image_path: str | Path) -> Path:
+    p = Path(image_path)
+    return p.with_name(p.stem + MAP_SUFFIX)
+
+
+def _unit_stem(path: str) -> str:
+    """The stem shared by an image, its .json and its _map.png."""
+    return path[:-len(MAP_SUFFIX)] if path.endswith(MAP_SUFFIX) else os.path.splitext(path)[0]
+
 
 class Recorder:
     def __init__(self, directory: str | Path, max_mb: float = 2048, pass_sample: float = 0.01,
@@ -46,8 +60,8 @@ class Recorder:
         self._q: queue.Queue = queue.Queue(queue_size)
         self._rng = random.Random(seed)
         self._thread: threading.Thread | None = None
-        # (paths of one image: its picture and its .json, bytes), oldest first: the quota
-        # deletes them together, never a .json without its picture
+        # (paths of one image: its picture, its .json and its _map.png if any, bytes), oldest
+        # first: the quota deletes them together, never a .json without its picture
         self._files: collections.deque = collections.deque()
         self.bytes = 0
         self.saved = 0
@@ -71,9 +85,11 @@ class Recorder:
         day = time.strftime("%Y%m%d", time.localtime(insp.t_wall))
         return str(self.dir / day / insp.verdict.value.lower() / (insp.part_id + self.ext))
 
-    def put(self, path: str, image: np.ndarray, record: dict) -> bool:
+    def put(self, path: str, image: np.ndarray, record: dict,
+            defect_map: np.ndarray | None = None) -> bool:
+        """Queue one image (and its map, drawn in the recorder thread) for saving."""
         try:
-            self._q.put_nowait((path, image, record))
+            self._q.put_nowait((path, image, record, defect_map))
             self._idle.clear()
             return True
         except queue.Full:
@@ -106,13 +122,13 @@ class Recorder:
         if self.dir.is_dir():
             for root, _dirs, files in os.walk(self.dir):
                 for f in files:
-                    if f.endswith(".json") or f.endswith(self.ext):
+                    if f.endswith(".json") or f.endswith(self.ext) or f.endswith(MAP_SUFFIX):
                         p = os.path.join(root, f)
                         try:
                             st = os.stat(p)
                         except OSError:
                             continue
-                        e = pairs.setdefault(os.path.splitext(p)[0], [st.st_mtime, [], 0])
+                        e = pairs.setdefault(_unit_stem(p), [st.st_mtime, [], 0])
                         e[0] = min(e[0], st.st_mtime)
                         e[1].append(p)
                         e[2] += st.st_size
@@ -165,7 +181,8 @@ class Recorder:
                 return False
             self._delete_oldest()
 
-    def _save(self, path: str, image: np.ndarray, record: dict) -> None:
+    def _save(self, path: str, image: np.ndarray, record: dict,
+              defect_map: np.ndarray | None = None) -> None:
         img_path = Path(path)
         json_path = img_path.with_suffix(".json")
         written: list[Path] = []
@@ -177,14 +194,26 @@ class Recorder:
             if not ok:
                 raise ValueError(f"cannot encode a {image.shape} image as {self.ext}")
             data = buf.tobytes()
+            files = [(img_path, data)]
+            if defect_map is not None:
+                # the record is the alert payload (shared): a copy names the map
+                record = {**record, "map": map_path(img_path).name}
             meta = json.dumps(record, default=str, indent=1).encode()
-            if not self._room_for(len(data) + len(meta)):
+            files.append((json_path, meta))
+            if defect_map is not None:
+                from .ui.overlay import draw_overlay     # cv2.applyColorMap blended on the image
+                ok, mbuf = cv2.imencode(".png", draw_overlay(image, defect_map))
+                if not ok:
+                    raise ValueError(f"cannot encode the defect map of a {image.shape} image")
+                files.append((map_path(img_path), mbuf.tobytes()))
+            size = sum(len(d) for _, d in files)
+            if not self._room_for(size):
                 self.dropped["disk_floor"] += 1
                 self._log_drop(record, "disk_floor", f"free space below recorder.min_free_mb "
                                f"({self.min_free_bytes // (1024 * 1024)} MB)")
                 return
             img_path.parent.mkdir(parents=True, exist_ok=True)
-            for p, d in ((img_path, data), (json_path, meta)):
+            for p, d in files:
                 with open(p, "wb") as f:
                     written.append(p)
                     f.write(d)
@@ -199,8 +228,8 @@ class Recorder:
             self.dropped[reason] += 1
             self._log_drop(record, reason, e)
             return
-        self._files.append(((str(img_path), str(json_path)), len(data) + len(meta)))
-        self.bytes += len(data) + len(meta)
+        self._files.append((tuple(str(p) for p, _ in files), size))
+        self.bytes += size
         self.saved += 1
         self._enforce()
 

@@ -90,7 +90,7 @@ class Reporter:
     def __call__(self, insp: Inspection) -> None:
         if insp.alert is not None:          # committed in the inspect thread already
             if insp.image_path is not None:
-                self.recorder.put(insp.image_path, insp.image, insp.alert)
+                self.recorder.put(insp.image_path, insp.image, insp.alert, insp.defect_map)
             self.alerts += 1
             if self.on_event is not None:
                 self.on_event(insp.alert)
@@ -101,7 +101,7 @@ class Reporter:
             return
         payload = event_payload(insp, self.station, self.failsafe_policy, path)
         if path is not None:
-            self.recorder.put(path, insp.image, payload)
+            self.recorder.put(path, insp.image, payload, insp.defect_map)
         if self.link is not None:
             try:
                 if alert:

@@ -83,3 +83,76 @@ def test_a_pool_of_anomaly_engines_gives_maps(bundle, parts):
     insp, _, got = run_line(bundle, folder, workers=2)
     assert insp.can_map
     assert all((r.defect_map is not None) == (r.verdict is Verdict.REJECT) for r in got)
+
+
+def _units(root: Path) -> dict[str, set[str]]:
+    """stem -> the kinds of file recorded for it ('png', 'json', 'map')."""
+    out: dict[str, set[str]] = {}
+    for p in root.rglob("*.*"):
+        if p.name.endswith("_map.png"):
+            out.setdefault(str(p)[:-len("_map.png")], set()).add("map")
+        else:
+            out.setdefault(str(p.with_suffix("")), set()).add(p.suffix[1:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded(bundle, parts, tmp_path_factory):
+    from agent.recorder import Recorder
+    from agent.reporter import Reporter
+    rec_dir = tmp_path_factory.mktemp("anomaly_rec") / "rec"
+    rec = Recorder(rec_dir, pass_sample=1.0).start()
+    _, _, got = run_line(bundle, parts[0], sinks=[Reporter("t", None, rec)])
+    assert rec.wait_idle(10)
+    rec.stop()
+    return rec_dir, got
+
+
+def test_recorder_writes_a_heat_map_beside_each_reject(recorded):
+    rec_dir, got = recorded
+    units = _units(rec_dir)
+    assert len(units) == len(got)
+    n_maps = 0
+    for r in got:
+        img_path = next(rec_dir.rglob(f"{r.part_id}.png"))
+        meta = json.loads(img_path.with_suffix(".json").read_text())
+        mp = img_path.with_name(f"{r.part_id}_map.png")
+        if r.verdict is Verdict.REJECT:
+            n_maps += 1
+            assert mp.is_file() and meta["map"] == mp.name
+            heat, img = cv2.imread(str(mp), cv2.IMREAD_UNCHANGED), cv2.imread(str(img_path))
+            assert heat.shape == img.shape and heat.ndim == 3
+            # colour where the map is hot (the source is grey: B = G = R everywhere)
+            assert (np.abs(heat[..., 2].astype(int) - heat[..., 0]) > 40).mean() > 0.01
+            assert not np.array_equal(heat, img)
+        else:
+            assert not mp.exists() and "map" not in meta
+    assert n_maps > 0
+
+
+def test_quota_counts_and_deletes_the_map_with_its_image(recorded, tmp_path):
+    import shutil
+    from agent.recorder import Recorder
+    rec_dir = tmp_path / "rec"
+    shutil.copytree(recorded[0], rec_dir)
+    total = sum(p.stat().st_size for p in rec_dir.rglob("*.*"))
+    # a restart over the files found on disk, room for about half of them
+    rec = Recorder(rec_dir, max_mb=total * 0.5 / (1024 * 1024)).start()
+    assert rec.wait_idle(10)
+    assert rec.deleted > 0
+    assert rec.bytes == sum(p.stat().st_size for p in rec_dir.rglob("*.*")) <= rec.max_bytes
+    for stem, kinds in _units(rec_dir).items():
+        assert kinds in ({"png", "json"}, {"png", "json", "map"}), (stem, kinds)
+    # then new saves, with maps, under a quota of a few units: triples go as one
+    img = cv2.imread(str(next(rec_dir.rglob("*_map.png"))).replace("_map", ""))
+    dmap = np.random.default_rng(0).random((12, 12)).astype(np.float32)
+    rec.max_bytes = rec.bytes
+    for i in range(6):
+        assert rec.put(str(rec_dir / "20240101" / "reject" / f"n-{i}.png"), img,
+                       {"part": f"n-{i}"}, dmap)
+        assert rec.wait_idle(10)
+    rec.stop()
+    units = _units(rec_dir)
+    assert all(k in ({"png", "json"}, {"png", "json", "map"}) for k in units.values()), units
+    assert units[str(rec_dir / "20240101" / "reject" / "n-5")] == {"png", "json", "map"}
+    assert rec.bytes == sum(p.stat().st_size for p in rec_dir.rglob("*.*")) <= rec.max_bytes

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..recorder import MAP_SUFFIX, map_path
+
 REVIEWS = "reviews.jsonl"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 GOOD = "good"               # convert/data.py's pass class folder
@@ -143,7 +145,9 @@ class ReviewStore:
         for day in sorted((d for d in self.root.iterdir() if d.is_dir()), reverse=True):
             for verdict_dir in (d for d in day.iterdir() if d.is_dir()):
                 for f in os.scandir(verdict_dir):
-                    if f.is_file() and f.name.lower().endswith(IMAGE_EXTS):
+                    # <part>_map.png is the recorder's drawing of a part's map, not a part
+                    if f.is_file() and f.name.lower().endswith(IMAGE_EXTS) and \
+                            not f.name.endswith(MAP_SUFFIX):
                         out.append((f.stat().st_mtime, Path(f.path)))
             if len(out) >= limit:
                 break
@@ -158,7 +162,10 @@ class ReviewStore:
             rel = p.resolve().relative_to(root).as_posix()
             rec = self._record(p)
             m = marks.get(rel)
+            mp = map_path(p)
             items.append({"path": rel, "part": rec.get("part", p.stem),
+                          "map": mp.resolve().relative_to(root).as_posix() if mp.is_file()
+                          else None,
                           "verdict": rec.get("verdict", p.parent.name.upper()),
                           "label": rec.get("label", ""), "score": rec.get("score"),
                           "t": rec.get("t_capture"), "reason": rec.get("reason", ""),
