@@ -156,3 +156,48 @@ def test_quota_counts_and_deletes_the_map_with_its_image(recorded, tmp_path):
     assert all(k in ({"png", "json"}, {"png", "json", "map"}) for k in units.values()), units
     assert units[str(rec_dir / "20240101" / "reject" / "n-5")] == {"png", "json", "map"}
     assert rec.bytes == sum(p.stat().st_size for p in rec_dir.rglob("*.*")) <= rec.max_bytes
+
+
+def test_operator_page_shows_an_anomaly_reject_with_its_overlay(bundle, parts, tmp_path):
+    """The real agent and HTTP server on the anomaly bundle: a reject has a map, its JPEG is
+    the overlay (colour on a grey part), ?map=0 the plain image; the recorded map is served."""
+    from agent.config import parse_config
+    from agent.daemon import Agent
+    from tests.helpers import wait_until
+    from ui_support import Client, _NoNotify, free_port
+    cfg = parse_config({
+        "station": {"id": "ui-anomaly"},
+        "camera": {"source": str(parts[0]), "loop": True, "fps": 8.0},
+        "model": {"bundle": str(bundle), "threads": 1},
+        "inspection": {"deadline_ms": 5000, "queue_size": 2},
+        "gate": {"kind": "none"}, "mqtt": {"enabled": False}, "metrics": {"port": 0},
+        "recorder": {"dir": str(tmp_path / "rec"), "pass_sample": 0.0, "min_free_mb": 0},
+        "ui": {"port": free_port()},
+    }, tmp_path)
+    agent = Agent(cfg, notifier=_NoNotify()).start()
+    try:
+        c = Client(agent.ui.port)
+        assert wait_until(lambda: any(r["has_map"] for r in c.json("/api/state")["rejects"]),
+                          timeout=60, step=0.1), "no reject with a map"
+        s = c.json("/api/state")
+        assert s["health"]["defect_map"] is True
+        shot = next(r for r in s["rejects"] if r["has_map"])
+        assert shot["verdict"] == "REJECT"
+        code, h, over = c.get(f"/api/reject/{shot['seq']}.jpg")
+        assert code == 200 and h["Content-Type"] == "image/jpeg"
+        code, _, plain = c.get(f"/api/reject/{shot['seq']}.jpg?map=0")
+        assert code == 200 and over != plain
+        o = cv2.imdecode(np.frombuffer(over, np.uint8), cv2.IMREAD_COLOR).astype(int)
+        p = cv2.imdecode(np.frombuffer(plain, np.uint8), cv2.IMREAD_COLOR).astype(int)
+        assert (np.abs(o[..., 2] - o[..., 0]) > 40).mean() > 0.01      # the heat colours
+        assert (np.abs(p[..., 2] - p[..., 0]) > 40).mean() < 0.001     # a grey part
+        # the review queue lists the recorded reject with its map file, which is served
+        assert wait_until(lambda: any(i["map"] for i in c.json("/api/review")["items"]),
+                          timeout=30, step=0.1)
+        items = c.json("/api/review")["items"]
+        assert not any(i["path"].endswith("_map.png") for i in items)
+        item = next(i for i in items if i["map"])
+        code, h, png = c.get(f"/recorded/{item['map']}")
+        assert code == 200 and png[:4] == b"\x89PNG"
+    finally:
+        agent.shutdown()

@@ -66,8 +66,8 @@ def _num(x: float) -> float | None:
 
 
 def shot_of(insp: Inspection) -> Shot:
-    # An engine that gives a per-location map puts it on the record as `defect_map`
-    # ((h, w) floats per image); today's classifier engines give class scores only.
+    # The pipeline fills `defect_map` ((h, w) floats) for the REJECTs of an engine with maps
+    # (anomaly bundles, agent/anomaly.py); classifier engines give class scores only.
     dmap = overlay.as_map(getattr(insp, "defect_map", None))
     return Shot(insp.seq, insp.part_id, insp.t_wall, insp.verdict.value, insp.label,
                 _num(insp.score), insp.threshold, insp.reason, _num(insp.latency_ms),
