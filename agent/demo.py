@@ -5,6 +5,12 @@ the gate simulator on a pseudo-terminal speaking the serial protocol, and an MQT
 the demo starts itself (Mosquitto, else the pure-Python amqtt) unless --mqtt names one.
 One line per part as it is decided, FIRED lines as the simulated gate kicks parts off,
 and a summary at the end (truth from file names: good_* should pass, defect_* reject).
+
+--line (what `make demo` runs): the same images composited onto a moving belt by
+`simulate-line` (a 30 fps video and its ground truth), replayed as a free-running camera
+in `presence` mode, so parts are found on the belt rather than one per frame; the summary
+then counts the parts seen against the truth, the verdicts against the parts' labels and
+each FIRED pulse against the time its part reached the gate.
 """
 
 from __future__ import annotations
@@ -65,6 +71,10 @@ def main(argv: list[str]) -> int:
                     help="parts per second on the simulated line (0: as fast as it goes)")
     ap.add_argument("--delay-ms", type=float, default=300.0,
                     help="camera-to-gate travel time (default 300)")
+    ap.add_argument("--line", action="store_true",
+                    help="a simulated conveyor line in presence mode (see above)")
+    ap.add_argument("--parts", type=int, default=30, help="with --line: parts on the line")
+    ap.add_argument("--rate", type=float, default=3.0, help="with --line: parts per second")
     ap.add_argument("--mqtt", metavar="HOST:PORT", help="use this broker instead of starting one")
     ap.add_argument("--threads", type=int, default=2, help="inference threads")
     ap.add_argument("--quiet", action="store_true", help="summary only")
@@ -81,6 +91,8 @@ def main(argv: list[str]) -> int:
         problems.append(f"--images: {args.images} is not a folder")
     if args.loops < 1:
         problems.append("--loops: must be at least 1")
+    if args.line and (args.parts < 1 or not 0 < args.rate <= 10):
+        problems.append("--parts/--rate: at least 1 part, 0 < rate <= 10 parts/s")
     if problems:
         return print_problems(problems)
 
@@ -111,9 +123,20 @@ def main(argv: list[str]) -> int:
     tty.setraw(slave)
     sim = GateSimulator(fd=master).start()
     deadline = min(250.0, args.delay_ms * 0.6)
+    line_truth, source = None, None
+    if args.line:
+        from .simulate_line import LineSpec, LineVideoSource, labelled_images, render
+
+        video = str(tmp / "line.avi")
+        line_truth = render(LineSpec(rate=args.rate, parts=args.parts,
+                                     gate_delay_ms=args.delay_ms),
+                            labelled_images(args.images), video)
+        source = LineVideoSource(video, line_truth["fps"])
     cfg = parse_config({
         "station": {"id": "demo"},
-        "camera": {"source": str(args.images), "fps": args.fps},
+        "camera": ({"source": video, "fps": line_truth["fps"]} if args.line
+                   else {"source": str(args.images), "fps": args.fps}),
+        "trigger": {"mode": "presence"} if args.line else {"mode": "frame"},
         "model": {"bundle": str(args.bundle), "threads": args.threads},
         "inspection": {"deadline_ms": deadline, "queue_size": 2},
         "gate": {"kind": "serial", "port": os.ttyname(slave), "delay_ms": args.delay_ms,
@@ -128,6 +151,19 @@ def main(argv: list[str]) -> int:
     fired: dict[str, float] = {}
     t_cap: dict[str, int] = {}
 
+    def truth_part(insp: Inspection) -> dict | None:
+        # a line's part: the truth part whose line crossing is nearest the reference time
+        if line_truth is None or source.t0_ns is None:
+            return None
+        t = (insp.t_capture_ns - source.t0_ns) / 1e9
+        return min(line_truth["parts"], key=lambda q: abs(q["t_line_s"] - t))
+
+    def truth_of(insp: Inspection) -> Verdict | None:
+        if line_truth is None:
+            return _truth(insp.source_ref)
+        q = truth_part(insp)
+        return None if q is None else _truth(q["label"])
+
     def line(insp: Inspection) -> None:
         with lock:
             results.append(insp)
@@ -139,7 +175,7 @@ def main(argv: list[str]) -> int:
         gate = f"gate {insp.gate_target}" if insp.gate_target else ""
         if insp.gate_error:
             gate += f" ({insp.gate_error})"
-        truth = _truth(insp.source_ref)
+        truth = truth_of(insp)
         mark = "" if truth is None or insp.verdict is Verdict.FAILSAFE else (
             "  ok" if truth is insp.verdict else "  MISMATCH")
         extra = f" [{insp.reason}]" if insp.reason else ""
@@ -165,7 +201,8 @@ def main(argv: list[str]) -> int:
             time.sleep(0.02)
 
     agent = Agent(cfg, sinks=(line,), on_fired=on_fired, notifier=_NoNotify(),
-                  source=_Passes(str(args.images), args.loops), on_drained=last_fires)
+                  source=source or _Passes(str(args.images), args.loops),
+                  on_drained=last_fires)
     code = 0
     t0 = time.monotonic()
     try:
@@ -175,15 +212,21 @@ def main(argv: list[str]) -> int:
             return print_problems(e.problems)
         where = f"{mqtt['host']}:{mqtt['port']}" if mqtt["enabled"] else "off"
         if not args.quiet:
+            what = (f"a simulated line ({args.parts} parts at {args.rate:g}/s, 30 fps, "
+                    f"presence mode) from {args.images}" if args.line
+                    else f"images {args.images}")
             print(f"edge-inspect demo: {agent.inspector.describe()}\n"
-                  f"  images {args.images}, gate simulator on {os.ttyname(slave)} "
+                  f"  {what}, gate simulator on {os.ttyname(slave)} "
                   f"(fires {args.delay_ms:g} ms after capture), MQTT "
                   f"{where}\n")
         prev = signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
         agent.run()
         signal.signal(signal.SIGINT, prev)
         elapsed = time.monotonic() - t0
-        summary(results, {e.part for e in sim.fired}, elapsed, agent, out)
+        summary(results, {e.part for e in sim.fired}, elapsed, agent, out, truth_of,
+                "parts' labels" if args.line else "file names")
+        if line_truth is not None:
+            line_summary(results, sim.fired, line_truth, truth_part, source.t0_ns, out)
     finally:
         agent.close()
         sim.stop()
@@ -206,7 +249,8 @@ class _NoNotify:
         return lambda *a, **k: None
 
 
-def summary(results: list[Inspection], fired: set[str], elapsed: float, agent, out) -> None:
+def summary(results: list[Inspection], fired: set[str], elapsed: float, agent, out,
+            truth_of=lambda i: _truth(i.source_ref), truth_name: str = "file names") -> None:
     n = len(results)
     rej = [i for i in results if i.verdict is Verdict.REJECT]
     fs = [i for i in results if i.verdict is Verdict.FAILSAFE]
@@ -218,7 +262,7 @@ def summary(results: list[Inspection], fired: set[str], elapsed: float, agent, o
         v = quantile(lat, p)
         return float("nan") if v is None else v
 
-    judged = [(i, _truth(i.source_ref)) for i in results if i.verdict is not Verdict.FAILSAFE]
+    judged = [(i, truth_of(i)) for i in results if i.verdict is not Verdict.FAILSAFE]
     known = [(i, t) for i, t in judged if t is not None]
     match = sum(1 for i, t in known if i.verdict is t)
     acted = [i for i in results if i.verdict is not Verdict.PASS]
@@ -231,12 +275,36 @@ def summary(results: list[Inspection], fired: set[str], elapsed: float, agent, o
         + (f" ({', '.join(sorted({i.reason.split(':')[0] for i in fs}))})" if fs else ""),
         f"  latency      capture -> gate command p50 {q(0.5):.2f} ms, p99 {q(0.99):.2f} ms",
         f"  gate         {fired_n}/{len(acted)} rejected parts FIRED by the simulated gate",
-        f"  truth        {match}/{len(known)} verdicts match the file names"
+        f"  truth        {match}/{len(known)} verdicts match the {truth_name}"
         + (f" ({len(known) - match} wrong)" if match != len(known) else ""),
     ]
     if agent.link is not None:
         c = agent.link.counters()
         lines.append(f"  mqtt         {c.get('alerts_queued', 0)} alerts queued, outbox "
                      f"{c.get('outbox_depth', 0)} waiting")
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
+def line_summary(results: list[Inspection], fired, truth: dict, truth_part, t0_ns: int,
+                 out) -> None:
+    """--line: parts seen against the truth; each FIRED pulse against its part's gate time."""
+    seen = [truth_part(i)["n"] for i in results]
+    missed = len(truth["parts"]) - len(set(seen))
+    double = len(seen) - len(set(seen))
+    by_id = {i.part_id: i for i in results}
+    err = sorted((e.actual_ns - t0_ns) / 1e6 - truth_part(by_id[e.part])["t_gate_s"] * 1e3
+                 for e in fired if e.part in by_id)
+
+    def q(p):
+        v = quantile(err, p)
+        return float("nan") if v is None else v
+
+    lines = [f"  line         {len(results)} parts seen / {len(truth['parts'])} in the truth "
+             f"({missed} missed, {double} double)"]
+    if err:
+        lines.append(f"  gate timing  FIRED - truth gate time p50 {q(0.5):+.2f} ms, "
+                     f"p99 {q(0.99):+.2f} ms, worst {max(err, key=abs):+.2f} ms "
+                     f"({len(err)} pulses)")
     out.write("\n".join(lines) + "\n")
     out.flush()

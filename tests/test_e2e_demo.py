@@ -52,3 +52,21 @@ def test_demo_defaults_finish_fast():
     r, took = run_demo(timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "summary" in r.stdout and took < 50
+
+
+@pytest.mark.skipif(not (DEMO_DATA / "bundle" / "bundle.json").is_file(),
+                    reason="agent/demo_data not committed yet")
+def test_demo_line_counts_parts_against_the_truth_and_times_the_gate():
+    """`make demo`: a simulated line video in presence mode, parts counted against its truth."""
+    r, took = run_demo("--line", "--parts", "12", "--rate", "4", "--quiet", timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = r.stdout
+    assert "line         12 parts seen / 12 in the truth (0 missed, 0 double)" in out
+    assert "parts        12 in" in out and "failsafe" in out
+    m = re.search(r"gate timing  FIRED - truth gate time p50 ([-+][\d.]+) ms, p99 ([-+][\d.]+) "
+                  r"ms, worst ([-+][\d.]+) ms \((\d+) pulses\)", out)
+    assert m, out
+    acted = re.search(r"gate         (\d+)/(\d+) rejected parts FIRED", out)
+    assert acted and acted.group(1) == acted.group(2) == m.group(4)
+    assert abs(float(m.group(1))) < 50              # on time, on a loaded 2-core box
+    assert took < 60
