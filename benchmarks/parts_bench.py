@@ -3,9 +3,17 @@ the presence detector's cost per frame.
 
     .venv/bin/python benchmarks/parts_bench.py                # 2 and 5 parts/s, 240 parts each
     .venv/bin/python benchmarks/parts_bench.py --parts 400 --images DIR --seed 7
+    taskset -c 0 .venv/bin/python benchmarks/parts_bench.py --gate --parts 200   # firing error
 
 Frames are decoded from the MJPG video first, so the cost is the selector's alone (one
 thread: OpenCV is held to one with cv2.setNumThreads(1)).
+
+--gate measures the gate firing error end to end instead: the whole agent (the demo bundle,
+the serial gate) on the line video replayed in real time as a camera, the gate simulator on
+a pty (os.openpty) and, in external mode, sending TRG at the truth's sensor times. Each
+FIRED pulse (a rejected or FAILSAFE part) is matched to its truth part by the inspection's
+reference time; the error is the simulator's fire time minus the truth's gate time
+(t0 + t_gate_s, t0 the camera's first frame). Real time: 200 parts take 100 s at 2/s.
 """
 
 from __future__ import annotations
@@ -50,6 +58,95 @@ def score(parts, truth) -> dict:
             "t_err_ms_p99": round(float(np.percentile(err, 99)), 2) if len(err) else None}
 
 
+def gate_run(mode: str, rate: float, parts: int, imgs, seed: int, tmp: str) -> dict:
+    """One line through the whole agent and the gate simulator; FIRED vs truth gate time."""
+    import os
+    import threading
+    import tty
+
+    from agent.config import parse_config
+    from agent.daemon import Agent
+    from agent.simulate_line import LineVideoSource, drive_triggers
+    from firmware_io import protocol as P
+    from firmware_io.gate_sim import GateSimulator
+
+    root = Path(__file__).resolve().parents[1]
+    video = f"{tmp}/gate-{mode}-{rate:g}.avi"
+    spec = LineSpec(rate=rate, parts=parts, seed=seed)
+    truth = render(spec, imgs, video)
+    off, gate_ms = spec.sensor_offset_ms, spec.gate_delay_ms
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    sim = GateSimulator(fd=master, hb_timeout_ms=5000).start()
+    trig = ({"mode": "presence"} if mode == "presence" else
+            {"mode": "external", "offset_ms": off, "window_ms": 20})
+    # presence counts the gate delay from the line crossing, external from the trigger
+    delay = gate_ms if mode == "presence" else off + gate_ms
+    cfg = parse_config({
+        "station": {"id": "bench"},
+        "camera": {"source": video, "fps": truth["fps"]},
+        "model": {"bundle": str(root / "agent" / "demo_data" / "bundle"), "threads": 1},
+        "inspection": {"deadline_ms": 300, "queue_size": 4},
+        "gate": {"kind": "serial", "port": os.ttyname(slave), "ack_timeout_ms": 50,
+                 "heartbeat_ms": 200, "delay_ms": delay},
+        "mqtt": {"enabled": False}, "metrics": {"port": 0},
+        "recorder": {"dir": f"{tmp}/rec-{mode}-{rate:g}", "pass_sample": 0.0},
+        "trigger": trig}, Path(tmp))
+    src = LineVideoSource(video, truth["fps"])
+    got = []
+    agent = Agent(cfg, source=src, sinks=(got.append,))
+    try:
+        agent.start()
+        th = threading.Thread(target=agent.run, daemon=True)
+        th.start()
+        while src.t0_ns is None:
+            time.sleep(0.001)
+        if mode == "external":
+            drive_triggers(lambda name, t: sim.send(P.Trigger(name, 0)), truth, src.t0_ns)
+        th.join(truth["frames"] / truth["fps"] + 60)
+        acted = [g for g in got if g.rejected]
+        t_end = time.monotonic() + 5
+        while len(sim.fired) < len(acted) and time.monotonic() < t_end:
+            time.sleep(0.05)
+    finally:
+        agent.close()
+        sim.stop()
+        os.close(slave)
+    tl = np.array([p["t_line_s"] for p in truth["parts"]])
+    by_id = {g.part_id: g for g in got}
+    err, sched, late, unmatched = [], [], [], 0
+    for ev in sim.fired:
+        g = by_id.get(ev.part)
+        if g is None:
+            unmatched += 1
+            continue
+        # the inspection's reference: line crossing (presence), trigger (external)
+        t_ref = (g.t_capture_ns - src.t0_ns) / 1e9 + (off / 1e3 if mode == "external" else 0)
+        q = truth["parts"][int(np.argmin(np.abs(tl - t_ref)))]
+        err.append((ev.actual_ns - src.t0_ns) / 1e6 - q["t_gate_s"] * 1e3)
+        # split: where the host's command put the pulse (selector's reference time, the
+        # d<ms> rounding, host-to-controller transit) and how late the simulator fired it
+        sched.append((ev.scheduled_ns - src.t0_ns) / 1e6 - q["t_gate_s"] * 1e3)
+        late.append(ev.error_ms)
+    e = np.array(err)
+    verdicts = {"good": [0, 0], "defect": [0, 0]}      # label -> [passed, rejected]
+    for g in got:
+        t_ref = (g.t_capture_ns - src.t0_ns) / 1e9 + (off / 1e3 if mode == "external" else 0)
+        label = truth["parts"][int(np.argmin(np.abs(tl - t_ref)))]["label"]
+        verdicts.setdefault(label, [0, 0])[g.rejected] += 1
+    pct = (lambda q: round(float(np.percentile(e, q)), 2) if len(e) else None)
+    return {"truth": len(tl), "defect": sum(p["label"] != "good" for p in truth["parts"]),
+            "inspected": len(got), "rejected": len(acted),
+            "good_rejected": verdicts["good"][1], "defect_passed": verdicts["defect"][0],
+            "failsafe": sum(g.verdict.value == "FAILSAFE" for g in got),
+            "fired": len(sim.fired), "unmatched": unmatched,
+            "err_ms_p50": pct(50), "err_ms_p99": pct(99),
+            "abs_err_ms_max": round(float(np.abs(e).max()), 2) if len(e) else None,
+            "scheduled_err_ms_p99": round(float(np.percentile(sched, 99)), 2) if sched else None,
+            "sim_late_ms_p99": round(float(np.percentile(late, 99)), 2) if late else None}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,10 +155,24 @@ def main() -> int:
     ap.add_argument("--parts", type=int, default=240)
     ap.add_argument("--rates", default="2,5")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--gate", action="store_true",
+                    help="gate firing error end to end (real time) instead")
+    ap.add_argument("--modes", default="presence,external", help="with --gate")
     args = ap.parse_args()
     cv2.setNumThreads(1)
     imgs = labelled_images(args.images)
     report = {}
+    if args.gate:
+        with tempfile.TemporaryDirectory() as d:
+            for rate in (float(r) for r in args.rates.split(",")):
+                for mode in args.modes.split(","):
+                    r = gate_run(mode, rate, args.parts, imgs, args.seed, d)
+                    report[f"{rate:g}/s {mode}"] = r
+                    print(f"{rate:g}/s {mode}: {json.dumps(r)}", file=sys.stderr, flush=True)
+        print(json.dumps(report, indent=1))
+        ok = all(r["inspected"] == r["truth"] and r["failsafe"] == 0
+                 and r["fired"] == r["rejected"] for r in report.values())
+        return 0 if ok else 1
     with tempfile.TemporaryDirectory() as d:
         for rate in (float(r) for r in args.rates.split(",")):
             video = f"{d}/line{rate:g}.avi"

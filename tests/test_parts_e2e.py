@@ -127,3 +127,20 @@ def test_simulate_line_drive_trg_serves_the_gate_and_sends_trg_on_the_truths_clo
     assert [n for n, _ in got] == [f"P{p['n']}" for p in truth["parts"]]
     for (_, t_ms), p in zip(got, truth["parts"]):
         assert -2 < t_ms - p["t_trigger_s"] * 1e3 < 25, (t_ms, p)
+
+
+def test_parts_bench_gate_run_measures_fired_against_the_truth(tmp_path):
+    """benchmarks/parts_bench.py --gate on a short line: every part inspected, every reject
+    FIRED by the simulator and matched to its truth part, the error on time."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "parts_bench.py"
+    spec = importlib.util.spec_from_file_location("parts_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for mode in ("presence", "external"):
+        r = bench.gate_run(mode, 5.0, 8, labelled_images(IMAGES), 4, str(tmp_path))
+        assert r["truth"] == r["inspected"] == 8 and r["failsafe"] == 0, (mode, r)
+        assert r["fired"] == r["rejected"] > 0 and r["unmatched"] == 0, (mode, r)
+        assert -5 < r["err_ms_p50"] < 30 and r["abs_err_ms_max"] < 60, (mode, r)
