@@ -21,7 +21,7 @@ setup-runtime: $(BIN)/.runtime-stamp
 setup: $(BIN)/.test-stamp
 
 demo: $(BIN)/.runtime-stamp
-	$(BIN)/edge-inspect demo --line
+	$(BIN)/edge-inspect demo
 
 test: $(BIN)/.test-stamp
 	$(BIN)/python -m pytest -q

@@ -57,7 +57,7 @@ def test_demo_defaults_finish_fast():
 @pytest.mark.skipif(not (DEMO_DATA / "bundle" / "bundle.json").is_file(),
                     reason="agent/demo_data not committed yet")
 def test_demo_line_counts_parts_against_the_truth_and_times_the_gate():
-    """`make demo`: a simulated line video in presence mode, parts counted against its truth."""
+    """`demo --line`: a simulated line video in presence mode, parts counted against its truth."""
     r, took = run_demo("--line", "--parts", "12", "--rate", "4", "--quiet", timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = r.stdout
