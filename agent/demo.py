@@ -128,8 +128,10 @@ def main(argv: list[str]) -> int:
         from .simulate_line import LineSpec, LineVideoSource, labelled_images, render
 
         video = str(tmp / "line.avi")
-        line_truth = render(LineSpec(rate=args.rate, parts=args.parts,
-                                     gate_delay_ms=args.delay_ms),
+        # 240 px parts (1800 px/s keeps the spacing): the inspector is given the part's
+        # crop, and a PCB's defects need that many pixels on the part to be seen at all
+        line_truth = render(LineSpec(rate=args.rate, parts=args.parts, part_px=240,
+                                     speed=1800.0, gate_delay_ms=args.delay_ms),
                             labelled_images(args.images), video)
         source = LineVideoSource(video, line_truth["fps"])
     cfg = parse_config({

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from .sources import Captured
+from .types import Box
 
 log = logging.getLogger("parts")
 
@@ -49,6 +50,10 @@ class Part:
     detail: str = ""
     # judge = "worst": more frames of the same part; its score is the worst of all
     extra: tuple = ()
+    # presence mode: where the part is in `captured` (frame pixels, crop_margin included,
+    # clamped to the frame); the inspector is given only this crop. None: the whole frame.
+    box: Box | None = None
+    extra_boxes: tuple = ()        # the same for each of `extra`
 
 
 class _Base:
@@ -159,7 +164,7 @@ class ExternalSelector(_Base):
 class _Track:
     tid: int
     first_ns: int
-    obs: list = field(default_factory=list)   # (t_ns, centre, start, end, captured)
+    obs: list = field(default_factory=list)   # (t_ns, centre, start, end, captured, box)
     missed: int = 0
     decided: bool = False
     v: float = 0.0              # px (detector scale) per ns, along the belt
@@ -187,7 +192,9 @@ class PresenceSelector(_Base):
     - debris: a run shorter than min_length or with less than min_area foreground is ignored.
     - one decision per track, when its centre crosses the reference line, on the frame
       (before or after the line) whose centre is nearest it; the gate time is the crossing
-      time interpolated between those two frames.
+      time interpolated between those two frames. The part's box on that frame (along the
+      belt: its run; across: the rows its foreground covers), grown by crop_margin of its
+      size each side and clamped to the frame, goes with it: only that crop is inspected.
     - touching parts: a run longer than 1.6x the typical part length (learnt from single
       parts) is round(length / typical) parts, each FAILSAFE (touching_parts).
     - a part that stops before the line is FAILSAFE once (part_stopped) after stop_ms; if it
@@ -203,7 +210,8 @@ class PresenceSelector(_Base):
     def __init__(self, roi=(0.0, 0.0, 1.0, 1.0), direction: str = "+x", line: float = 0.5,
                  threshold: float = 30.0, min_length: float = 0.05, min_area: float = 0.01,
                  learn_frames: int = 15, adapt: float = 0.02, judge: str = "centred",
-                 stop_ms: float = 1000.0, max_missed: int = 3, scale: int = 4):
+                 stop_ms: float = 1000.0, max_missed: int = 3, scale: int = 4,
+                 crop_margin: float = 0.05):
         super().__init__()
         self.roi = tuple(roi)
         self.direction = direction
@@ -216,6 +224,7 @@ class PresenceSelector(_Base):
         self.stop_ns = int(stop_ms * 1e6)
         self.max_missed = max_missed
         self.scale = max(1, int(scale))
+        self.crop_margin = float(crop_margin)
         self._shape = None
         self._learn: list[np.ndarray] = []
         self.bg: np.ndarray | None = None
@@ -254,8 +263,10 @@ class PresenceSelector(_Base):
             small = small[:, ::-1]
         return np.ascontiguousarray(small, dtype=np.float32)
 
-    def detect(self, image: np.ndarray) -> list[tuple[float, float, float]] | None:
-        """(start, end, area) runs along the belt axis, detector pixels; None while learning."""
+    def detect(self, image: np.ndarray) -> list[tuple[float, float, float, int, int]] | None:
+        """(start, end, area, across0, across1) runs along the belt axis, detector pixels
+        ([across0, across1): the rows across the belt its foreground covers); None while
+        learning."""
         g = self.grey(image)
         if self.bg is None:
             self._learn.append(g)
@@ -284,7 +295,9 @@ class PresenceSelector(_Base):
             area = float(col[a:b].sum())
             busy[max(0, a - 2):b + 2] = True
             if b - a >= min_len and area >= min_area:
-                out.append((float(a), float(b), area))
+                rows = np.flatnonzero(fg[:, a:b].sum(axis=1) >= max(1, (b - a) // 20))
+                r0, r1 = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, h)
+                out.append((float(a), float(b), area, r0, r1))
             else:
                 self.counts["debris"] += 1
         if self.adapt > 0 and not busy.all():
@@ -293,6 +306,24 @@ class PresenceSelector(_Base):
             cv2.accumulateWeighted(g, self.bg, self.adapt, mask)
         self._L = L
         return out
+
+    def box(self, a: float, b: float, r0: int, r1: int) -> Box:
+        """A detector run (along [a, b), across [r0, r1)) as a box in frame pixels, grown by
+        crop_margin and clamped to the frame."""
+        sw, sh = self._size
+        if self.direction in ("-x", "-y"):
+            n = sw if self.direction == "-x" else sh
+            a, b = n - b, n - a
+        if self.direction in ("+x", "-x"):
+            cx, cy = (a, b), (r0, r1)
+        else:
+            cx, cy = (r0, r1), (a, b)
+        ys, xs = self._sl
+        kx = (xs.stop - xs.start) / sw
+        ky = (ys.stop - ys.start) / sh
+        box = Box(xs.start + int(cx[0] * kx), ys.start + int(cy[0] * ky),
+                  xs.start + int(np.ceil(cx[1] * kx)), ys.start + int(np.ceil(cy[1] * ky)))
+        return box.expand(self.crop_margin, self._shape[1], self._shape[0])
 
     # -- tracking ------------------------------------------------------------------------
     def feed(self, got: Captured) -> list[Part]:
@@ -311,7 +342,8 @@ class PresenceSelector(_Base):
         L = self._L
         line = self.line_f * L
         out: list[Part] = []
-        blobs = [((a + b) / 2, a, b) for a, b, _ in runs]
+        blobs = [((a + b) / 2, a, b) for a, b, *_ in runs]
+        boxes = [self.box(a, b, r0, r1) for a, b, _, r0, r1 in runs]
         free_b = set(range(len(blobs)))
         pairs = []
         for ti, tr in enumerate(self._tracks):
@@ -338,7 +370,7 @@ class PresenceSelector(_Base):
                 tr.v = v if not tr.v else tr.v + 0.5 * (v - tr.v)
             if abs(c - prev[1]) > 1.0:
                 tr.still_since = t
-            tr.obs.append((t, c, a, b, got))
+            tr.obs.append((t, c, a, b, got, boxes[bi]))
             del tr.obs[:-4]                  # the frames the decision can still use
             tr.missed = 0
             if not tr.decided:
@@ -352,7 +384,7 @@ class PresenceSelector(_Base):
         for bi in sorted(free_b):
             c, a, b = blobs[bi]
             self._tid += 1
-            tr = _Track(self._tid, t, [(t, c, a, b, got)], still_since=t)
+            tr = _Track(self._tid, t, [(t, c, a, b, got, boxes[bi])], still_since=t)
             self._tracks.append(tr)
             if c >= line and a > 0:
                 # first seen past the line: its crossing was not seen
@@ -409,8 +441,9 @@ class PresenceSelector(_Base):
         self.counts["parts"] += 1
         extra = ()
         if self.judge == "worst":
-            extra = tuple(o[4] for o in tr.obs if o is not best and o[2] > 0 and o[3] < self._L)
-        return [Part(best[4], t_cross, f"track:{tr.tid}", extra=extra)]
+            extra = tuple(o for o in tr.obs if o is not best and o[2] > 0 and o[3] < self._L)
+        return [Part(best[4], t_cross, f"track:{tr.tid}", extra=tuple(o[4] for o in extra),
+                     box=best[5], extra_boxes=tuple(o[5] for o in extra))]
 
     def tracks(self) -> int:
         with self._lock:
@@ -444,4 +477,4 @@ def make_selector(trigger) -> ExternalSelector | PresenceSelector | None:
     return PresenceSelector(trigger.roi, trigger.direction, trigger.line, trigger.threshold,
                             trigger.min_length, trigger.min_area, trigger.learn_frames,
                             trigger.adapt, trigger.judge, trigger.stop_ms, trigger.max_missed,
-                            trigger.scale)
+                            trigger.scale, trigger.crop_margin)

@@ -424,7 +424,7 @@ class Pipeline:
         with self._admit_lock:
             if part.failsafe is None:
                 return self._admit_frame(part.captured, part.t_ref_ns, part.encoder, part.extra,
-                                         part.ref)
+                                         part.ref, part.box, part.extra_boxes)
             self._seq += 1
             seq = self._seq
             frame = Frame(seq, f"{self.prefix}-{seq}", part.t_ref_ns, time.time(), None,
@@ -433,13 +433,19 @@ class Pipeline:
                          part.t_ref_ns, part.t_ref_ns, 0, 0, 0)
 
     def _admit_frame(self, got: Captured, t_ref_ns: int | None = None,
-                     enc: int | None = None, extra=(), ref: str = "") -> None:
+                     enc: int | None = None, extra=(), ref: str = "", box=None,
+                     extra_boxes=()) -> None:
         self._seq += 1
         seq = self._seq
         if self.selector is None:
             enc, self._pending_encoder = self._pending_encoder, None
         tc = got.t_capture_ns if t_ref_ns is None else t_ref_ns
-        frame = Frame(seq, f"{self.prefix}-{seq}", tc, time.time(), got.image,
+        image = got.image
+        if box is not None and image is not None:
+            # presence mode: the part, not the belt around it, is what is judged (and kept)
+            image = box.crop(image)
+            got = Captured(image, got.ref, got.t_capture_ns, got.t_decoded_ns, got.error)
+        frame = Frame(seq, f"{self.prefix}-{seq}", tc, time.time(), image,
                       f"{got.ref} {ref}" if ref else got.ref, enc, got.t_decoded_ns, got.error)
         if not self.pull:
             try:
@@ -461,9 +467,10 @@ class Pipeline:
             frame.error = self.frame_checks.check(got.image, insp.bundle.input_stats)
         more = []
         if frame.error is None:
-            for c in extra:
+            boxes = tuple(extra_boxes) + (None,) * (len(extra) - len(extra_boxes))
+            for c, b in zip(extra, boxes):
                 try:
-                    more.append(insp.preprocess(c.image))
+                    more.append(insp.preprocess(c.image if b is None else b.crop(c.image)))
                 except Exception:  # noqa: BLE001 - the main frame still judges the part
                     pass
         self._in_depth += 1

@@ -73,6 +73,9 @@ class PresenceTrigger(_Mode):
     max_missed: int = Field(3, ge=0, le=100)
     # downscale factor for the detector: cost, not resolution, is what it needs
     scale: int = Field(4, ge=1, le=16)
+    # the inspector judges only the part: its box on the chosen frame, grown by this share
+    # of the box's size on each side (clamped to the frame), not the whole frame
+    crop_margin: float = Field(0.05, ge=0, le=2)
 
     @field_validator("roi")
     @classmethod

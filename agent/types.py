@@ -1,4 +1,5 @@
-"""The typed records that flow one way through the daemon: Frame -> Inspection."""
+"""The typed records that flow one way through the daemon: Frame -> Inspection (and Box,
+the part box a presence selector finds and the inspector is given the crop of)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,29 @@ class Verdict(str, enum.Enum):
     # Could not be inspected in time, or inference failed: handled by the failsafe policy
     # (reject by default) and always counted and reported.
     FAILSAFE = "FAILSAFE"
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    """A part's box in frame pixels: columns [x0, x1), rows [y0, y1)."""
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    def expand(self, margin: float, width: int, height: int) -> "Box":
+        """Grown by `margin` of its own width/height on each side, clamped to the frame."""
+        mx = int(round(margin * (self.x1 - self.x0)))
+        my = int(round(margin * (self.y1 - self.y0)))
+        x0, y0 = max(0, self.x0 - mx), max(0, self.y0 - my)
+        return Box(x0, y0, max(x0 + 1, min(width, self.x1 + mx)),
+                   max(y0 + 1, min(height, self.y1 + my)))
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """The box's pixels (a view), clamped to the image."""
+        h, w = image.shape[:2]
+        x0, y0 = min(max(0, self.x0), w - 1), min(max(0, self.y0), h - 1)
+        return image[y0:max(y0 + 1, min(h, self.y1)), x0:max(x0 + 1, min(w, self.x1))]
 
 
 @dataclass(slots=True)
