@@ -21,7 +21,7 @@ setup-runtime: $(BIN)/.runtime-stamp
 setup: $(BIN)/.test-stamp
 
 demo: $(BIN)/.runtime-stamp
-	$(BIN)/edge-inspect demo
+	$(BIN)/edge-inspect demo --line
 
 test: $(BIN)/.test-stamp
 	$(BIN)/python -m pytest -q
