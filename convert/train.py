@@ -181,6 +181,13 @@ def _mil_model(tile_model, n_tiles: int, spec: InputSpec, good_idx: int):
     return keras.Model(inp, layers.Lambda(pick, name="max_tile")(p), name="mil")
 
 
+def balanced_weights(y: np.ndarray, tr_i: np.ndarray, n_labels: int) -> np.ndarray:
+    """Per-image loss weights that give every class the same total weight in training."""
+    n_cls = np.bincount(y[tr_i], minlength=n_labels).astype(np.float64)
+    cw = len(tr_i) / (n_labels * np.maximum(n_cls, 1))
+    return cw[y].astype(np.float32)
+
+
 def _fit_scratch(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, tr_i, va_i,
                  tr_boxes, tr_cls, tr_imgs):
     """The from-scratch FCN (convert.model.build_model): whole frames, or crops where every
@@ -198,9 +205,7 @@ def _fit_scratch(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, t
         log.info("initial weights from %s", opts.weights)
     T = spec.n_tiles
     K = len(labels) - 1
-    n_cls = np.bincount(y[tr_i], minlength=len(labels)).astype(np.float64)
-    cw = len(tr_i) / (len(labels) * np.maximum(n_cls, 1))
-    sw = cw[y].astype(np.float32)
+    sw = balanced_weights(y, tr_i, len(labels))
     aug = augmenter(spec, opts.flips)
 
     crops_per_image = 1
@@ -302,7 +307,7 @@ def choose_backbone(requested: str, crop_training: bool) -> tuple[str, str]:
 
 
 def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, tr_i, va_i,
-                  tr_boxes, tr_cls, tr_imgs):
+                  tr_boxes, tr_cls, tr_imgs, boxed: bool):
     """Seed, pick the backbone and fit it. Returns (tile model, Progress, fit seconds, report)."""
     import tensorflow as tf
     import keras
@@ -312,7 +317,6 @@ def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, 
     # while the parallel augmentation drew random numbers in whatever order its threads ran).
     keras.utils.set_random_seed(opts.seed)
     tf.config.experimental.enable_op_determinism()
-    boxed = all(b for b, c in zip(tr_boxes, tr_cls) if c != GOOD)
     crop_training = bool(opts.crops and boxed and spec.n_tiles == 1 and crop_side(spec))
     backbone, why = choose_backbone(opts.backbone, crop_training)
     log.info("backbone: %s (%s)", backbone, why)
@@ -331,13 +335,11 @@ def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, 
             clf.model.load_weights(str(opts.weights))
         except Exception as e:   # noqa: BLE001 - any load failure is a user error here
             raise DataError(f"cannot load --weights {opts.weights}: {e}") from None
-    n_cls = np.bincount(y[tr_i], minlength=len(labels)).astype(np.float64)
-    cw = len(tr_i) / (len(labels) * np.maximum(n_cls, 1))
     epochs = opts.epochs or EPOCHS_LITE0
     log.info("training: a softmax on frozen features (warm-up), then up to %d fine-tuning epochs "
              "of Lite0 blocks %d-15, its head conv and the softmax (best and early stopping by "
              "validation AUC; patience %d)", epochs, clf.tuned_from, opts.patience)
-    res = fit_lite0(clf, X, y, cw[y].astype(np.float32), tr_i, va_i, epochs=epochs,
+    res = fit_lite0(clf, X, y, balanced_weights(y, tr_i, len(labels)), tr_i, va_i, epochs=epochs,
                     batch_size=opts.batch_size, learning_rate=opts.learning_rate,
                     patience=opts.patience, seed=opts.seed, verbose=opts.verbose,
                     flips=opts.flips, good_idx=labels.index(GOOD))
@@ -446,7 +448,7 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     from .model import centre_head
 
     tile_model, prog, fit_s, backbone_report = _fit_backbone(spec, labels, opts, X, y, tr_i, va_i,
-                                                             tr_boxes, tr_cls, tr_imgs)
+                                                             tr_boxes, tr_cls, tr_imgs, boxed)
     log.info("trained %d epochs in %.0fs; best validation AUC %.4f (loss %.4f) at epoch %d "
              "(weights restored)", prog.epochs_run, fit_s, prog.best_auc, prog.best_loss,
              prog.best_epoch)
