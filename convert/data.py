@@ -320,6 +320,25 @@ def group_split(groups: np.ndarray, labels: np.ndarray, val_fraction: float, see
     return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
 
 
+def group_folds(groups: np.ndarray, labels: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]:
+    """Indices cut into n_folds disjoint folds by group (no group straddles two), each class
+    spread evenly: a group goes to the fold holding the fewest images of its majority label."""
+    rng = np.random.default_rng(seed)
+    uniq = np.unique(groups)
+    majority = {int(g): int(np.bincount(labels[groups == g]).argmax()) for g in uniq}
+    fold_of: dict[int, int] = {}
+    for lbl in sorted(set(majority.values())):
+        gs = [g for g in uniq if majority[int(g)] == lbl]
+        rng.shuffle(gs)
+        held = np.zeros(n_folds)
+        for g in gs:
+            f = int(np.argmin(held))
+            fold_of[int(g)] = f
+            held[f] += int((groups == g).sum())
+    which = np.array([fold_of[int(g)] for g in groups])
+    return [np.nonzero(which == f)[0] for f in range(n_folds)]
+
+
 def fingerprint(paths: list[Path]) -> str:
     """sha256 over (relative name, size, content hash) of every file: the dataset's identity."""
     h = hashlib.sha256()

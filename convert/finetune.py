@@ -92,81 +92,202 @@ def cache_features(run: FrozenRunner, X: np.ndarray, views: int,
 
 
 @dataclasses.dataclass
+class OutOfFold:
+    """Scores of training images by models that did not train on them (k-fold): the threshold
+    then rests on every defect scored, not only on the ~20 % held for validation."""
+    index: np.ndarray          # images (rows of X) scored out of fold
+    probs: np.ndarray          # (n, tiles x views, K) float probabilities, laid out as the bundle's
+    folds: int                 # folds run besides the exported model's own validation
+    planned: int
+    seconds: float
+    note: str = ""             # why fewer folds ran than planned
+
+
+@dataclasses.dataclass
 class FitResult:
     progress: Progress
     seconds: float
     cache_seconds: float
     warmup: dict
+    oof: OutOfFold | None = None
+
+
+class _Epochs:
+    """One (image, view) per sample and epoch, drawn by a seeded generator: deterministic."""
+
+    def __init__(self, F, y, w, batch_size: int, seed: int):
+        import keras
+
+        rng = np.random.default_rng(seed)
+        n, views = len(F), F.shape[1]
+
+        def draw():
+            v = rng.integers(0, views, n)
+            order = rng.permutation(n)
+            return F[order, v[order]], y[order], w[order]
+
+        class Data(keras.utils.PyDataset):
+            def __init__(self):
+                super().__init__()
+                self._arrays = draw()
+
+            def __len__(self):
+                return math.ceil(n / batch_size)
+
+            def __getitem__(self, i):
+                f, yy, ww = (a[i * batch_size:(i + 1) * batch_size] for a in self._arrays)
+                return f.astype(np.float32), yy, ww
+
+            def on_epoch_end(self):
+                self._arrays = draw()
+
+        self.data = Data()
+        self.steps = math.ceil(n / batch_size)
+
+
+def _compile(clf: Lite0Classifier, learning_rate: float, decay_steps: int) -> None:
+    """Phase 2: the head and the upper blocks, cosine decay from --lr x TUNE_LR_FACTOR."""
+    import keras
+
+    clf.set_tuning(True)
+    lr = keras.optimizers.schedules.CosineDecay(learning_rate * TUNE_LR_FACTOR,
+                                                decay_steps=max(1, decay_steps), alpha=0.05)
+    clf.train_model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy")
 
 
 def fit_lite0(clf: Lite0Classifier, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray,
               tr_i: np.ndarray, va_i: np.ndarray, *, epochs: int, batch_size: int,
               learning_rate: float, patience: int, seed: int, verbose: bool, flips: bool,
-              good_idx: int) -> FitResult:
-    import keras
-
+              good_idx: int, folds: list[np.ndarray] | None = None, fold_seconds: float = 0.0,
+              score_views: int = 1) -> FitResult:
+    """Fit clf on tr_i (best epoch by validation on va_i), then, with folds (disjoint parts of
+    tr_i), refit from the same start once per fold without it, for the best epoch's count of
+    epochs, and score the fold: out-of-fold scores, while fold_seconds allow. clf ends with
+    the weights fitted on tr_i."""
     t0 = time.perf_counter()
     views = VIEWS_CACHED if flips else 1
+    start = clf.train_model.get_weights()
     run = FrozenRunner(clf, X.shape[2:])
     F_tr, P_tr = cache_features(run, X[tr_i], views, jitter_seed=seed)
     F_va = cache_features(run, X[va_i], 1)[0][:, 0]
-    del run
     cache_s = time.perf_counter() - t0
     log.info("Lite0 blocks 0-%d (frozen, ImageNet) cached for %d training images x %d view(s) "
              "and %d validation images: %.0f MB, %.0fs", clf.tuned_from - 1, len(tr_i), views, len(va_i),
              (F_tr.nbytes + F_va.nbytes) / 1e6, cache_s)
     yt, wt = y[tr_i].astype(np.int32), sample_weight[tr_i].astype(np.float32)
-    # One (image, view) per sample and epoch, drawn by a seeded generator: deterministic.
-    rng = np.random.default_rng(seed)
-    n = len(tr_i)
-
-    def epoch_arrays():
-        v = rng.integers(0, views, n)
-        order = rng.permutation(n)
-        return F_tr[order, v[order]], yt[order], wt[order]
-
-    class Epochs(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__()
-            self._arrays = epoch_arrays()
-
-        def __len__(self):
-            return math.ceil(n / batch_size)
-
-        def __getitem__(self, i):
-            f, yy, ww = (a[i * batch_size:(i + 1) * batch_size] for a in self._arrays)
-            return f.astype(np.float32), yy, ww
-
-        def on_epoch_end(self):
-            self._arrays = epoch_arrays()
-
     ds_va = [(F_va[s:s + 32].astype(np.float32), y[va_i][s:s + 32], sample_weight[va_i][s:s + 32])
              for s in range(0, len(va_i), 32)]
-    loss = "sparse_categorical_crossentropy"
-    steps = math.ceil(n / batch_size)
-    data = Epochs()
 
     # Phase 1, the frozen warm-up: a softmax on the frozen ImageNet features, fitted in closed
     # form (full-batch, seconds) so that fine-tuning starts from a good head instead of a
     # random one whose gradients would wreck the pretrained blocks in the first steps.
-    warm = warm_start(clf, P_tr, yt, wt, F_va, y[va_i], good_idx)
+    warm = warm_start(clf, P_tr, yt, wt)
+    warm["val_auc"] = _auc(clf, F_va, y[va_i], good_idx)
     log.info("warm-up: softmax on frozen features, validation AUC %.4f  [%.0fs]", warm["val_auc"],
              warm["seconds"])
-    # Phase 2: the head and the upper blocks, cosine decay from --lr x TUNE_LR_FACTOR.
-    clf.set_tuning(True)
-    lr = keras.optimizers.schedules.CosineDecay(learning_rate * TUNE_LR_FACTOR,
-                                                decay_steps=max(1, epochs * steps), alpha=0.05)
-    clf.train_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss)
-    prog = Progress(epochs, verbose, ds_va, good_idx, None, patience, ema_decay=1.0 - 1.0 / steps)
-    clf.train_model.fit(data, epochs=epochs, callbacks=[prog.callback], verbose=0)
-    return FitResult(prog, time.perf_counter() - t0, cache_s, warm)
+    ep = _Epochs(F_tr, yt, wt, batch_size, seed)
+    _compile(clf, learning_rate, epochs * ep.steps)
+    prog = Progress(epochs, verbose, ds_va, good_idx, None, patience, ema_decay=1.0 - 1.0 / ep.steps)
+    tf0 = time.perf_counter()
+    clf.train_model.fit(ep.data, epochs=epochs, callbacks=[prog.callback], verbose=0)
+    epoch_s = (time.perf_counter() - tf0) / max(1, prog.epochs_run)
+    oof = None
+    if folds:
+        oof = _out_of_fold(clf, run, X, y, sample_weight, tr_i, va_i, F_tr, P_tr, start,
+                           folds=folds, epochs=epochs, best_epoch=max(1, prog.best_epoch),
+                           epoch_seconds=epoch_s, budget=fold_seconds, batch_size=batch_size,
+                           learning_rate=learning_rate, seed=seed, flips=flips,
+                           score_views=score_views, good_idx=good_idx)
+    return FitResult(prog, time.perf_counter() - t0, cache_s, warm, oof)
 
 
-def warm_start(clf: Lite0Classifier, P_tr, y_tr, w_tr, F_va, y_va, good_idx: int) -> dict:
-    """Standardisation and softmax weights from the pooled frozen features of every cached
-    view (P_tr: (n, views, tiles, 2560))."""
+def _out_of_fold(clf, run, X, y, sample_weight, tr_i, va_i, F_tr, P_tr, start, *, folds, epochs,
+                 best_epoch, epoch_seconds, budget, batch_size, learning_rate, seed, flips,
+                 score_views, good_idx) -> OutOfFold:
+    """Refit from `start` without each fold, exactly as the exported model was fitted but for
+    a fixed best_epoch epochs (no model selection on the fold it then scores), and score the
+    fold as the bundle would: every mirror view of every tile, unjittered."""
+    t0 = time.perf_counter()
+    views = VIEWS_CACHED if flips else 1
+    final = clf.train_model.get_weights()
+    # what the folds need beyond the exported model's cache: validation as training views
+    F_vj, P_vj = cache_features(run, X[va_i], views, jitter_seed=seed + 1)
+    pos = {int(i): k for k, i in enumerate(tr_i)}
+    index, probs, done, note = [], [], 0, ""
+    for f, held in enumerate(folds):
+        rows = np.array([pos[int(i)] for i in held])
+        keep = np.setdiff1d(np.arange(len(tr_i)), rows)
+        n_fit = len(keep) + len(va_i)
+        # cost: the exported model's epoch time scaled to this fold's images, plus its share
+        # of scoring (views x tiles per held image through the frozen blocks)
+        est = epoch_seconds * best_epoch * n_fit / len(tr_i) + 0.05 * len(held) * score_views
+        spent = time.perf_counter() - t0
+        if spent + est > budget:
+            note = (f"time box: {done} of {len(folds)} folds in {spent:.0f}s, the next needs ~{est:.0f}s "
+                    f"of the {budget:.0f}s allowed (--fold-seconds)")
+            break
+        tf0 = time.perf_counter()
+        Ff = np.concatenate([F_tr[keep], F_vj])
+        Pf = np.concatenate([P_tr[keep], P_vj])
+        yf = np.concatenate([y[tr_i][keep], y[va_i]]).astype(np.int32)
+        wf = np.concatenate([sample_weight[tr_i][keep], sample_weight[va_i]]).astype(np.float32)
+        clf.train_model.set_weights(start)
+        clf.set_tuning(False)
+        warm_start(clf, Pf, yf, wf)
+        ep = _Epochs(Ff, yf, wf, batch_size, seed + 1 + f)
+        _compile(clf, learning_rate, epochs * ep.steps)
+        avg = _Averaged(1.0 - 1.0 / ep.steps)
+        clf.train_model.fit(ep.data, epochs=best_epoch, callbacks=[avg], verbose=0)
+        del Ff, Pf
+        Fh = cache_features(run, X[held], score_views)[0]        # (n, V, T, h, w, C)
+        n, V, T = Fh.shape[:3]
+        flat = Fh.transpose(0, 2, 1, 3, 4, 5).reshape((n * T * V,) + Fh.shape[3:])
+        p = clf.tile_model.predict(flat.astype(np.float32), batch_size=64, verbose=0)
+        index.append(held)
+        probs.append(p.reshape(n, T * V, -1))
+        done += 1
+        log.info("out-of-fold %d/%d: fitted on %d images for %d epochs, scored %d  [%.0fs]",
+                 f + 1, len(folds), n_fit, best_epoch, len(held), time.perf_counter() - tf0)
+    clf.train_model.set_weights(final)
+    K = clf.train_model.output_shape[-1]
+    return OutOfFold(index=np.concatenate(index) if index else np.zeros(0, int),
+                     probs=np.concatenate(probs) if probs else np.zeros((0, 1, K), np.float32),
+                     folds=done, planned=len(folds), seconds=round(time.perf_counter() - t0, 1),
+                     note=note)
+
+
+class _Averaged:
+    """The weight average of convert.monitor.Progress without validation: what a fold model
+    keeps after its fixed count of epochs, as the exported model keeps its best epoch's."""
+
+    def __new__(cls, decay: float):
+        import keras
+
+        from .monitor import WeightAverage
+
+        class CB(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.avg = WeightAverage(self.model.trainable_weights, decay)
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.avg.update()
+
+            def on_train_end(self, logs=None):
+                self.avg.swap()
+
+        return CB()
+
+
+def _auc(clf: Lite0Classifier, F_va, y_va, good_idx: int) -> float:
     from .monitor import roc_auc
 
+    p_va = clf.train_model.predict(F_va.astype(np.float32), verbose=0, batch_size=64)
+    return float(roc_auc(1.0 - p_va[:, good_idx], y_va != good_idx))
+
+
+def warm_start(clf: Lite0Classifier, P_tr, y_tr, w_tr) -> dict:
+    """Standardisation and softmax weights from the pooled frozen features of every cached
+    view (P_tr: (n, views, tiles, 2560))."""
     t0 = time.perf_counter()
     n, V, T = P_tr.shape[:3]
     P = P_tr.reshape(n * V * T, -1)                                  # (n*V*T, 2 x 1280)
@@ -184,9 +305,7 @@ def warm_start(clf: Lite0Classifier, P_tr, y_tr, w_tr, F_va, y_va, good_idx: int
     W, b = softmax_regression(Z, yy, ww, n_classes=clf.logit_max.units)
     clf.logit_max.set_weights([W[:half].astype(np.float32), b.astype(np.float32)])
     clf.logit_mean.set_weights([W[half:].astype(np.float32)])
-    p_va = clf.train_model.predict(F_va.astype(np.float32), verbose=0, batch_size=64)
-    auc = roc_auc(1.0 - p_va[:, good_idx], y_va != good_idx)
-    return {"val_auc": float(auc), "seconds": round(time.perf_counter() - t0, 1), "dims": int(D)}
+    return {"seconds": round(time.perf_counter() - t0, 1), "dims": int(D)}
 
 
 def softmax_regression(Z: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: int,

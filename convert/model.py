@@ -107,6 +107,7 @@ class Lite0Classifier:
 
     model: the exported (static-shape) model; features: pixels -> cached block-13 features;
     train_model: (tiles, h, w, 192) features -> probs of the frame's most defective tile;
+    tile_model: one tile's (h, w, 192) features -> its probs (the same layers);
     pooled: (h, w, 192) features -> the max-and-mean vector before standardisation (the
     warm-up fits the softmax on it in closed form, convert.finetune)."""
 
@@ -161,6 +162,8 @@ class Lite0Classifier:
         self.cells = (h, w)
         p_inp = keras.Input((h, w, C), name="features")
         self.pooled = keras.Model(p_inp, list(pooled(p_inp)), name=f"{name}_pooled")
+        t_inp = keras.Input((h, w, C), name="features")
+        self.tile_model = keras.Model(t_inp, upper(t_inp), name=f"{name}_tile")
         T = n_tiles
         f_inp = keras.Input((T, h, w, C), name="features")
         flat = layers.Lambda(lambda t: ops.reshape(t, (-1, h, w, C)), output_shape=(h, w, C),
@@ -215,6 +218,17 @@ def centre_head(model: keras.Model, threshold: float) -> float:
     b[1:] -= bias
     head.set_weights([kernel, b])
     return bias
+
+
+def centred_probs(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """What centre_head(model, threshold) makes of probabilities the model gave before it:
+    every defect logit lowered by the same bias, i.e. defect probabilities scaled by
+    exp(-bias) and renormalised (exact for softmax outputs). Out-of-fold scores from the
+    fold models join the centred exported model's scores through this."""
+    t = float(np.clip(threshold, 1e-6, 1.0 - 1e-6))
+    p = np.asarray(probs, np.float64).copy()
+    p[..., 1:] *= (1.0 - t) / t
+    return (p / p.sum(-1, keepdims=True)).astype(np.float32)
 
 
 def map_loss(pos_weight: float = 10.0, max_weight: float = 1.0):

@@ -29,7 +29,7 @@ import numpy as np
 from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, Bundle, write_manifest
 from agent.preprocess import VIEWS, InputSpec, add_views, preprocess
 
-from .data import (GOOD, DataError, dihedral_hashes, fingerprint, group_split,
+from .data import (GOOD, DataError, dihedral_hashes, fingerprint, group_folds, group_split,
                    hash_distances, is_color, load_split, near_duplicate_groups, read_boxes,
                    scan_dataset)
 from .crops import (BOX_CENTRED, SCALE_JITTER, STRUCTURE_CENTRED, augmenter, crop_sampler,
@@ -37,7 +37,7 @@ from .crops import (BOX_CENTRED, SCALE_JITTER, STRUCTURE_CENTRED, augmenter, cro
 from .lite0_weights import WeightsError
 from .monitor import Progress, left_chance
 from .threshold import (OPERATING_POINTS, allowed_escapes, defects_to_show, operating_points,
-                        rates_at, select_threshold)
+                        rate_upper_bound, rates_at, select_threshold)
 
 log = logging.getLogger("convert.train")
 
@@ -86,6 +86,8 @@ class TrainOptions:
     crops: bool = True                              # crop training where every cell is known
     views: int | None = None                        # scored views per tile; None: 4 with flips, else 1
     backbone: str = "auto"                          # auto | lite0 | scratch (choose_backbone)
+    folds: int = 5                                  # k of the out-of-fold threshold; < 2: validation only
+    fold_seconds: float = 900.0                     # time box of the k - 1 refits
     extra_args: dict = field(default_factory=dict)
 
 
@@ -307,8 +309,9 @@ def choose_backbone(requested: str, crop_training: bool) -> tuple[str, str]:
 
 
 def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, tr_i, va_i,
-                  tr_boxes, tr_cls, tr_imgs, boxed: bool):
-    """Seed, pick the backbone and fit it. Returns (tile model, Progress, fit seconds, report)."""
+                  tr_boxes, tr_cls, tr_imgs, boxed: bool, folds: list[np.ndarray], views: int):
+    """Seed, pick the backbone and fit it. Returns (tile model, Progress, fit seconds, report,
+    out-of-fold scores or None)."""
     import tensorflow as tf
     import keras
 
@@ -322,7 +325,9 @@ def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, 
     log.info("backbone: %s (%s)", backbone, why)
     report = {"requested": opts.backbone, "chosen": backbone, "reason": why}
     if backbone == "scratch":
-        return (*_fit_scratch(spec, labels, opts, X, y, tr_i, va_i, tr_boxes, tr_cls, tr_imgs), report)
+        # no refits: a from-scratch fit takes minutes, and boxed data (what auto gives it)
+        # validates on every cell of every frame, a steadier base than labels alone
+        return (*_fit_scratch(spec, labels, opts, X, y, tr_i, va_i, tr_boxes, tr_cls, tr_imgs), report, None)
 
     from .finetune import fit_lite0
     from .lite0 import pretrained_layers
@@ -342,9 +347,10 @@ def _fit_backbone(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, 
     res = fit_lite0(clf, X, y, balanced_weights(y, tr_i, len(labels)), tr_i, va_i, epochs=epochs,
                     batch_size=opts.batch_size, learning_rate=opts.learning_rate,
                     patience=opts.patience, seed=opts.seed, verbose=opts.verbose,
-                    flips=opts.flips, good_idx=labels.index(GOOD))
+                    flips=opts.flips, good_idx=labels.index(GOOD), folds=folds,
+                    fold_seconds=opts.fold_seconds, score_views=views)
     report.update(cache_seconds=round(res.cache_seconds, 1), warmup=res.warmup)
-    return clf.model, res.progress, res.seconds, report
+    return clf.model, res.progress, res.seconds, report, res.oof
 
 
 # ----------------------------------------------------------------------------- training
@@ -445,10 +451,14 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     y = y_all
 
     # --- model
-    from .model import centre_head
+    from .model import centre_head, centred_probs
 
-    tile_model, prog, fit_s, backbone_report = _fit_backbone(spec, labels, opts, X, y, tr_i, va_i,
-                                                             tr_boxes, tr_cls, tr_imgs, boxed)
+    # The exported model validates on va_i; k - 1 refits without one part of tr_i each score
+    # that part, so the threshold can rest on every training image (convert.finetune).
+    folds = ([tr_i[f] for f in group_folds(groups[tr_i], y[tr_i], opts.folds - 1, opts.seed)]
+             if opts.folds > 1 else [])
+    tile_model, prog, fit_s, backbone_report, oof = _fit_backbone(
+        spec, labels, opts, X, y, tr_i, va_i, tr_boxes, tr_cls, tr_imgs, boxed, folds, views)
     log.info("trained %d epochs in %.0fs; best validation AUC %.4f (loss %.4f) at epoch %d "
              "(weights restored)", prog.epochs_run, fit_s, prog.best_auc, prog.best_loss,
              prog.best_epoch)
@@ -493,7 +503,14 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     # the int8 test AUC was 0.9926 against float 0.9958; centred, they agree).
     Pv = keras_probs(X[va_i])
     is_def_va = y[va_i] != labels.index(GOOD)
-    t_float = select_threshold(scores_of(Pv), is_def_va, opts.max_escape)
+    # The threshold's images: the exported model's validation, and the out-of-fold ones
+    if oof is not None and oof.folds:
+        sel_i = np.concatenate([va_i, oof.index])
+        s_oof = scores_of(oof.probs)
+    else:
+        sel_i, s_oof = va_i, np.zeros(0)
+    is_def_sel = y[sel_i] != labels.index(GOOD)
+    t_float = select_threshold(np.concatenate([scores_of(Pv), s_oof]), is_def_sel, opts.max_escape)
     head_bias = centre_head(tile_model, t_float)
     log.info("output centred on the float threshold %.4f (head bias %.3f): it maps to 0.5",
              t_float, head_bias)
@@ -522,16 +539,21 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     eng8 = engine(out_dir / INT8_MODEL)
     P8_va = run(eng8, X[va_i])
     s_va = scores_of(P8_va)
+    s_sel = s_va
+    if len(sel_i) > len(va_i):    # the fold models' scores as the centred head gives them
+        s_sel = np.concatenate([s_va, scores_of(centred_probs(oof.probs, t_float))])
+    on = "validation int8 scores" + (
+        f" and out-of-fold float scores of {oof.folds} refits" if len(sel_i) > len(va_i) else "")
     # the bundle's threshold is its own target's row of the table a plant chooses from
-    points = operating_points(s_va, is_def_va, OPERATING_POINTS + (opts.max_escape,))
+    points = operating_points(s_sel, is_def_sel, OPERATING_POINTS + (opts.max_escape,))
     threshold = next(p["threshold"] for p in points if p["max_escape"] == opts.max_escape)
     dec.threshold = threshold
-    # The few lowest-scoring validation defects set the threshold: name them, so a surprising
+    # The few lowest-scoring defects set the threshold: name them, so a surprising
     # threshold can be traced to images an engineer can look at (a wrong label, a defect
     # kind the training set barely has).
-    d_va = np.nonzero(is_def_va)[0]
-    binding = [{"file": str(tr_paths[va_i[j]].relative_to(train_split.root)), "score": float(s_va[j])}
-               for j in d_va[np.argsort(s_va[d_va])][:allowed_escapes(d_va.size, opts.max_escape) + 2]]
+    d_sel = np.nonzero(is_def_sel)[0]
+    binding = [{"file": str(tr_paths[sel_i[j]].relative_to(train_split.root)), "score": float(s_sel[j])}
+               for j in d_sel[np.argsort(s_sel[d_sel])][:allowed_escapes(d_sel.size, opts.max_escape) + 2]]
 
     from .evaluate import verdict_metrics
 
@@ -540,28 +562,35 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         return verdict_metrics(truth, preds, GOOD, labels), preds
 
     val_m, _ = metrics_for(P8_va, [labels[i] for i in y[va_i]])
-    log.info("threshold %.4f chosen on validation int8 scores for max escape %.1f%% "
-             "(validation: escape %.2f%% of %d defects, at most %.1f%% at 95%% confidence; "
-             "false reject %.2f%%)", threshold, 100 * opts.max_escape, 100 * val_m["escape_rate"],
-             val_m["n_defect"], 100 * val_m["escape_rate_upper_95"], 100 * val_m["false_reject_rate"])
+    sel_m = rates_at(s_sel, is_def_sel, threshold)
+    n_esc = int((s_sel[is_def_sel] < threshold).sum())
+    sel_m.update(n=int(len(sel_i)), n_defect=int(is_def_sel.sum()),
+                 escape_rate_upper_95=rate_upper_bound(n_esc, int(is_def_sel.sum())))
+    where = "out-of-fold" if len(sel_i) > len(va_i) else "validation"
+    log.info("threshold %.4f chosen on %s for max escape %.1f%% (%s, %d images: escape %.2f%% of "
+             "%d defects, at most %.1f%% at 95%% confidence; false reject %.2f%%)", threshold, on,
+             100 * opts.max_escape, where, sel_m["n"], 100 * sel_m["escape_rate"], sel_m["n_defect"],
+             100 * sel_m["escape_rate_upper_95"], 100 * sel_m["false_reject_rate"])
+    if oof is not None and oof.note:
+        log.info("out-of-fold: %s", oof.note)
     need = defects_to_show(opts.max_escape)
-    if val_m["n_defect"] < need:
+    if sel_m["n_defect"] < need:
         # Not a warning: most plants start here. It says why the threshold moves when the
         # split or the data changes a little, and what would steady it.
-        log.info("%d validation defects cannot show an escape rate of %g%% or less: that takes "
-                 "%d with none escaping (more defect images, or --val-fraction)",
-                 val_m["n_defect"], 100 * opts.max_escape, need)
-    log.info("validation operating points (max escape: threshold, false reject): %s", ", ".join(
+        log.info("%d %s defects cannot show an escape rate of %g%% or less: that takes %d with "
+                 "none escaping (more defect images)", sel_m["n_defect"], where,
+                 100 * opts.max_escape, need)
+    log.info("%s operating points (max escape: threshold, false reject): %s", where, ", ".join(
         f"{100 * p['max_escape']:g}%: {p['threshold']:.3f}, {100 * p['false_reject_rate']:.0f}%"
         for p in points))
     lowest = ", ".join(f"{b['file']} ({b['score']:.3f})" for b in binding)
-    if val_m["false_reject_rate"] > HIGH_FALSE_REJECT:
-        log.warning("the escape target costs %.1f%% false rejects on validation. The lowest-"
-                    "scoring validation defects set the threshold: %s. Check their labels, add "
-                    "more defects like them to training, or allow a higher --max-escape.",
-                    100 * val_m["false_reject_rate"], lowest)
+    if sel_m["false_reject_rate"] > HIGH_FALSE_REJECT:
+        log.warning("the escape target costs %.1f%% false rejects (%s). The lowest-scoring "
+                    "defects set the threshold: %s. Check their labels, add more defects like "
+                    "them to training, or allow a higher --max-escape.",
+                    100 * sel_m["false_reject_rate"], where, lowest)
     else:
-        log.info("lowest-scoring validation defects: %s", lowest)
+        log.info("lowest-scoring held-out defects: %s", lowest)
     if Xte is not None and len(Xte):
         Xh, truth_h, held = Xte, te_cls, "test"
     else:
@@ -614,8 +643,12 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
         "validation": {k: val_m[k] for k in ("n", "n_defect", "accuracy", "escape_rate",
                                              "escape_rate_upper_95", "false_reject_rate")},
         "threshold_selection": {"max_escape": opts.max_escape, "threshold": threshold,
-                                "on": "validation int8 scores",
-                                "lowest_validation_defects": binding,
+                                "on": on, "images": sel_m,
+                                "out_of_fold": None if oof is None else {
+                                    "folds": oof.folds, "planned": oof.planned,
+                                    "images": int(len(oof.index)), "seconds": oof.seconds,
+                                    "note": oof.note},
+                                "lowest_defects": binding,
                                 "operating_points": points,
                                 "by_views": by_views,
                                 "float_threshold_before_centring": t_float,
@@ -688,21 +721,21 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     input_stats = summarize_stats(image_stats(tr_imgs[i]) for i in tr_i)
     write_manifest(out_dir, labels=labels, good_label=GOOD, input_spec=bspec, threshold=threshold,
                    metrics=metrics, provenance=provenance, sample=SAMPLE, input_stats=input_stats)
-    _write_report(out_dir, prog.history, s_va, [labels[i] for i in y[va_i]],
-                  [str(tr_paths[i].relative_to(train_split.root)) for i in va_i],
-                  [tr_imgs[i] for i in va_i], threshold, opts.max_escape, labels)
+    _write_report(out_dir, prog.history, s_sel, [labels[i] for i in y[sel_i]],
+                  [str(tr_paths[i].relative_to(train_split.root)) for i in sel_i],
+                  [tr_imgs[i] for i in sel_i], threshold, opts.max_escape, labels, where)
     total_s = time.perf_counter() - t_start
     log.info("bundle written to %s  (total %.0fs)", out_dir, total_s)
     return {"bundle": str(out_dir), "metrics": metrics, "threshold": threshold,
             "total_seconds": total_s, "spec": bspec.to_dict()}
 
 
-def _write_report(out_dir, history, scores, truth, files, images, threshold, max_escape, labels):
-    """The bundle's pictures (report/index.html) on the validation scores that set the
+def _write_report(out_dir, history, scores, truth, files, images, threshold, max_escape, labels, where):
+    """The bundle's pictures (report/index.html) on the held-out scores that set the
     threshold. Not part of the verified files: the agent never reads them."""
     try:
         from .report import ScoredSet, write_report
-        page = write_report(out_dir, title=f"edge-inspect train: {out_dir.name} (validation)",
+        page = write_report(out_dir, title=f"edge-inspect train: {out_dir.name} ({where})",
                             history=history, scored=ScoredSet(np.asarray(scores), truth, files, images),
                             threshold=threshold, max_escape=max_escape, labels=labels, good=GOOD)
         log.info("report: %s", page)
@@ -763,6 +796,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="mirror views the model scores per tile, averaged (1 = as is, 2 = + left-"
                         "right, 4 = + up-down and both); each costs one model run. Default 4, or 1 "
                         "with --no-flips")
+    p.add_argument("--folds", type=int, default=5,
+                   help="k of the out-of-fold threshold (lite0): k - 1 refits, each without one "
+                        "part of the training images, score that part, so the threshold rests on "
+                        "every training defect instead of the 1/k held for validation; < 2: "
+                        "validation only. Default 5")
+    p.add_argument("--fold-seconds", type=float, default=900.0,
+                   help="time box of those refits: no refit starts that would end past it "
+                        "(default 900; the bundle records how many ran)")
     p.add_argument("--no-float", action="store_true", help="leave model_float.tflite out of the bundle")
     p.add_argument("--edgetpu", action="store_true",
                    help="also compile model_edgetpu.tflite with edgetpu_compiler (when installed)")
@@ -796,6 +837,8 @@ def main(argv: list[str]) -> int:
     if a.no_flips and (a.views or 1) > 1:
         problems.append("--views above 1 scores mirror images, which --no-flips says are not "
                         "the same part: drop one of the two")
+    if a.fold_seconds < 0:
+        problems.append("--fold-seconds must be >= 0")
     if a.weights is not None and not a.weights.is_file():
         problems.append(f"--weights {a.weights}: no such file")
     if problems:
@@ -807,7 +850,8 @@ def main(argv: list[str]) -> int:
                         max_escape=a.max_escape, parity_margin=a.parity_margin / 100.0,
                         weights=a.weights, edgetpu=a.edgetpu, flips=not a.no_flips,
                         keep_float=not a.no_float, verbose=not a.quiet, crops=not a.no_crops,
-                        save_keras=a.save_keras, views=a.views, backbone=a.backbone)
+                        save_keras=a.save_keras, views=a.views, backbone=a.backbone,
+                        folds=a.folds, fold_seconds=a.fold_seconds)
     try:
         res = train_bundle(a.data, a.out, opts)
     except (DataError, WeightsError) as e:

@@ -186,6 +186,15 @@ def test_lite0_bundle_end_to_end(lite0_bundle):
     assert m["backbone"]["chosen"] == "lite0" and m["backbone"]["requested"] == "auto"
     assert "pretrained EfficientNet-Lite0" in proc.stderr
     assert 0.5 < m["backbone"]["warmup"]["val_auc"] <= 1.0
+    # the threshold rests on every training image: validation + 4 out-of-fold refits
+    sel = m["threshold_selection"]
+    oof = sel["out_of_fold"]
+    assert oof["folds"] == oof["planned"] == 4 and not oof["note"], oof
+    n_train = sum(m_ for c, m_ in b.provenance["counts"]["train"].items())
+    assert oof["images"] == n_train
+    assert sel["images"]["n"] == n_train + m["validation"]["n"] == 80
+    assert "out-of-fold float scores of 4 refits" in sel["on"]
+    assert "out-of-fold 4/4: fitted on" in proc.stderr
     # raw uint8 input (normalisation inside the model), every op Edge TPU mappable
     assert (b.input.width, b.input.height) == (96, 96)
     assert m["edgetpu"]["all_supported"], m["edgetpu"]

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from convert.model import build_model, centre_head, map_loss, map_size  # noqa: E402
+from convert.model import build_model, centre_head, centred_probs, map_loss, map_size  # noqa: E402
 from convert.synthetic import make_synthetic_dataset, train_tiny_bundle  # noqa: E402
 
 
@@ -117,3 +117,18 @@ def test_centre_head_puts_the_threshold_at_one_half_and_keeps_the_order():
     assert s1[order[4]] == pytest.approx(0.5, abs=1e-4)            # the operating point
     assert np.all(np.diff(s1[order]) >= -1e-6)                     # same order of frames
     assert np.all((s1 >= 0.5 - 1e-4) == (s0 >= t))                 # same verdicts
+
+
+def test_centred_probs_are_what_the_centred_head_gives():
+    # out-of-fold probabilities (fold models, before centring) join the exported model's
+    # centred scores through centred_probs: it must reproduce the shifted head exactly
+    _, model = build_model(32, 32, 1, 3)
+    dm = model.get_layer("defect_map")
+    k, b = dm.get_weights()
+    dm.set_weights([k * 300, b])
+    x = np.random.default_rng(2).integers(0, 255, (9, 32, 32, 1)).astype("float32")
+    p0 = model.predict(x, verbose=0)
+    t = float(np.median(1.0 - p0[:, 0]))
+    centre_head(model, t)
+    np.testing.assert_allclose(centred_probs(p0, t), model.predict(x, verbose=0), atol=2e-5)
+    assert not np.allclose(centred_probs(p0, t), p0, atol=1e-3)      # it did move them

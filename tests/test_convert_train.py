@@ -22,7 +22,7 @@ from agent.bundle import BundleError, load_bundle  # noqa: E402
 from convert import evaluate as ev  # noqa: E402
 from convert import threshold as th  # noqa: E402
 from convert import train as tr  # noqa: E402
-from convert.data import (DataError, dihedral_hashes, group_split, near_duplicate_groups,  # noqa: E402
+from convert.data import (DataError, dihedral_hashes, group_folds, group_split, near_duplicate_groups,  # noqa: E402
                           scan_classes, scan_dataset)
 from convert.synthetic import make_synthetic_dataset  # noqa: E402
 
@@ -68,7 +68,7 @@ def test_bundle_loads_and_records_everything(trained):
     assert f"{v['n_defect']} validation defects cannot show an escape rate of 1% or less: that takes 299" in proc.stderr
     # the validation defects that set it are named, lowest score first; with ~12 of them a 1 %
     # target lets none escape, so the threshold sits under the lowest
-    low = m["threshold_selection"]["lowest_validation_defects"]
+    low = m["threshold_selection"]["lowest_defects"]
     assert len(low) == 2 and all(x["file"].startswith("defect/") for x in low)
     assert low[0]["score"] <= low[1]["score"] and b.threshold <= low[0]["score"]
     # the operating-point table holds the chosen one, and looser targets never raise rejects
@@ -280,6 +280,22 @@ def test_near_duplicates_flipped_copy_grouped_and_kept_together(tmp_path):
         assert (0 in t) == (24 in t) and (0 in v) == (24 in v)
         assert not set(t) & set(v) and len(t) + len(v) == 25
         assert set(labels[v]) == {0, 1}
+
+
+def test_group_folds_keep_groups_whole_and_spread_each_class():
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(60), rng.integers(1, 4, 60))      # groups of 1-3 images
+    labels = (groups % 5 == 0).astype(int)                          # ~20 % defect groups
+    for seed in range(5):
+        folds = group_folds(groups, labels, 4, seed)
+        allidx = np.concatenate(folds)
+        assert len(allidx) == len(groups) and len(set(allidx)) == len(groups)   # a partition
+        for g in np.unique(groups):                                  # no group straddles
+            assert sum(bool(np.isin(np.nonzero(groups == g)[0], f).any()) for f in folds) == 1
+        n_def = [int(labels[f].sum()) for f in folds]
+        assert max(n_def) - min(n_def) <= 3, n_def                   # defects spread evenly
+    assert not all(np.array_equal(a, b) for a, b in zip(group_folds(groups, labels, 4, 0),
+                                                           group_folds(groups, labels, 4, 1)))
 
 
 def test_same_stem_across_classes_grouped():
