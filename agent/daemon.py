@@ -28,6 +28,7 @@ from .config import Config, ConfigError, config_warnings, load_config, print_pro
 from .frame_checks import FrameChecker
 from .inspector import Inspector, InspectorError
 from .kicks import KickLedger
+from .notify import Notifier, Watchdog
 from .parts import make_selector
 from .pipeline import Pipeline
 from .prom import PromMetrics
@@ -38,71 +39,18 @@ from .types import Inspection, Verdict
 
 log = logging.getLogger("daemon")
 
-try:  # systemd notify (agent/notify.py); a no-op stand-in keeps the daemon running without it
-    from .notify import Notifier, Watchdog
-except ImportError:  # pragma: no cover
-    class Notifier:  # type: ignore[no-redef]
-        enabled = False
-        watchdog_interval_s = None
-
-        def __init__(self, env=os.environ):
-            pass
-
-        def __getattr__(self, name):
-            return lambda *a, **k: None
-
-    class Watchdog:  # type: ignore[no-redef]
-        def __init__(self, notifier, stall_s):
-            pass
-
-        def progress(self):
-            pass
-
-        def start(self):
-            pass
-
-        def stop(self):
-            pass
-
-
 class StartupError(Exception):
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = problems
 
 
-def gate_settings(cfg: Config, on_trigger=None, on_fired=None, on_reject_failed=None):
-    from firmware_io.gates import GateSettings
-    from firmware_io.timing import RejectTiming
-
-    g = cfg.gate
-    timing = RejectTiming(mode=g.mode, delay_ms=g.delay_ms if g.delay_ms is not None else 0.0,
-                          encoder_offset=g.encoder_offset or 0, pulse_ms=g.pulse_ms)
-    return GateSettings(port=g.port or "", baud=g.baud, timing=timing,
-                        ack_timeout_ms=g.ack_timeout_ms, retries=g.retries,
-                        heartbeat_ms=g.heartbeat_ms, slave_id=g.modbus_slave,
-                        modbus_target=g.modbus_target,
-                        modbus_addresses={g.gate: g.modbus_address},
-                        on_trigger=on_trigger, on_fired=on_fired,
-                        on_reject_failed=on_reject_failed)
-
-
 def mqtt_settings(cfg: Config):
+    """The old flat MQTT settings, for tests/test_disk_full.py until it builds
+    MqttLink(cfg.mqtt, station=cfg.station.id) itself."""
     from firmware_io.mqtt_link import MqttSettings
 
-    m = cfg.mqtt
-    password = None
-    if m.password_file:
-        password = Path(m.password_file).read_text().strip()
-    return MqttSettings(host=m.host, port=m.port, prefix=m.prefix, station=cfg.station.id,
-                        username=m.username, password=password, tls=m.tls,
-                        ca_file=str(m.ca_file) if m.ca_file else None,
-                        cert_file=str(m.cert_file) if m.cert_file else None,
-                        key_file=str(m.key_file) if m.key_file else None,
-                        outbox_path=str(m.outbox), outbox_max=m.outbox_max,
-                        commands_enabled=m.commands, publish_results=m.publish_results,
-                        metrics_interval_s=m.metrics_interval_s,
-                        outbox_reserve_bytes=int(m.outbox_reserve_mb * 1024 * 1024))
+    return MqttSettings(**cfg.mqtt.model_dump(), station=cfg.station.id)
 
 
 # Sections whose change needs a restart (the rest is applied by a reload).
@@ -178,16 +126,17 @@ class Agent:
                 from firmware_io.mqtt_link import MqttLink
 
                 try:
-                    settings = mqtt_settings(cfg)
+                    password = cfg.mqtt.password()
                 except OSError as e:
                     raise StartupError([f"mqtt.password_file: {e}"]) from None
-                Path(settings.outbox_path).parent.mkdir(parents=True, exist_ok=True)
-                self.link = MqttLink(settings, on_command=self.command,
-                                     status_fields=self._status_fields)
+                cfg.mqtt.outbox.parent.mkdir(parents=True, exist_ok=True)
+                self.link = MqttLink(cfg.mqtt, on_command=self.command,
+                                     status_fields=self._status_fields,
+                                     station=cfg.station.id, password=password)
                 try:
                     self.link.start()
                 except sqlite3.Error as e:
-                    raise StartupError([f"mqtt.outbox: {settings.outbox_path}: {e}"]) from None
+                    raise StartupError([f"mqtt.outbox: {cfg.mqtt.outbox}: {e}"]) from None
                 except (ssl.SSLError, ValueError) as e:
                     raise StartupError([f"mqtt.tls: cannot load ca_file/cert_file: {e}"]) from None
             if cfg.recorder.enabled:
@@ -200,10 +149,9 @@ class Agent:
                                      cfg.inspection.failsafe)
             from firmware_io.gates import create_gate
 
-            self.gate = create_gate(cfg.gate.kind,
-                                    gate_settings(cfg, self._on_trigger, self._on_fired,
-                                                  self._on_reject_failed),
-                                    link=self.link)
+            self.gate = create_gate(cfg.gate, link=self.link, on_trigger=self._on_trigger,
+                                    on_fired=self._on_fired,
+                                    on_reject_failed=self._on_reject_failed)
             self._warn_missing_devices()
             self.gate.open()
             if cfg.gate.kind != "none":
@@ -234,7 +182,7 @@ class Agent:
                 stall_timeout_s=cfg.camera.stall_timeout_s, on_state=self._on_state,
                 keep_images=self.recorder is not None or ui_state is not None,
                 workers=cfg.model.workers,
-                needs_encoder=cfg.gate.kind == "serial" and cfg.gate.mode == "encoder",
+                needs_encoder=cfg.gate.mode == "encoder",
                 on_decided=self.reporter.commit, selector=make_selector(cfg.trigger))
             self.pipeline.frame_checks = FrameChecker(cfg.frame_checks.settings())
             log.info("part ids: %s-<seq>", self.pipeline.prefix)
@@ -275,7 +223,7 @@ class Agent:
 
     def _warn_missing_devices(self) -> None:
         # run --no-devices (the systemd unit): an unplugged device is waited for, not fatal
-        src, port = self.cfg.camera.source, self.cfg.gate.port
+        src, port = self.cfg.camera.source, getattr(self.cfg.gate, "port", None)
         if isinstance(src, str) and src.startswith("/dev/") and not os.path.exists(src):
             log.warning("camera %s is not plugged in: starting degraded, waiting for it "
                         "(backoff up to %g s)", src, self.cfg.camera.reconnect_max_s)
@@ -561,10 +509,11 @@ class Agent:
             # the last reject commands: give the gate time to answer them (serial: every
             # resend; a host-scheduled Modbus kick waits in gate.close() until it is due)
             g = self.cfg.gate
-            t_end = time.monotonic() + max(1.0, g.ack_timeout_ms * (g.retries + 1) / 1e3 + 0.5)
-            while self.gate is not None and self.cfg.gate.kind == "serial" and \
-                    self.gate.counters().get("pending", 0) and time.monotonic() < t_end:
-                time.sleep(0.01)
+            if self.gate is not None and g.kind == "serial":
+                t_end = time.monotonic() + max(1.0, g.ack_timeout_ms * (g.retries + 1) / 1e3
+                                               + 0.5)
+                while self.gate.counters().get("pending", 0) and time.monotonic() < t_end:
+                    time.sleep(0.01)
             if self.on_drained is not None:
                 try:
                     self.on_drained()
@@ -582,7 +531,7 @@ class Agent:
         from .trigger_sources import MqttTrigger
 
         m = self.cfg.mqtt
-        password = Path(m.password_file).read_text().strip() if m.password_file else None
+        password = m.password()
         self.trigger_source = MqttTrigger(
             m.host, m.port, f"{m.prefix}/{self.cfg.station.id}/trigger",
             lambda name, t_ns, enc: self.pipeline.part_trigger(name, t_ns, enc),

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from firmware_io.checked import Checked
 
 
-class _Mode(BaseModel):
+class _Mode(Checked):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -86,12 +88,13 @@ class PresenceTrigger(_Mode):
                              "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
         return v
 
-    @model_validator(mode="after")
+    def checks(self):
+        return [self._debris]
+
     def _debris(self):
         if self.min_length >= self.line:
-            raise ValueError(f"min_length {self.min_length:g} is not below line "
-                             f"{self.line:g}: no part could be seen before the line")
-        return self
+            return "", (f"min_length {self.min_length:g} is not below line {self.line:g}: "
+                        "no part could be seen before the line")
 
     def describe(self) -> str:
         return (f"presence in roi {list(self.roi)} moving {self.direction}, line at "

@@ -9,7 +9,8 @@
 Alerts go through an SQLite outbox (firmware_io.outbox): committed before publish, deleted
 on PUBACK, drained in order after a reconnect or a restart. Delivery is at-least-once;
 every alert carries a unique ``alert_id`` so consumers can drop duplicates.
-Topics and payloads: docs/mqtt.md and firmware_io/schemas/*.json.
+Topics and payloads: docs/mqtt.md and firmware_io/schemas/*.json; the commands and
+their schemas: firmware_io/commands.py.
 """
 
 from __future__ import annotations
@@ -22,136 +23,53 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
+from .commands import MAX_ERROR_CHARS, clip, validate_command
+from .mqtt_config import MqttConfig
 from .mqtt_diagnose import tls_context, why_unreachable
 from .outbox import Outbox, OutboxFull
 
 log = logging.getLogger("firmware_io.mqtt")
 
 
-@dataclass
-class MqttSettings:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    prefix: str = "edge-inspect"
+class MqttSettings(MqttConfig):
+    """The old flat settings (MqttConfig plus station and password, old key names), kept
+    for callers not moved yet (benchmarks/fw_bench.py, agent.daemon.mqtt_settings for
+    tests/test_disk_full.py). New code: MqttLink(MqttConfig(...), station=...)."""
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     station: str = "station-1"
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    keepalive: int = 30
-    client_id: str | None = None
-    outbox_path: str = "outbox.sqlite"
-    outbox_max: int = 100_000
-    commands_enabled: bool = False
-    publish_results: bool = False
-    metrics_interval_s: float = 10.0      # read by the caller that publishes metrics
-    outbox_sync: Literal["NORMAL", "FULL"] = "FULL"
-    outbox_reserve_bytes: int = 0         # disk kept free for alerts (firmware_io.outbox)
-    inflight_window: int = 100            # alerts handed to the broker, not yet PUBACKed
-    inflight_timeout_s: float = 60.0      # connected yet no PUBACK this long: send again
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-
-
-# ---------------------------------------------------------------------------- commands
-
-
-# A command is a few fields; anything bigger is refused unparsed, and a reply never
-# quotes more than this much of what it was sent.
-MAX_COMMAND_BYTES = 64 * 1024
-MAX_ERROR_CHARS = 400
-
-
-class _Cmd(BaseModel):
-    # strict: JSON true is not 1.0 and "0.3" is not 0.3 (an operator's typo must not
-    # silently set the threshold to 1.0 and stop every reject)
-    model_config = ConfigDict(extra="forbid", strict=True)
-    request_id: str | None = Field(default=None, max_length=128)
-
-
-class PauseCmd(_Cmd):
-    pass
-
-
-class ResumeCmd(_Cmd):
-    pass
-
-
-class ReloadCmd(_Cmd):
-    pass
-
-
-class ThresholdCmd(_Cmd):
-    value: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
-
-
-COMMANDS: dict[str, type[_Cmd]] = {
-    "pause": PauseCmd, "resume": ResumeCmd, "reload": ReloadCmd, "threshold": ThresholdCmd,
-}
-
-
-class CommandError(ValueError):
-    """A refused command; request_id is the caller's, when it could be read."""
-
-    def __init__(self, reason: str, request_id: str | None = None):
-        super().__init__(_clip(reason, MAX_ERROR_CHARS))
-        self.request_id = request_id
-
-
-def _clip(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n - 1] + "…"
-
-
-def _request_id(data) -> str | None:
-    rid = data.get("request_id") if isinstance(data, dict) else None
-    return rid if isinstance(rid, str) and len(rid) <= 128 else None
-
-
-def validate_command(verb: str, raw: bytes) -> dict:
-    """-> the validated arguments (request_id included), or raise CommandError (a
-    ValueError) with a short reason and the request_id when one was readable."""
-    model = COMMANDS.get(verb)
-    if model is None:
-        raise CommandError(f"unknown command {_clip(verb, 64)!r}; known: "
-                           f"{', '.join(sorted(COMMANDS))}")
-    if raw and len(raw) > MAX_COMMAND_BYTES:
-        raise CommandError(f"payload is {len(raw)} bytes; a command is at most "
-                           f"{MAX_COMMAND_BYTES}")
-    try:
-        text = raw.decode("utf-8", errors="strict").strip() if raw else ""
-        data = json.loads(text) if text else {}
-    except UnicodeDecodeError:
-        raise CommandError("payload is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise CommandError(f"payload is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise CommandError("payload must be a JSON object")
-    try:
-        cmd = model.model_validate(data)
-    except ValidationError as exc:
-        errs = "; ".join(f"{_clip('.'.join(str(p) for p in e['loc']), 64) or '(payload)'}: "
-                         f"{e['msg']}" for e in exc.errors()[:5])
-        raise CommandError(errs, _request_id(data)) from None
-    return cmd.model_dump()
+    password_text: Optional[str] = Field(None, alias="password")
+    outbox: Path = Field(Path("outbox.sqlite"), alias="outbox_path")
+    commands: bool = Field(False, alias="commands_enabled")
 
 
 # ---------------------------------------------------------------------------- the link
 
 
+def _str(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
 class MqttLink:
-    def __init__(self, settings: MqttSettings,
+    """The link ``settings`` describe, speaking for ``station`` (the topics' second level).
+    ``password``: given, or read from settings.password_file at start()."""
+
+    def __init__(self, settings: MqttConfig,
                  on_command: Callable[[str, dict], dict] | None = None,
-                 status_fields: Callable[[], dict] | None = None):
+                 status_fields: Callable[[], dict] | None = None, *,
+                 station: str | None = None, password: str | None = None):
+        if isinstance(settings, MqttSettings):
+            station = station or settings.station
+            password = password or settings.password_text
         self.settings = settings
+        self.station = station or "station-1"
+        self._password = password
         self.on_command = on_command
         self.status_fields = status_fields
         self._outbox: Outbox | None = None
@@ -179,7 +97,7 @@ class MqttLink:
 
     # ------------------------------------------------------------------ helpers
     def topic(self, suffix: str) -> str:
-        return f"{self.settings.prefix}/{self.settings.station}/{suffix}"
+        return f"{self.settings.prefix}/{self.station}/{suffix}"
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -248,16 +166,18 @@ class MqttLink:
             return
         s = self.settings
         self._stop.clear()
-        self._outbox = Outbox(s.outbox_path, s.outbox_max, s.outbox_sync,
+        password = self._password if self._password is not None else s.password()
+        self._outbox = Outbox(str(s.outbox), s.outbox_max, s.outbox_sync,
                               reserve_bytes=s.outbox_reserve_bytes)
         self._cursor = 0
-        cid = s.client_id or f"edge-inspect-{s.station}-{uuid.uuid4().hex[:8]}"
+        cid = s.client_id or f"edge-inspect-{self.station}-{uuid.uuid4().hex[:8]}"
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True,
                         protocol=mqtt.MQTTv311)
         if s.username:
-            c.username_pw_set(s.username, s.password)
+            c.username_pw_set(s.username, password)
         if s.tls:
-            c.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file)
+            c.tls_set(ca_certs=_str(s.ca_file), certfile=_str(s.cert_file),
+                      keyfile=_str(s.key_file))
         # The will is registered now and published by the broker later, when it sees the
         # connection die: a time stamped here would be the connect time, not when the
         # station went offline. So it has no ts (the broker's arrival time is the truth);
@@ -333,7 +253,7 @@ class MqttLink:
         log.info("mqtt: connected to %s:%s", self.settings.host, self.settings.port)
         self._problem, self._refused, self._logged = None, False, ("", 0.0)
         self._connected.set()
-        if self.settings.commands_enabled:
+        if self.settings.commands:
             client.subscribe(self.topic("cmd/+"), qos=1)
         try:
             client.publish(self.topic("status"), self._status_payload("online"), qos=1,
@@ -348,7 +268,8 @@ class MqttLink:
         self._count("connect_failed")
         self._refused = False
         try:
-            ctx = tls_context(s.ca_file, s.cert_file, s.key_file) if s.tls else None
+            ctx = tls_context(_str(s.ca_file), _str(s.cert_file), _str(s.key_file)) \
+                if s.tls else None
             reason = why_unreachable(s.host, s.port, ctx)
         except Exception as exc:  # noqa: BLE001 - a diagnosis must never stop the retries
             reason = f"connect failed ({exc})"
@@ -440,7 +361,7 @@ class MqttLink:
             raise RuntimeError("MqttLink.start() first")
         body = dict(payload)
         body.setdefault("alert_id", uuid.uuid4().hex)
-        body.setdefault("station", self.settings.station)
+        body.setdefault("station", self.station)
         try:
             rid = self._outbox.put(self.topic(suffix), json.dumps(body, default=str).encode(), 1)
         except OutboxFull:
@@ -455,12 +376,12 @@ class MqttLink:
         if not self.settings.publish_results:
             return
         body = dict(payload)
-        body.setdefault("station", self.settings.station)
+        body.setdefault("station", self.station)
         self.publish_raw("events/result", body, qos=0)
 
     def _status_payload(self, state: str, with_fields: bool = True, with_ts: bool = True,
                         **fields) -> bytes:
-        body: dict[str, Any] = {"state": state, "station": self.settings.station}
+        body: dict[str, Any] = {"state": state, "station": self.station}
         if with_ts:
             body["ts"] = round(time.time(), 3)
         if with_fields:
@@ -480,7 +401,7 @@ class MqttLink:
 
     def publish_metrics(self, payload: dict) -> None:
         body = dict(payload)
-        body.setdefault("station", self.settings.station)
+        body.setdefault("station", self.station)
         body.setdefault("ts", round(time.time(), 3))
         self.publish_raw("metrics", body, qos=0)
 
@@ -540,7 +461,7 @@ class MqttLink:
             reply.setdefault("verb", verb)
         if request_id is not None:
             reply.setdefault("request_id", request_id)
-        reply.setdefault("station", self.settings.station)
+        reply.setdefault("station", self.station)
         if isinstance(reply.get("error"), str):
-            reply["error"] = _clip(reply["error"], MAX_ERROR_CHARS)
+            reply["error"] = clip(reply["error"], MAX_ERROR_CHARS)
         self.publish_raw(f"cmd/{verb}/reply", reply, qos=1)

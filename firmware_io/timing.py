@@ -14,28 +14,37 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 ENCODER_MOD = 2**32
 
 
-@dataclass(frozen=True)
-class RejectTiming:
-    mode: Literal["time", "encoder"] = "time"
-    delay_ms: float = 500
-    encoder_offset: int = 0
-    pulse_ms: int = 50
-    min_lead_ms: float = 5.0
+def whole_ms(example: float) -> AfterValidator:
+    """Refuse under 1 ms: never a real deadline or travel time, it is seconds typed into a
+    millisecond field, and it would make every part late (or FAILSAFE)."""
+    def check(v: Optional[float]) -> Optional[float]:
+        if v is not None and v < 1:
+            raise ValueError(f"{v:g} ms is under 1 ms; the value is in milliseconds "
+                             f"(e.g. {example:g} for {example / 1000:g} s)")
+        return v
+    return AfterValidator(check)
 
-    def __post_init__(self):
-        if self.mode not in ("time", "encoder"):
-            raise ValueError(f"mode must be 'time' or 'encoder', not {self.mode!r}")
-        if self.delay_ms < 0:
-            raise ValueError("delay_ms must be >= 0")
-        if not 1 <= int(self.pulse_ms) <= 10_000:
-            raise ValueError("pulse_ms must be in 1..10000")
-        if self.min_lead_ms < 0:
-            raise ValueError("min_lead_ms must be >= 0")
+
+# The rules for the durations a plant engineer types, each in one place: the gate's travel
+# delay (config) and the pulse a gate holds its output (config, wire protocol, MQTT gate).
+TravelMs = Annotated[float, Field(gt=0, le=600_000), whole_ms(800)]
+PulseMs = Annotated[int, Field(ge=1, le=10_000)]
+
+
+class RejectTiming(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    mode: Literal["time", "encoder"] = "time"
+    delay_ms: float = Field(500, ge=0)
+    encoder_offset: int = 0
+    pulse_ms: PulseMs = 50
+    min_lead_ms: float = Field(5.0, ge=0)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,32 @@ def test_the_readme_sample_two_problems_at_once(site):
     ]
 
 
+def test_a_bad_field_and_a_cross_field_mistake_are_reported_together(site):
+    """Field errors do not hide the rules across keys and sections, and a rule that would
+    read a bad key is not run on a guess (no bogus 'needs delay_ms' for a bad delay_ms)."""
+    port = '[gate]\nkind = "serial"\nport = "/dev/ttyUSB0"\n'
+    # one section: a bad pulse and a heartbeat the firmware would take for a dead host
+    code, errors, _ = check(site, port + "delay_ms = 800\npulse_ms = 0\nheartbeat_ms = 2500")
+    assert code == 2
+    assert [e.split(":")[0] for e in errors] == ["gate.pulse_ms", "gate.heartbeat_ms"], errors
+    assert errors[0].startswith("gate.pulse_ms: input should be greater than or equal to 1")
+    assert errors[1].startswith("gate.heartbeat_ms: 2500 ms is not shorter than")
+    # across sections: a bad baud beside a delay inside the deadline, and a typo elsewhere
+    code, errors, _ = check(site, port + 'delay_ms = 150\nbaud = "fast"\n[camera]\nfsp = 10')
+    assert code == 2
+    assert errors == [
+        "camera.fsp: unknown key (did you mean 'fps'?)",
+        "gate.baud: input should be a valid integer, unable to parse string as an integer "
+        "(got 'fast')",
+        "gate.delay_ms: 150 ms is not longer than inspection.deadline_ms (200 ms): the part "
+        "would reach the gate before its verdict",
+    ]
+    # a rule that reads the bad key is skipped
+    code, errors, _ = check(site, port + 'delay_ms = "soon"')
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("gate.delay_ms: input should "
+                                                                   "be a valid number"), errors
+
+
 @pytest.mark.parametrize("text, expected", [
     ("[inspection]\ndeadline_ms = 0.25", "inspection.deadline_ms: 0.25 ms is under 1 ms; the value is in milliseconds"),
     ('[gate]\nkind = "mqtt"\ndelay_ms = 0.8', "gate.delay_ms: 0.8 ms is under 1 ms"),

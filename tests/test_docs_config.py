@@ -80,12 +80,18 @@ def test_example_config_schema_accepts_every_key():
     assert cfg.gate.kind == "serial"
 
 
-def _keys(f) -> set[str]:
-    # [trigger] is a union of one model per mode: its keys are all the modes' keys
-    if hasattr(f.annotation, "model_fields"):
-        return set(f.annotation.model_fields)
+def _unions() -> dict:
+    """Sections that are unions of one model per kind: {section: (tag key, {tag: model})}."""
     from agent.trigger_config import TRIGGER_MODES
-    return {k for m in TRIGGER_MODES.values() for k in m.model_fields}
+    from firmware_io.gates import GATE_KINDS
+    return {"trigger": ("mode", TRIGGER_MODES), "gate": ("kind", GATE_KINDS)}
+
+
+def _keys(name, f) -> set[str]:
+    # a union's keys are all its models' keys
+    if name in _unions():
+        return {k for m in _unions()[name][1].values() for k in m.model_fields}
+    return set(f.annotation.model_fields)
 
 
 @pytest.mark.parametrize("doc, section, key, value", inline_settings(),
@@ -93,22 +99,26 @@ def _keys(f) -> set[str]:
 def test_inline_setting_names_a_real_key(doc, section, key, value):
     sections = Config.model_fields
     if section is None:
-        owners = [s for s, f in sections.items() if key in _keys(f)]
+        owners = [s for s, f in sections.items() if key in _keys(s, f)]
         assert owners, f"{doc}: `{key} = {value}` is no config key"
         return
     assert section in sections, f"{doc}: [{section}] is no config section"
     model = sections[section].annotation
-    assert key in _keys(sections[section]), f"{doc}: [{section}] has no key {key!r}"
+    assert key in _keys(section, sections[section]), f"{doc}: [{section}] has no key {key!r}"
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         return          # a placeholder such as `workers = N`
-    if section == "trigger":        # a union: validate against the mode that owns the key
-        from agent.trigger_config import TRIGGER_MODES
-        if key == "mode":
-            assert parsed in TRIGGER_MODES, f"{doc}: `[trigger] mode = {value}`"
+    if section in _unions():        # validate against the first model that owns the key
+        tag, models = _unions()[section]
+        if key == tag:
+            assert parsed in models, f"{doc}: `[{section}] {tag} = {value}`"
+        elif section == "gate":
+            # a lone key: the rules across the gate's keys (a port, a delay) are not its own
+            from firmware_io.checked import DEFER_CHECKS
+            owner = next(m for m in models.values() if key in m.model_fields)
+            owner.model_validate({key: parsed}, context=DEFER_CHECKS)
         else:
-            mode = next(m for m in TRIGGER_MODES.values() if key in m.model_fields)
-            mode.model_validate({key: parsed})
+            next(m for m in models.values() if key in m.model_fields).model_validate({key: parsed})
         return
     model.model_validate({key: parsed})

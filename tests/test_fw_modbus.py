@@ -19,8 +19,7 @@ from pymodbus.server import ModbusSerialServer  # noqa: E402
 from pymodbus.simulator import DataType, SimData, SimDevice  # noqa: E402
 
 from tests.helpers import wait_until  # noqa: E402
-from firmware_io.gates import GateSettings, create_gate  # noqa: E402
-from firmware_io.timing import RejectTiming  # noqa: E402
+from firmware_io.gates import ModbusGateConfig, create_gate  # noqa: E402
 
 MS = 1_000_000
 
@@ -121,10 +120,9 @@ def modbus_rig():
 def test_modbus_pulse_on_then_off_at_host_scheduled_time(modbus_rig, target, fc):
     srv, port = modbus_rig
     fired = []
-    g = create_gate("modbus", GateSettings(
-        port=port, modbus_target=target, modbus_addresses={1: 3, 2: 4},
-        timing=RejectTiming(delay_ms=150, pulse_ms=40),
-        on_fired=lambda *a: fired.append(a)))
+    g = create_gate(ModbusGateConfig(port=port, modbus_target=target,
+                                     modbus_addresses={1: 3, 2: 4}, delay_ms=150, pulse_ms=40),
+                    on_fired=lambda *a: fired.append(a))
     g.open()
     try:
         assert wait_until(lambda: g.state() == "connected")
@@ -145,7 +143,8 @@ def test_modbus_pulse_on_then_off_at_host_scheduled_time(modbus_rig, target, fc)
 
 
 def test_modbus_gate_down_at_start_never_raises(tmp_path):
-    g = create_gate("modbus", GateSettings(port=str(tmp_path / "nope"), reconnect_min_s=0.05))
+    g = create_gate(ModbusGateConfig(port=str(tmp_path / "nope"), reconnect_min_s=0.05,
+                                     delay_ms=500))
     g.open()
     try:
         assert g.state() == "down"

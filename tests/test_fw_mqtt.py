@@ -11,16 +11,17 @@ import textwrap
 import threading
 import time
 import uuid
+from typing import NamedTuple
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.helpers import wait_until  # noqa: E402
-from firmware_io.gates import GateSettings, create_gate
-from firmware_io.mqtt_link import MqttLink, MqttSettings
+from firmware_io.gates import MqttGateConfig, create_gate
+from firmware_io.mqtt_config import MqttConfig
+from firmware_io.mqtt_link import MqttLink
 from firmware_io.outbox import Outbox
-from firmware_io.timing import RejectTiming
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "firmware_io" / "schemas"
@@ -64,10 +65,24 @@ class Subscriber:
         self.c.disconnect()
 
 
-def settings_for(broker, tmp_path, **kw) -> MqttSettings:
-    kw.setdefault("station", f"st-{uuid.uuid4().hex[:6]}")
-    return MqttSettings(host=broker.host, port=broker.port, outbox_path=str(tmp_path / "ob.sqlite"),
-                        reconnect_min_s=0.1, reconnect_max_s=0.5, **kw)
+class Site(NamedTuple):
+    """A link's config and the station it speaks for."""
+    config: MqttConfig
+    station: str
+
+    @property
+    def prefix(self) -> str:
+        return self.config.prefix
+
+
+def settings_for(broker, tmp_path, **kw) -> Site:
+    return Site(MqttConfig(host=broker.host, port=broker.port, outbox=tmp_path / "ob.sqlite",
+                           reconnect_min_s=0.1, reconnect_max_s=0.5, **kw),
+                f"st-{uuid.uuid4().hex[:6]}")
+
+
+def link_on(s: Site, **kw) -> MqttLink:
+    return MqttLink(s.config, station=s.station, **kw)
 
 
 def check_schema(name: str, payload: dict):
@@ -95,7 +110,7 @@ def check_schema(name: str, payload: dict):
 def test_alert_status_metrics_and_clean_offline(mqtt_broker, tmp_path):
     s = settings_for(mqtt_broker, tmp_path, publish_results=True)
     sub = Subscriber(mqtt_broker, f"{s.prefix}/{s.station}/#")
-    link = MqttLink(s, status_fields=lambda: {"version": "0.1.0", "model_sha256": "ab" * 32})
+    link = link_on(s, status_fields=lambda: {"version": "0.1.0", "model_sha256": "ab" * 32})
     link.start()
     try:
         assert wait_until(link.connected)
@@ -141,7 +156,7 @@ def test_last_will_has_no_stale_ts_and_clean_stop_has_the_real_time(mqtt_broker,
     sub = Subscriber(mqtt_broker, f"{s.prefix}/{s.station}/status")
     # only this station's (amqtt may hand a new subscriber other topics' retained messages)
     mine = lambda: [b for b in sub.on("/status") if b.get("station") == s.station]  # noqa: E731
-    link = MqttLink(s)
+    link = link_on(s)
     link.start()
     try:
         assert wait_until(link.connected)
@@ -167,7 +182,7 @@ def test_last_will_has_no_stale_ts_and_clean_stop_has_the_real_time(mqtt_broker,
 def test_start_with_broker_down_never_raises_then_drains(own_broker, tmp_path):
     own_broker.stop()
     s = settings_for(own_broker, tmp_path)
-    link = MqttLink(s)
+    link = link_on(s)
     link.start()                                    # must not raise
     try:
         for i in range(20):
@@ -203,7 +218,7 @@ def test_broker_restart_mid_burst_of_1000(persistent_broker, tmp_path):
     s = settings_for(persistent_broker, tmp_path, outbox_sync="NORMAL")
     sub = Subscriber(persistent_broker, f"{s.prefix}/{s.station}/events/reject",
                      client_id=f"durable-{uuid.uuid4().hex[:6]}", clean_session=False)
-    link = MqttLink(s)
+    link = link_on(s)
     link.start()
     try:
         assert wait_until(link.connected)
@@ -230,10 +245,11 @@ def test_broker_restart_mid_burst_of_1000(persistent_broker, tmp_path):
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from firmware_io.mqtt_link import MqttLink, MqttSettings
+    from firmware_io.mqtt_config import MqttConfig
+    from firmware_io.mqtt_link import MqttLink
     host, port, station, outbox, mode, n = sys.argv[1:7]
-    link = MqttLink(MqttSettings(host=host, port=int(port), station=station,
-                                 outbox_path=outbox, reconnect_min_s=0.1))
+    link = MqttLink(MqttConfig(host=host, port=int(port), outbox=outbox, reconnect_min_s=0.1),
+                    station=station)
     link.start()
     if mode == "burst":
         for i in range(int(n)):
@@ -287,7 +303,7 @@ def test_commands_validated_bad_ones_never_reach_the_handler(own_broker, tmp_pat
     # a broker of its own: with the shared amqtt broker, other tests' messages reached this
     # link's counters and subscription
     mqtt_broker = own_broker
-    s = settings_for(mqtt_broker, tmp_path, commands_enabled=True)
+    s = settings_for(mqtt_broker, tmp_path, commands=True)
     calls = []
 
     def on_command(verb, args):
@@ -296,7 +312,7 @@ def test_commands_validated_bad_ones_never_reach_the_handler(own_broker, tmp_pat
 
     base = f"{s.prefix}/{s.station}"
     sub = Subscriber(mqtt_broker, f"{base}/cmd/+/reply")
-    link = MqttLink(s, on_command=on_command)
+    link = link_on(s, on_command=on_command)
     link.start()
     try:
         assert wait_until(link.connected)
@@ -337,7 +353,7 @@ def test_commands_off_by_default(mqtt_broker, tmp_path):
     calls = []
     base = f"{s.prefix}/{s.station}"
     sub = Subscriber(mqtt_broker, f"{base}/cmd/+/reply")
-    link = MqttLink(s, on_command=lambda v, a: calls.append(v) or {})
+    link = link_on(s, on_command=lambda v, a: calls.append(v) or {})
     link.start()
     try:
         assert wait_until(link.connected)
@@ -355,9 +371,9 @@ def test_commands_off_by_default(mqtt_broker, tmp_path):
 def test_mqtt_gate_publishes_timed_reject(mqtt_broker, tmp_path):
     s = settings_for(mqtt_broker, tmp_path)
     sub = Subscriber(mqtt_broker, f"{s.prefix}/{s.station}/gate/+/reject")
-    link = MqttLink(s)
+    link = link_on(s)
     link.start()
-    g = create_gate("mqtt", GateSettings(timing=RejectTiming(delay_ms=400, pulse_ms=60)), link=link)
+    g = create_gate(MqttGateConfig(delay_ms=400, pulse_ms=60), link=link)
     g.open()
     try:
         assert wait_until(lambda: g.state() == "connected")

@@ -13,11 +13,17 @@ import pytest
 
 from tests.helpers import wait_until  # noqa: E402
 from firmware_io.gate_sim import GateSimulator
-from firmware_io.gates import GateSettings, create_gate, gate_kinds
-from firmware_io.timing import RejectTiming
+from firmware_io.gates import (DEFER_CHECKS, MqttGateConfig, NoneGateConfig, SerialGateConfig, create_gate,
+                               gate_kinds)
 
 ROOT = Path(__file__).resolve().parents[1]
 MS = 1_000_000
+
+
+def serial_config(**kw) -> SerialGateConfig:
+    # The gate's behaviour under test, not check-config's rules: these travel delays are
+    # shorter than the resends (ack_timeout_ms x retries) that check-config would allow.
+    return SerialGateConfig.model_validate(kw, context=DEFER_CHECKS)
 
 
 @pytest.fixture
@@ -27,8 +33,10 @@ def rig(pty_pair):
     gates = []
 
     def make(**kw):
-        kw.setdefault("timing", RejectTiming(delay_ms=100, pulse_ms=20))
-        g = create_gate("serial", GateSettings(port=pty_pair.host_path, **kw))
+        hooks = {k: kw.pop(k) for k in list(kw) if k.startswith("on_")}
+        kw.setdefault("delay_ms", 100)
+        kw.setdefault("pulse_ms", 20)
+        g = create_gate(serial_config(port=pty_pair.host_path, **kw), **hooks)
         g.open()
         gates.append(g)
         return g
@@ -44,10 +52,12 @@ def test_registry():
     with pytest.raises(ValueError):
         create_gate("laser")
     with pytest.raises(ValueError):
-        create_gate("mqtt", GateSettings())           # needs a link
+        create_gate(MqttGateConfig(delay_ms=400))     # needs a link
+    with pytest.raises(ValueError):
+        SerialGateConfig(delay_ms=100)                # a serial gate needs its port
     # a gate that does nothing says so: no target, never late, not "connected" (with
     # delay_ms 0, what the agent passes for kind = "none", every part would be "late")
-    g = create_gate("none", GateSettings(timing=RejectTiming(delay_ms=0)))
+    g = create_gate(NoneGateConfig())
     g.open()
     out = g.reject("P1", time.monotonic_ns() - 1_000_000)
     assert out.sent and not out.late and out.target == "" and out.error is None
@@ -198,10 +208,9 @@ def test_replug_port_vanishes_and_returns(tmp_path):
     (the other end hangs up and the path is removed) and comes back as a new tty."""
     link = tmp_path / "ttyGATE"
     fired = []
-    g = create_gate("serial", GateSettings(port=str(link), reconnect_min_s=0.02,
-                                           reconnect_max_s=0.1,
-                                           timing=RejectTiming(delay_ms=30, pulse_ms=10),
-                                           on_fired=lambda *a: fired.append(a[0])))
+    g = create_gate(serial_config(port=str(link), reconnect_min_s=0.02, reconnect_max_s=0.1,
+                                  delay_ms=30, pulse_ms=10),
+                    on_fired=lambda *a: fired.append(a[0]))
     g.open()                                            # must not raise: device missing
     assert g.state() == "down"
     out = g.reject("EARLY", time.monotonic_ns())
@@ -252,8 +261,7 @@ def test_encoder_mode_and_triggers(rig):
     def on_trigger(part, enc):                           # the agent would inspect, then:
         results.append(g.reject(part, time.monotonic_ns(), encoder=enc))
 
-    g = make(timing=RejectTiming(mode="encoder", encoder_offset=500, pulse_ms=5),
-             on_trigger=on_trigger)
+    g = make(delay_ms=None, encoder_offset=500, pulse_ms=5, on_trigger=on_trigger)
     assert wait_until(lambda: len(sim.fired) >= 3, timeout=3)
     assert all(r.target.startswith("e") and r.sent for r in results)
     trig = dict(sim.triggers)
@@ -279,8 +287,8 @@ def test_gate_sim_cli_pty():
         path = proc.stdout.readline().strip()
         assert path.startswith("/dev/")
         fired = []
-        g = create_gate("serial", GateSettings(port=path, on_fired=lambda *a: fired.append(a),
-                                               timing=RejectTiming(delay_ms=20)))
+        g = create_gate(serial_config(port=path, delay_ms=20),
+                        on_fired=lambda *a: fired.append(a))
         g.open()
         try:
             assert wait_until(lambda: g.state() == "connected")

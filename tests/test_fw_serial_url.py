@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 from firmware_io.gate_sim import GateSimulator
-from firmware_io.gates import GateSettings, create_gate
-from firmware_io.timing import RejectTiming
+from firmware_io.gates import DEFER_CHECKS, SerialGateConfig, create_gate
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +20,9 @@ DEMO_BUNDLE = ROOT / "agent" / "demo_data" / "bundle"
 
 
 def _reject_round_trip(port: str, sim_ready) -> None:
-    g = create_gate("serial", GateSettings(port=port, timing=RejectTiming(delay_ms=60, pulse_ms=10)))
+    # 60 ms is shorter than check-config's resend rule allows: the wire is under test here
+    g = create_gate(SerialGateConfig.model_validate({"port": port, "delay_ms": 60, "pulse_ms": 10},
+                                                    context=DEFER_CHECKS))
     g.open()
     try:
         assert wait_until(lambda: g.state() == "connected", timeout=10), g.last_error

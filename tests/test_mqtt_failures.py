@@ -10,14 +10,17 @@ import time
 import pytest
 
 from agent.local_broker import LocalBroker
-from firmware_io.mqtt_link import MqttLink, MqttSettings
+from firmware_io.mqtt_config import MqttConfig
+from firmware_io.mqtt_link import MqttLink
 from tests.helpers import wait_until
 
 
-def link_for(host: str, port: int, tmp_path, **kw) -> MqttLink:
-    s = MqttSettings(host=host, port=port, station="st-fail", outbox_path=str(tmp_path / "ob.sqlite"),
-                     reconnect_min_s=0.2, reconnect_max_s=0.5, **kw)
-    return MqttLink(s)
+def link_for(host: str, port: int, tmp_path, unchecked: bool = False, **kw) -> MqttLink:
+    kw.update(host=host, port=port, outbox=tmp_path / "ob.sqlite", reconnect_min_s=0.2,
+              reconnect_max_s=0.5)
+    # unchecked: what the link does with settings check-config would have refused
+    s = MqttConfig.model_construct(**kw) if unchecked else MqttConfig(**kw)
+    return MqttLink(s, station="st-fail")
 
 
 def warnings(caplog) -> list[str]:
@@ -41,7 +44,7 @@ def test_tls_against_a_plain_broker_says_so(mqtt_broker, tmp_path, caplog):
 
 def test_a_url_as_host_says_so(tmp_path, caplog):
     caplog.set_level(logging.WARNING, "firmware_io.mqtt")
-    link = link_for("tcp://127.0.0.1:1883", 1883, tmp_path)
+    link = link_for("tcp://127.0.0.1:1883", 1883, tmp_path, unchecked=True)
     link.start()
     try:
         assert wait_until(lambda: link.state() == "down", timeout=10), link.state()

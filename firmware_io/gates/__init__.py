@@ -1,31 +1,39 @@
-"""Reject-gate backends behind one interface, chosen by name from a small registry.
+"""Reject-gate backends behind one interface. Each backend module holds its gate class and
+its config model (``kind: Literal[...]``), as Frigate's detector plugins do; ``GateConfig``
+is their union, discriminated by ``kind``, and a gate is built from its own model:
 
-    gate = create_gate("serial", GateSettings(port="/dev/ttyUSB0"))
+    gate = create_gate(SerialGateConfig(port="/dev/ttyUSB0", delay_ms=800))
     gate.open()                          # never raises for a missing device
     outcome = gate.reject("P42", t_capture_ns)
 
-A backend is one class with a ``kind`` and the ``Gate`` methods, registered with
-``@register_gate``. Built-in kinds are imported lazily (so a box without pymodbus can still
-use the serial gate).
+The backends' optional dependencies (pyserial, pymodbus) are imported only when a gate is
+built, so the configs validate on a workstation without them.
 """
 
 from __future__ import annotations
 
-import importlib
+from typing import Annotated, Union
 
-from .base import Gate, GateOutcome, GateSettings
+from pydantic import Field, TypeAdapter
+
+from ..checked import DEFER_CHECKS, Problem
+from .base import Gate, GateOutcome
+from .base import GateConfig as BaseGateConfig
+from .legacy import GateSettings
+from .modbus_gate import ModbusGate, ModbusGateConfig
+from .mqtt_gate import MqttGate, MqttGateConfig
+from .null_gate import NoneGateConfig, NullGate
+from .serial_gate import SerialGate, SerialGateConfig
+
+GateConfig = Annotated[Union[SerialGateConfig, ModbusGateConfig, MqttGateConfig, NoneGateConfig],
+                       Field(discriminator="kind")]
+GATE_CONFIG = TypeAdapter(GateConfig)
 
 _REGISTRY: dict[str, type[Gate]] = {}
-_BUILTIN = {
-    "serial": "firmware_io.gates.serial_gate",
-    "modbus": "firmware_io.gates.modbus_gate",
-    "mqtt": "firmware_io.gates.mqtt_gate",
-    "none": "firmware_io.gates.null_gate",
-}
 
 
 def register_gate(cls: type[Gate]) -> type[Gate]:
-    """Class decorator: make ``cls`` available to create_gate under ``cls.kind``."""
+    """Class decorator: make ``cls`` (with ``kind`` and its ``config`` model) buildable."""
     kind = getattr(cls, "kind", None)
     if not kind:
         raise TypeError(f"{cls.__name__} has no 'kind'")
@@ -33,23 +41,36 @@ def register_gate(cls: type[Gate]) -> type[Gate]:
     return cls
 
 
+for _cls in (SerialGate, ModbusGate, MqttGate, NullGate):
+    register_gate(_cls)
+
+# kind -> config model, in the order check-config names them
+GATE_KINDS: dict[str, type[BaseGateConfig]] = {c.kind: c.config for c in _REGISTRY.values()}
+
+
 def gate_kinds() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_BUILTIN))
+    return sorted(_REGISTRY)
 
 
 def gate_class(kind: str) -> type[Gate]:
-    if kind not in _REGISTRY and kind in _BUILTIN:
-        importlib.import_module(_BUILTIN[kind])
     try:
         return _REGISTRY[kind]
     except KeyError:
         raise ValueError(f"unknown gate kind {kind!r}; known: {', '.join(gate_kinds())}") from None
 
 
-def create_gate(kind: str, settings: GateSettings | None = None, link=None) -> Gate:
-    """A gate of ``kind`` ("serial", "modbus", "mqtt", "none"); call .open() on it."""
-    return gate_class(kind)(settings or GateSettings(), link=link)
+def create_gate(config: BaseGateConfig | str, settings: GateSettings | None = None, link=None,
+                **hooks) -> Gate:
+    """The gate ``config`` describes; call .open() on it. ``hooks``: on_trigger, on_fired,
+    on_reject_failed (called on the gate's threads). ``create_gate(kind, GateSettings(...))``
+    is the old spelling, kept for callers not moved yet."""
+    if isinstance(config, str):
+        cls = gate_class(config)
+        config, hooks = (settings or GateSettings()).to_config(cls.config), \
+            {**(settings or GateSettings()).hooks(), **hooks}
+    return gate_class(config.kind)(config, link=link, **hooks)
 
 
-__all__ = ["Gate", "GateOutcome", "GateSettings", "create_gate", "register_gate", "gate_kinds",
-           "gate_class"]
+__all__ = ["DEFER_CHECKS", "GATE_CONFIG", "GATE_KINDS", "Gate", "GateConfig", "GateOutcome",
+           "GateSettings", "ModbusGateConfig", "MqttGateConfig", "NoneGateConfig", "Problem",
+           "SerialGateConfig", "create_gate", "gate_class", "gate_kinds", "register_gate"]

@@ -1,4 +1,4 @@
-"""Gate interface, settings, outcome, and the small registry the backends plug into."""
+"""Gate interface, outcome, the config every gate kind extends, and small shared helpers."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Literal
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, ClassVar, Optional
 
-from ..timing import RejectTiming, quantile
+from pydantic import ConfigDict, Field
+
+from ..checked import Checked
+from ..timing import PulseMs, RejectTiming, TravelMs, quantile
 
 log = logging.getLogger("firmware_io.gates")
 
@@ -23,40 +27,64 @@ class GateOutcome:
     error: str | None = None
 
 
-@dataclass
-class GateSettings:
-    """Everything any backend needs; each backend reads the fields it knows."""
-    port: str = "/dev/ttyUSB0"
-    baud: int = 115200
-    timing: RejectTiming = field(default_factory=RejectTiming)
-    # serial line protocol
-    ack_timeout_ms: float = 100.0
-    retries: int = 3                    # resends of an un-ACKed command (same seq)
-    heartbeat_ms: float = 500.0
-    hello_retry_ms: float = 1000.0
-    send_accept: bool = False           # send ACC for passed parts (optional handshake)
-    degraded_window_s: float = 5.0      # a timeout/NAK keeps the state "degraded" this long
-    # reconnect backoff (serial and modbus)
-    reconnect_min_s: float = 0.1
-    reconnect_max_s: float = 5.0
-    # modbus RTU
-    slave_id: int = 1
-    modbus_target: Literal["coil", "register"] = "coil"
-    modbus_addresses: dict[int, int] = field(default_factory=lambda: {1: 0})   # gate -> address
-    modbus_timeout_s: float = 0.2
-    modbus_on_value: int = 1            # register mode: value written for "on" (off is 0)
-    # mqtt
-    mqtt_gate: str | None = None        # topic name of the gate; default: the gate number
-    # callbacks (run on the gate's reader/scheduler thread; keep them short)
-    on_trigger: Callable[[str, int], None] | None = None          # TRG <part> <encoder>
-    on_fired: Callable[[str, int, int], None] | None = None       # FIRED <part> <gate> <t_ms>
-    on_reject_failed: Callable[[str, str], None] | None = None    # (part, "NAK <code>"|"timeout"|...)
+class GateConfig(Checked):
+    """What every gate kind is configured with. Each backend extends it with its own keys
+    and ``kind: Literal[...]``; ``[gate]`` is the union of them, discriminated by kind."""
+    # frozen: a running gate's settings change only by building a new gate (a restart)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self):
-        if self.modbus_target not in ("coil", "register"):
-            raise ValueError("modbus_target must be 'coil' or 'register'")
-        if self.retries < 0 or self.ack_timeout_ms <= 0 or self.heartbeat_ms <= 0:
-            raise ValueError("retries >= 0, ack_timeout_ms > 0, heartbeat_ms > 0 required")
+    kind: str
+    # counts an encoder itself, so it can fire at a count (encoder mode)
+    counts_encoder: ClassVar[bool] = False
+
+    gate: int = Field(1, ge=1, le=99, description="gate number on the controller")
+    delay_ms: Optional[TravelMs] = Field(None, description="camera-to-gate travel (time mode)")
+    encoder_offset: Optional[int] = Field(None, ge=0, description="encoder counts camera-to-gate")
+    pulse_ms: PulseMs = 50
+
+    @property
+    def mode(self) -> str:
+        return "encoder" if self.encoder_offset is not None else "time"
+
+    @cached_property
+    def timing(self) -> RejectTiming:
+        return RejectTiming(mode=self.mode, delay_ms=self.delay_ms or 0.0,
+                            encoder_offset=self.encoder_offset or 0, pulse_ms=self.pulse_ms)
+
+    def checks(self):
+        return [self._one_timing, self._timing_needed, self._encoder_counted]
+
+    def _one_timing(self):
+        if self.delay_ms is not None and self.encoder_offset is not None:
+            return "", "set delay_ms (time mode) or encoder_offset (encoder mode), not both"
+
+    def _timing_needed(self):
+        if self.kind != "none" and self.delay_ms is None and self.encoder_offset is None:
+            return "", (f"a {self.kind} gate needs delay_ms (time mode) or encoder_offset "
+                        "(encoder mode) to know when the part reaches it")
+
+    def _encoder_counted(self):
+        if self.encoder_offset is not None and not self.counts_encoder:
+            return "encoder_offset", ("encoder mode needs a gate controller that counts the "
+                                      f"encoder (kind = 'serial'), not {self.kind!r}")
+
+
+class PortConfig(GateConfig):
+    """A gate behind a serial port (a device path or, for the serial gate, a pyserial URL)."""
+    port: Optional[str] = None
+    baud: int = Field(115200, gt=0)
+    # reconnect backoff while the adapter is away
+    reconnect_min_s: float = Field(0.1, gt=0)
+    reconnect_max_s: float = Field(5.0, gt=0)
+    # a timeout or error keeps the state "degraded" this long
+    degraded_window_s: float = Field(5.0, gt=0)
+
+    def checks(self):
+        return [*super().checks(), self._port_named]
+
+    def _port_named(self):
+        if not self.port:
+            return "port", f"a {self.kind} gate needs the serial port (e.g. /dev/ttyUSB0)"
 
 
 class Gate(ABC):
@@ -64,9 +92,16 @@ class Gate(ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, settings: GateSettings, link=None):
+    def __init__(self, settings: GateConfig, link=None, *,
+                 on_trigger: Callable[[str, int], None] | None = None,
+                 on_fired: Callable[[str, int, int], None] | None = None,
+                 on_reject_failed: Callable[[str, str], None] | None = None):
         self.settings = settings
         self.link = link
+        # run on the gate's reader/scheduler thread; keep them short
+        self.on_trigger = on_trigger                  # TRG <part> <encoder>
+        self.on_fired = on_fired                      # FIRED <part> <gate> <t_ms>
+        self.on_reject_failed = on_reject_failed      # (part, "NAK <code>"|"timeout"|...)
         self._clock = threading.Lock()
         self._counters: dict[str, int] = {}
 

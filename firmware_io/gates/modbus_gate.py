@@ -15,22 +15,43 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import Literal
+
+from pydantic import Field
 
 from ..timing import compute_target
-from . import register_gate
-from .base import Backoff, Gate, GateOutcome, RecentTrouble, quantiles_ms
+from .base import Backoff, Gate, GateOutcome, PortConfig, RecentTrouble, quantiles_ms
 
 log = logging.getLogger("firmware_io.gates.modbus")
 
 SPIN_NS = 1_500_000     # the last 1.5 ms before a pulse are spun, not slept
 
 
-@register_gate
+class ModbusGateConfig(PortConfig):
+    """``[gate] kind = "modbus"``: a PLC's coil or holding register, pulsed by the host."""
+    kind: Literal["modbus"] = "modbus"
+    modbus_slave: int = Field(1, ge=1, le=247)
+    modbus_address: int = Field(0, ge=0, le=65535, description="the coil/register of `gate`")
+    modbus_target: Literal["coil", "register"] = "coil"
+    # several gates on one PLC: gate number -> address (default {gate: modbus_address})
+    modbus_addresses: dict[int, int] = Field(default_factory=dict)
+    modbus_timeout_s: float = Field(0.2, gt=0)
+    modbus_on_value: int = Field(1, ge=1, le=65535, description="register mode: 'on' (off is 0)")
+    # how often an idle gate reads its output back to notice a PLC that went away
+    heartbeat_ms: int = Field(500, ge=50, le=60_000)
+
+    @property
+    def addresses(self) -> dict[int, int]:
+        return self.modbus_addresses or {self.gate: self.modbus_address}
+
+
 class ModbusGate(Gate):
     kind = "modbus"
+    config = ModbusGateConfig
+    settings: ModbusGateConfig
 
-    def __init__(self, settings, link=None):
-        super().__init__(settings, link)
+    def __init__(self, settings: ModbusGateConfig, link=None, **hooks):
+        super().__init__(settings, link, **hooks)
         from pymodbus.client import ModbusSerialClient  # lazy: optional dependency
         from pymodbus import FramerType
         self._client_cls = ModbusSerialClient
@@ -83,7 +104,7 @@ class ModbusGate(Gate):
             self._count("abandoned_on_stop")
             log.error("modbus gate: stopped before the kick of part %s was due: NOT kicked",
                       part)
-            self._callback(self.settings.on_reject_failed, part, "stopped before firing")
+            self._callback(self.on_reject_failed, part, "stopped before firing")
         # leave every output off
         if self._connected:
             for g in list(self._off_at):
@@ -152,7 +173,7 @@ class ModbusGate(Gate):
 
     def _write(self, gate: int, on: bool) -> bool:
         s = self.settings
-        addr = s.modbus_addresses.get(gate)
+        addr = s.addresses.get(gate)
         if addr is None:
             self._count("bad_gate")
             return False
@@ -161,10 +182,10 @@ class ModbusGate(Gate):
             return False
         try:
             if s.modbus_target == "coil":
-                rr = self._client.write_coil(addr, on, device_id=s.slave_id)
+                rr = self._client.write_coil(addr, on, device_id=s.modbus_slave)
             else:
                 rr = self._client.write_register(addr, s.modbus_on_value if on else 0,
-                                                 device_id=s.slave_id)
+                                                 device_id=s.modbus_slave)
             if rr.isError():
                 raise IOError(f"modbus exception response: {rr}")
             return True
@@ -184,7 +205,7 @@ class ModbusGate(Gate):
         target = compute_target(self.settings.timing, t_capture_ns, None, now)
         if target.late:
             self._count("late")
-        if gate not in self.settings.modbus_addresses:
+        if gate not in self.settings.addresses:
             return GateOutcome(part_id, False, target.late, target.at, f"no address for gate {gate}")
         if not self._connected:
             self._count("dropped_down")
@@ -238,10 +259,10 @@ class ModbusGate(Gate):
                     self._off_at[gate] = max(self._off_at.get(gate, 0), off)
                     with self._cv:
                         heapq.heappush(self._heap, (off, next(self._order), "off", gate, part))
-                    self._callback(s.on_fired, part, gate, t1 // 1_000_000)
+                    self._callback(self.on_fired, part, gate, t1 // 1_000_000)
                 else:
                     self._count("fire_failed")
-                    self._callback(s.on_reject_failed, part, f"modbus: {self.last_error}")
+                    self._callback(self.on_reject_failed, part, f"modbus: {self.last_error}")
             else:
                 if due >= self._off_at.get(gate, 0):
                     if self._write(gate, False):
@@ -256,12 +277,12 @@ class ModbusGate(Gate):
 
     def _health_check(self) -> None:
         s = self.settings
-        addr = next(iter(s.modbus_addresses.values()), 0)
+        addr = next(iter(s.addresses.values()), 0)
         try:
             if s.modbus_target == "coil":
-                rr = self._client.read_coils(addr, count=1, device_id=s.slave_id)
+                rr = self._client.read_coils(addr, count=1, device_id=s.modbus_slave)
             else:
-                rr = self._client.read_holding_registers(addr, count=1, device_id=s.slave_id)
+                rr = self._client.read_holding_registers(addr, count=1, device_id=s.modbus_slave)
             if rr.isError():
                 raise IOError(str(rr))
         except Exception as exc:

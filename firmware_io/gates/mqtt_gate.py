@@ -9,18 +9,28 @@ Payload schema: firmware_io/schemas/gate_reject.json.
 from __future__ import annotations
 
 import time
+from typing import Literal, Optional
+
+from pydantic import Field
 
 from ..timing import compute_target
-from . import register_gate
-from .base import Gate, GateOutcome
+from .base import Gate, GateConfig, GateOutcome
 
 
-@register_gate
+class MqttGateConfig(GateConfig):
+    """``[gate] kind = "mqtt"``: a relay/PLC subscribed to the station's gate topic."""
+    kind: Literal["mqtt"] = "mqtt"
+    topic_name: Optional[str] = Field(None, min_length=1, pattern=r"^[^/#+\s]+$",
+                                      description="the <gate> topic level; default the gate number")
+
+
 class MqttGate(Gate):
     kind = "mqtt"
+    config = MqttGateConfig
+    settings: MqttGateConfig
 
-    def __init__(self, settings, link=None):
-        super().__init__(settings, link)
+    def __init__(self, settings: MqttGateConfig, link=None, **hooks):
+        super().__init__(settings, link, **hooks)
         if link is None:
             raise ValueError("the mqtt gate needs an MqttLink (create_gate(..., link=link))")
 
@@ -43,7 +53,7 @@ class MqttGate(Gate):
             "late": target.late,
             "sent_at_epoch_ms": int(wall_ms),
         }
-        name = self.settings.mqtt_gate or str(gate)
+        name = self.settings.topic_name or str(gate)
         if not self.link.connected():
             # a kick that reaches the PLC seconds later would hit another part: don't queue
             self._count("dropped_down")

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Literal
 
 from ..timing import compute_target
-from . import register_gate
-from .base import Gate, GateOutcome
+from .base import Gate, GateConfig, GateOutcome
 
 
-@register_gate
+class NoneGateConfig(GateConfig):
+    """``[gate] kind = "none"`` (the default): no gate; what it would do is recorded."""
+    kind: Literal["none"] = "none"
+
+
 class NullGate(Gate):
     kind = "none"
+    config = NoneGateConfig
 
-    def __init__(self, settings, link=None):
-        super().__init__(settings, link)
+    def __init__(self, settings: NoneGateConfig | None = None, link=None, **hooks):
+        super().__init__(settings or NoneGateConfig(), link, **hooks)
         self.records: list[GateOutcome] = []
         self._rlock = threading.Lock()
 

@@ -12,17 +12,56 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
-import serial  # pyserial
+from pydantic import Field
 
 from .. import protocol as P
 from ..timing import Target, compute_target, retarget
-from . import register_gate
-from .base import Backoff, Gate, GateOutcome, GateSettings, RecentTrouble, quantiles_ms
+from .base import Backoff, Gate, GateOutcome, PortConfig, RecentTrouble, quantiles_ms
+
+try:
+    import serial  # pyserial: the runtime extra; the config below is checked without it
+except ModuleNotFoundError:  # pragma: no cover
+    serial = None
 
 log = logging.getLogger("firmware_io.gates.serial")
 
 NO_ENCODER_ERROR = "no encoder count (no TRG for this part): kick not sent"
+
+# The reference gate firmware's fail-safe timeout without a heartbeat (CFG hb_timeout_ms,
+# docs/serial-protocol.md section 7); the host's heartbeat must come well within it.
+FIRMWARE_HB_TIMEOUT_MS = 2000
+
+
+class SerialGateConfig(PortConfig):
+    """``[gate] kind = "serial"``: our gate controller on the checksummed line protocol."""
+    kind: Literal["serial"] = "serial"
+    counts_encoder = True
+    ack_timeout_ms: int = Field(100, ge=5, le=10_000)
+    retries: int = Field(3, ge=0, le=20, description="resends of an un-ACKed command (same seq)")
+    heartbeat_ms: int = Field(500, ge=50, le=60_000)
+    hello_retry_ms: float = Field(1000.0, gt=0)
+    send_accept: bool = Field(False, description="send ACC for passed parts (optional handshake)")
+
+    def checks(self):
+        return [*super().checks(), self._heartbeat_in_time, self._resends_in_time]
+
+    def _heartbeat_in_time(self):
+        if self.heartbeat_ms >= FIRMWARE_HB_TIMEOUT_MS:
+            return "heartbeat_ms", (
+                f"{self.heartbeat_ms} ms is not shorter than the gate firmware's heartbeat "
+                f"timeout ({FIRMWARE_HB_TIMEOUT_MS} ms): the gate would divert every part "
+                "as if the host were gone")
+
+    def _resends_in_time(self):
+        if self.delay_ms is not None and self.retries \
+                and self.ack_timeout_ms * self.retries > self.delay_ms:
+            return "retries", (
+                f"the last resend of an unanswered reject would leave "
+                f"{self.ack_timeout_ms * self.retries} ms (ack_timeout_ms {self.ack_timeout_ms} "
+                f"x retries {self.retries}) after the first, when the part is past the gate "
+                f"(delay_ms {self.delay_ms:g}); lower retries or ack_timeout_ms")
 
 
 @dataclass
@@ -39,12 +78,16 @@ class _Pending:
     value: str = ""
 
 
-@register_gate
 class SerialGate(Gate):
     kind = "serial"
+    config = SerialGateConfig
+    settings: SerialGateConfig
 
-    def __init__(self, settings: GateSettings, link=None):
-        super().__init__(settings, link)
+    def __init__(self, settings: SerialGateConfig, link=None, **hooks):
+        if serial is None:
+            raise ModuleNotFoundError("the serial gate needs pyserial "
+                                      "(pip install 'edge-inspect[runtime]')", name="serial")
+        super().__init__(settings, link, **hooks)
         self._ser: serial.SerialBase | None = None
         self._wlock = threading.Lock()          # guards _ser swaps and writes
         self._plock = threading.Lock()          # guards _pending / _hb_sent
@@ -248,7 +291,7 @@ class SerialGate(Gate):
             for p in lost:
                 self._count("lost_on_disconnect")
                 if p.verb == "REJ":
-                    self._callback(self.settings.on_reject_failed, p.part, "disconnected")
+                    self._callback(self.on_reject_failed, p.part, "disconnected")
 
     def _send_hello(self) -> None:
         self._last_hello_ns = time.monotonic_ns()
@@ -318,13 +361,13 @@ class SerialGate(Gate):
             log.warning("serial gate: NAK seq=%d code=%s (%s)", m.seq, m.code,
                         p.part if p else "unknown seq")
             if p is not None and p.verb == "REJ":
-                self._callback(self.settings.on_reject_failed, p.part, f"NAK {m.code}")
+                self._callback(self.on_reject_failed, p.part, f"NAK {m.code}")
         elif isinstance(m, P.Fired):
             self._count("fired")
-            self._callback(self.settings.on_fired, m.part, m.gate, m.t_ms)
+            self._callback(self.on_fired, m.part, m.gate, m.t_ms)
         elif isinstance(m, P.Trigger):
             self._count("triggers")
-            self._callback(self.settings.on_trigger, m.part, m.encoder)
+            self._callback(self.on_trigger, m.part, m.encoder)
         elif isinstance(m, P.HelloReply):
             self._count("hello_replies")
             self._hello_ok = True
@@ -392,4 +435,4 @@ class SerialGate(Gate):
                 log.warning("serial gate: no ACK for %s seq=%d part=%s after %d tries",
                             p.verb, p.seq, p.part, p.tries)
                 if p.verb == "REJ":
-                    self._callback(self.settings.on_reject_failed, p.part, "timeout")
+                    self._callback(self.on_reject_failed, p.part, "timeout")
