@@ -11,7 +11,7 @@ from . import __version__
 
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("agent.daemon:main", "run the inspection daemon (--config FILE)"),
+    "run": ("agent.run_command:main", "run the inspection daemon (--config FILE)"),
     "demo": ("agent.demo:main", "the whole loop on built-in defaults: no hardware, no setup"),
     "check-config": ("agent.check_config:main", "validate a config file and summarise it"),
     "train": ("convert.train:main", "train a defect classifier and export an int8 bundle"),

@@ -1,9 +1,11 @@
-"""`edge-inspect run --config FILE`: the inspection daemon.
+"""Agent: one running station, the composition root of the inspection daemon.
 
-Agent wires one Config into the running parts (also used in-process by the demo and the
-tests): Inspector (verified bundle + engine), firmware_io gate and MQTT link, Pipeline,
-Reporter, Recorder, Prometheus, systemd notify. The main thread only supervises: signals,
-reloads, status/metrics publishing, READY/WATCHDOG/STATUS/STOPPING.
+It builds the parts from one Config in named steps (start: init_* then start_*), wires
+their hooks, hands a reload's new settings to each part, and closes them in order. The
+pieces with a job of their own live beside it: agent/run_command.py (`edge-inspect run`),
+agent/supervisor.py (the main thread's loop), agent/agent_commands.py (the command table),
+agent/agent_status.py (health, status, metrics), agent/reload.py (what a reload changes,
+and how it is handed over). Also used in-process by the demo, the tests and the benchmarks:
 
     agent = Agent(cfg, config_path="config.toml")
     agent.start()               # raises StartupError with one line per problem
@@ -12,10 +14,8 @@ reloads, status/metrics publishing, READY/WATCHDOG/STATUS/STOPPING.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import signal
 import sqlite3
 import ssl
 import threading
@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .config import Config, ConfigError, config_warnings, load_config, print_problems
+from .agent_commands import CommandDispatcher
+from .agent_status import StatusReport
+from .config import Config
 from .frame_checks import FrameChecker
 from .inspector import Inspector, InspectorError
 from .kicks import KickLedger
@@ -34,10 +35,20 @@ from .pipeline import Pipeline
 from .prom import PromMetrics
 from .recorder import Recorder
 from .reporter import Reporter
+from .reload import Reloads
 from .sources import open_source
+from .supervisor import Supervisor
 from .types import Inspection, Verdict
 
 log = logging.getLogger("daemon")
+
+
+def main(argv: list[str]) -> int:
+    """`edge-inspect run` (agent/run_command.py), for callers of agent.daemon:main."""
+    from .run_command import main as run_main
+
+    return run_main(argv)
+
 
 class StartupError(Exception):
     def __init__(self, problems: list[str]):
@@ -53,11 +64,7 @@ def mqtt_settings(cfg: Config):
     return MqttSettings(**cfg.mqtt.model_dump(), station=cfg.station.id)
 
 
-# Sections whose change needs a restart (the rest is applied by a reload).
-_RESTART_SECTIONS = ("station", "camera", "gate", "mqtt", "metrics", "ui", "trigger")
-
-
-class Agent:
+class Agent(StatusReport, Reloads):
     """One running station. Keyword hooks are for the demo, tests and benchmarks:
 
     engine_wrap   callable(Engine) -> Engine, e.g. a slow or failing wrapper
@@ -105,87 +112,20 @@ class Agent:
         self.last_reload: dict | None = None
         self.fired = 0
         self.kicks = KickLedger(on_count=lambda f: self.prom.kick_failed(f.kind, f.immediate))
+        self.command = CommandDispatcher(self)      # (verb, args) -> reply
         self._t_start = time.monotonic()
 
     # -- building ------------------------------------------------------------------------
     def start(self) -> "Agent":
-        cfg = self.cfg
+        self._init_inspector()
+        self._init_metrics()
         try:
-            self.inspector = Inspector.from_config(cfg, wrap=self.engine_wrap)
-        except InspectorError as e:
-            raise StartupError([f"model.bundle: {e}"]) from None
-        log.info("model: %s", self.inspector.describe())
-        self.prom.set_model(self.inspector.info())
-        try:
-            self.prom.serve(cfg.metrics.port, cfg.metrics.bind)
-        except OSError as e:
-            raise StartupError([f"metrics.port: cannot listen on {cfg.metrics.bind}:"
-                                f"{cfg.metrics.port}: {e.strerror or e}"]) from None
-        try:
-            if cfg.mqtt.enabled:
-                from firmware_io.mqtt_link import MqttLink
-
-                try:
-                    password = cfg.mqtt.password()
-                except OSError as e:
-                    raise StartupError([f"mqtt.password_file: {e}"]) from None
-                cfg.mqtt.outbox.parent.mkdir(parents=True, exist_ok=True)
-                self.link = MqttLink(cfg.mqtt, on_command=self.command,
-                                     status_fields=self._status_fields,
-                                     station=cfg.station.id, password=password)
-                try:
-                    self.link.start()
-                except sqlite3.Error as e:
-                    raise StartupError([f"mqtt.outbox: {cfg.mqtt.outbox}: {e}"]) from None
-                except (ssl.SSLError, ValueError) as e:
-                    raise StartupError([f"mqtt.tls: cannot load ca_file/cert_file: {e}"]) from None
-            if cfg.recorder.enabled:
-                # alerts first: no images while the outbox is short of disk
-                hold = self.link.disk_full if self.link is not None else None
-                self.recorder = Recorder(cfg.recorder.dir, cfg.recorder.max_mb,
-                                         cfg.recorder.pass_sample, hold=hold,
-                                         min_free_mb=cfg.recorder.min_free_mb).start()
-            self.reporter = Reporter(cfg.station.id, self.link, self.recorder,
-                                     cfg.inspection.failsafe)
-            from firmware_io.gates import create_gate
-
-            self.gate = create_gate(cfg.gate, link=self.link, on_trigger=self._on_trigger,
-                                    on_fired=self._on_fired,
-                                    on_reject_failed=self._on_reject_failed)
-            self._warn_missing_devices()
-            self.gate.open()
-            if cfg.gate.kind != "none":
-                # Give the gate controller a moment to answer HELLO before parts flow (if it
-                # does not, rejects are counted as gate errors and the firmware's own
-                # no-heartbeat fail-safe diverts everything meanwhile).
-                t_end = time.monotonic() + self.gate_wait_s
-                while self.gate.state() != "connected" and time.monotonic() < t_end:
-                    time.sleep(0.02)
-                log.info("gate %s: %s", cfg.gate.kind, self.gate.state())
-            source = self._source_override or open_source(
-                cfg.camera.source, loop=cfg.camera.loop, width=cfg.camera.width,
-                height=cfg.camera.height, read_timeout_s=cfg.camera.stall_timeout_s)
-            self.watchdog = Watchdog(self.notifier, max(30.0, 3 * (cfg.camera.reconnect_max_s
-                                                                  + cfg.camera.stall_timeout_s)))
-            ui_state = None
-            if cfg.ui.port:
-                from .ui import UiState
-
-                ui_state = UiState(cfg.ui.rejects)
-            sinks = [self.reporter, self.prom, self._kick_sink, self._progress,
-                     *self._extra_sinks, *([ui_state] if ui_state is not None else [])]
-            self.pipeline = Pipeline(
-                source, self.inspector, gate=self.gate, sinks=sinks,
-                deadline_ms=cfg.inspection.deadline_ms, failsafe=cfg.inspection.failsafe,
-                queue_size=cfg.inspection.queue_size, gate_number=cfg.gate.gate,
-                fps=cfg.camera.fps, reconnect_max_s=cfg.camera.reconnect_max_s,
-                stall_timeout_s=cfg.camera.stall_timeout_s, on_state=self._on_state,
-                keep_images=self.recorder is not None or ui_state is not None,
-                workers=cfg.model.workers,
-                needs_encoder=cfg.gate.mode == "encoder",
-                on_decided=self.reporter.commit, selector=make_selector(cfg.trigger))
-            self.pipeline.frame_checks = FrameChecker(cfg.frame_checks.settings())
-            log.info("part ids: %s-<seq>", self.pipeline.prefix)
+            self._init_link()
+            self._init_recorder()
+            self._init_reporter()
+            self._init_gate()
+            ui_state = self._init_ui_state()
+            self._init_pipeline(self._init_source(), ui_state)
             if ui_state is not None:
                 self._start_ui(ui_state)
             self.pipeline.start()
@@ -195,6 +135,103 @@ class Agent:
             self.close()
             raise
         return self
+
+    def _init_inspector(self) -> None:
+        try:
+            self.inspector = Inspector.from_config(self.cfg, wrap=self.engine_wrap)
+        except InspectorError as e:
+            raise StartupError([f"model.bundle: {e}"]) from None
+        log.info("model: %s", self.inspector.describe())
+        self.prom.set_model(self.inspector.info())
+
+    def _init_metrics(self) -> None:
+        m = self.cfg.metrics
+        try:
+            self.prom.serve(m.port, m.bind)
+        except OSError as e:
+            raise StartupError([f"metrics.port: cannot listen on {m.bind}:{m.port}: "
+                                f"{e.strerror or e}"]) from None
+
+    def _init_link(self) -> None:
+        m = self.cfg.mqtt
+        if not m.enabled:
+            return
+        from firmware_io.mqtt_link import MqttLink
+
+        try:
+            password = m.password()
+        except OSError as e:
+            raise StartupError([f"mqtt.password_file: {e}"]) from None
+        m.outbox.parent.mkdir(parents=True, exist_ok=True)
+        self.link = MqttLink(m, on_command=self.command, status_fields=self._status_fields,
+                             station=self.cfg.station.id, password=password)
+        try:
+            self.link.start()
+        except sqlite3.Error as e:
+            raise StartupError([f"mqtt.outbox: {m.outbox}: {e}"]) from None
+        except (ssl.SSLError, ValueError) as e:
+            raise StartupError([f"mqtt.tls: cannot load ca_file/cert_file: {e}"]) from None
+
+    def _init_recorder(self) -> None:
+        r = self.cfg.recorder
+        if r.enabled:
+            # alerts first: no images while the outbox is short of disk
+            hold = self.link.disk_full if self.link is not None else None
+            self.recorder = Recorder(r.dir, r.max_mb, r.pass_sample, hold=hold,
+                                     min_free_mb=r.min_free_mb).start()
+
+    def _init_reporter(self) -> None:
+        self.reporter = Reporter(self.cfg.station.id, self.link, self.recorder,
+                                 self.cfg.inspection.failsafe)
+
+    def _init_gate(self) -> None:
+        from firmware_io.gates import create_gate
+
+        g = self.cfg.gate
+        self.gate = create_gate(g, link=self.link, on_trigger=self._on_trigger,
+                                on_fired=self._on_fired, on_reject_failed=self._on_reject_failed)
+        self._warn_missing_devices()
+        self.gate.open()
+        if g.kind != "none":
+            # Give the gate controller a moment to answer HELLO before parts flow (if it
+            # does not, rejects are counted as gate errors and the firmware's own
+            # no-heartbeat fail-safe diverts everything meanwhile).
+            t_end = time.monotonic() + self.gate_wait_s
+            while self.gate.state() != "connected" and time.monotonic() < t_end:
+                time.sleep(0.02)
+            log.info("gate %s: %s", g.kind, self.gate.state())
+
+    def _init_source(self):
+        cam = self.cfg.camera
+        source = self._source_override or open_source(
+            cam.source, loop=cam.loop, width=cam.width, height=cam.height,
+            read_timeout_s=cam.stall_timeout_s)
+        self.watchdog = Watchdog(self.notifier, max(30.0, 3 * (cam.reconnect_max_s
+                                                              + cam.stall_timeout_s)))
+        return source
+
+    def _init_ui_state(self):
+        if not self.cfg.ui.port:
+            return None
+        from .ui import UiState
+
+        return UiState(self.cfg.ui.rejects)
+
+    def _init_pipeline(self, source, ui_state) -> None:
+        cfg = self.cfg
+        sinks = [self.reporter, self.prom, self._kick_sink, self._progress,
+                 *self._extra_sinks, *([ui_state] if ui_state is not None else [])]
+        self.pipeline = Pipeline(
+            source, self.inspector, gate=self.gate, sinks=sinks,
+            deadline_ms=cfg.inspection.deadline_ms, failsafe=cfg.inspection.failsafe,
+            queue_size=cfg.inspection.queue_size, gate_number=cfg.gate.gate,
+            fps=cfg.camera.fps, reconnect_max_s=cfg.camera.reconnect_max_s,
+            stall_timeout_s=cfg.camera.stall_timeout_s, on_state=self._on_state,
+            keep_images=self.recorder is not None or ui_state is not None,
+            workers=cfg.model.workers, needs_encoder=cfg.gate.mode == "encoder",
+            on_decided=self.reporter.commit, selector=make_selector(cfg.trigger))
+        self.pipeline.frame_checks = FrameChecker(cfg.frame_checks.settings())
+        log.info("part ids: %s-<seq>", self.pipeline.prefix)
 
     def _start_ui(self, ui_state) -> None:
         from .ui import build_server
@@ -251,249 +288,31 @@ class Agent:
     def _on_state(self, component: str, state: str, reason: str) -> None:
         self._wake.set()
 
-    def _status_fields(self) -> dict:
-        insp = self.pipeline.inspector if self.pipeline else self.inspector
-        out = {"version": __version__, "state_detail": self.health()}
-        if insp is not None:
-            out.update(model_sha256=insp.model_sha256, model=insp.bundle.name,
-                       threshold=insp.threshold)
-        if self.last_reload:
-            out["last_reload"] = self.last_reload
-        return out
-
-    # -- state ---------------------------------------------------------------------------
-    def health(self) -> dict:
-        p = self.pipeline
-        return {
-            "source": p.source_state if p else "starting",
-            "source_reason": p.source_reason if p else "",
-            "gate": self.gate.state() if self.gate is not None else "none",
-            "mqtt": self.link.state() if self.link is not None else "off",
-            "paused": bool(p and p.paused),
-            "kicks_failed": self.kicks.total,
-            "kick_failing": self.kicks.active(),
-        }
-
-    def overall_state(self) -> str:
-        h = self.health()
-        if h["paused"]:
-            return "paused"
-        # mqtt down/refused: alerts pile up in the outbox and nobody sees them
-        if h["source"] == "degraded" or h["gate"] in ("degraded", "down") \
-                or h["mqtt"] in ("down", "refused") or h["kick_failing"]:
-            return "degraded"
-        if self.alerts_at_risk():
-            return "degraded"
-        return "online"
-
-    def alerts_dropped(self) -> dict[str, int]:
-        """Alerts not stored for delivery, by reason (reporter: disk_full/error; outbox:
-        outbox_max, the oldest deleted past mqtt.outbox_max)."""
-        out = dict(self.reporter.alerts_dropped) if self.reporter is not None else {}
-        if self.link is not None:
-            out["outbox_max"] = self.link.alerts_dropped()["outbox_max"]
-        return out
-
-    def alerts_at_risk(self) -> bool:
-        # an alert was lost, or the outbox is on its disk reserve: someone must look
-        return bool(sum(self.alerts_dropped().values())) or bool(
-            self.link is not None and self.link.disk_full())
-
-    def status_line(self) -> str:
-        p = self.pipeline
-        s = p.stats()
-        h = self.health()
-        src = h["source"] + (f" ({h['source_reason']})" if h["source"] == "degraded" else "")
-        return (f"{self.overall_state()}: {s['rate']:.1f} parts/s, {s['parts']} parts, "
-                f"{s['reject']} rejects, {s['failsafe']} failsafe, {h['kicks_failed']} kicks "
-                f"failed, p99 {s['latency_ms']['p99'] or 0:.1f} ms; source {src}, gate "
-                f"{h['gate']}, mqtt {h['mqtt']}; trigger {s['mode']}")
-
-    def metrics_payload(self) -> dict:
-        p = self.pipeline
-        out = p.stats()
-        out["state"] = self.overall_state()
-        out["threshold"] = p.inspector.threshold
-        out["model_sha256"] = p.inspector.model_sha256
-        gc = self.gate.counters() if self.gate is not None else {}
-        if self.gate is not None:
-            out["gate"] = {"state": self.gate.state(), **gc}
-        out["kicks"] = {"commanded": gc.get("sent", 0), "fired": self.fired,
-                        **self.kicks.counters()}
-        if self.recorder is not None:
-            out["recorder"] = self.recorder.counters()
-        if self.link is not None:
-            out["outbox_depth"] = self.link.outbox_depth()
-            out["outbox_disk_full"] = self.link.disk_full()
-        out["alerts_dropped"] = self.alerts_dropped()
-        return out
-
     # -- commands and reload -------------------------------------------------------------
-    def command(self, verb: str, args: dict) -> dict:
-        """MQTT commands (already schema-checked by the link)."""
-        p = self.pipeline
-        if p is None:
-            return {"ok": False, "error": "not running yet"}
-        if verb == "pause":
-            p.pause()
-            log.warning("inspection PAUSED by command: every part is FAILSAFE (%s) until resume",
-                        self.cfg.inspection.failsafe)
-            self._publish_status()
-            return {"ok": True, "paused": True}
-        if verb == "resume":
-            p.resume()
-            log.info("inspection resumed by command")
-            self._publish_status()
-            return {"ok": True, "paused": False}
-        if verb == "threshold":
-            with self._reload_lock:
-                old = p.inspector.threshold
-                p.set_threshold(float(args["value"]))
-            self.prom.set_model(p.inspector.info())
-            log.info("threshold %g -> %g by command", old, p.inspector.threshold)
-            self._publish_status()
-            return {"ok": True, "threshold": p.inspector.threshold, "previous": old}
-        if verb == "reload":
-            return self.reload("mqtt")
-        return {"ok": False, "error": f"unknown command {verb!r}"}
-
     def request_reload(self) -> None:
         self._reload_requested = True
         self._wake.set()
+
+    def take_reload_request(self) -> bool:
+        requested, self._reload_requested = self._reload_requested, False
+        return requested
 
     def request_stop(self) -> None:
         self._stop.set()
         self._wake.set()
 
-    def reload(self, origin: str = "SIGHUP") -> dict:
-        """Re-read the config and the model; swap them in atomically, or refuse and keep
-        the running ones. Returns {"ok": bool, ...} (also the MQTT reply)."""
-        with self._reload_lock:
-            self.notifier.reloading()
-            old = self.pipeline.inspector
-            try:
-                new_cfg = load_config(self.config_path) if self.config_path else self.cfg
-                new = Inspector.from_config(new_cfg, wrap=self.engine_wrap)
-            except ConfigError as e:
-                result = {"ok": False, "error": "config: " + "; ".join(e.problems)}
-            except InspectorError as e:
-                result = {"ok": False, "error": f"model: {e}"}
-            except Exception as e:  # noqa: BLE001 - whatever it is, keep the old one
-                result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            else:
-                p = self.pipeline
-                p.swap_inspector(new)
-                p.deadline_ns = int(new_cfg.inspection.deadline_ms * 1e6)
-                p.failsafe = new_cfg.inspection.failsafe
-                if self.reporter is not None:
-                    self.reporter.failsafe_policy = new_cfg.inspection.failsafe
-                if self.recorder is not None:
-                    self.recorder.pass_sample = new_cfg.recorder.pass_sample
-                    self.recorder.max_bytes = int(new_cfg.recorder.max_mb * 1024 * 1024)
-                    self.recorder.min_free_bytes = int(new_cfg.recorder.min_free_mb * 1024 * 1024)
-                if new_cfg.frame_checks != self.cfg.frame_checks:
-                    p.frame_checks = FrameChecker(new_cfg.frame_checks.settings())
-                restart = [s for s in _RESTART_SECTIONS
-                           if getattr(new_cfg, s) != getattr(self.cfg, s)]
-                self.cfg = new_cfg
-                self.prom.set_model(new.info())
-                result = {"ok": True, "model_sha256": new.model_sha256,
-                          "previous_sha256": old.model_sha256, "threshold": new.threshold}
-                if restart:
-                    result["needs_restart"] = restart
-                    log.warning("reload: changes to [%s] take effect only after a restart",
-                                "], [".join(restart))
-                log.info("reload (%s): now running %s", origin, new.describe())
-            result["origin"] = origin
-            result["ts"] = round(time.time(), 3)
-            self.last_reload = result
-            self.prom.reloads.labels("ok" if result["ok"] else "refused").inc()
-            if not result["ok"]:
-                log.error("reload (%s) REFUSED: %s; still running %s", origin, result["error"],
-                          old.describe())
-            if self.link is not None:
-                self.link.publish_raw("events/reload", result, qos=1)
-            self._publish_status()
-            self.notifier.ready(self.status_line() if self.pipeline else "")
-            return result
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def wait_for_news(self, timeout_s: float) -> None:
+        """Until a hook has news (a part, a state change, a failed kick, a signal)."""
+        self._wake.wait(timeout_s)
+        self._wake.clear()
 
     # -- the supervising loop ------------------------------------------------------------
-    def _publish_status(self) -> None:
-        if self.link is not None:
-            try:
-                self.link.publish_status(self.overall_state())
-            except Exception:  # noqa: BLE001
-                log.exception("status publish failed")
-
-    def _update_prom(self) -> None:
-        p = self.pipeline
-        h = self.health()
-        self.prom.update(queues=p.queue_depths(), gate=h["gate"], source=h["source"],
-                         mqtt=h["mqtt"],
-                         outbox=self.link.outbox_depth() if self.link is not None else None,
-                         paused=h["paused"],
-                         recorder=self.recorder.counters() if self.recorder else None,
-                         mode=p.mode,
-                         selector=p.selector.counters() if p.selector is not None else None)
-        self.prom.set_alerts(self.alerts_dropped(),
-                             self.link.disk_full() if self.link is not None else False)
-
     def run(self) -> int:
         """Supervise until stopped or the source ends; then drain and close. Exit code."""
-        p = self.pipeline
-        t_start = time.monotonic()
-        next_tick = next_status = next_metrics = 0.0
-        last_state = last_detail = None
-        metrics_every = self.cfg.mqtt.metrics_interval_s
-        try:
-            while not self._stop.is_set():
-                self._wake.wait(0.25)
-                self._wake.clear()
-                if self._reload_requested:
-                    self._reload_requested = False
-                    self.reload("SIGHUP")
-                self.kicks.drain(self.link)
-                now = time.monotonic()
-                # an unplugged camera: up and degraded, waiting for it (READY at once, so
-                # systemd does not time the start out while the device is away)
-                if not self.ready and (p.counts["parts"] > 0 or p.waiting_for_source or
-                                       now - t_start > self.ready_timeout_s or p.finished):
-                    self.ready = True
-                    self.notifier.ready(self.status_line())
-                    log.info("ready: %s", self.status_line())
-                if p.finished:
-                    if p.error:
-                        log.error("pipeline failed: %s", p.error)
-                    else:
-                        log.info("source ended: %s", p.source_reason or "done")
-                    break
-                if now >= next_tick:
-                    next_tick = now + 0.5
-                    p.check_stall()
-                    if p.waiting_for_source:
-                        # reconnecting with backoff is alive, not hung: a restart would not
-                        # bring the camera back, and systemd's start limit would give up
-                        self.watchdog.progress()
-                    self._update_prom()
-                    state = self.overall_state()
-                    detail = self.health()
-                    if state != last_state or detail != last_detail:
-                        # the first state too when it is degraded: a source that fails before
-                        # the first tick must not start silently
-                        if state != last_state and (last_state is not None or state == "degraded"):
-                            log.log(logging.WARNING if state == "degraded" else logging.INFO,
-                                    "state %s -> %s (%s)", last_state or "starting", state, detail)
-                        last_state, last_detail = state, detail
-                        self._publish_status()
-                if now >= next_status:
-                    next_status = now + self.status_interval_s
-                    self.notifier.status(self.status_line())
-                if self.link is not None and now >= next_metrics:
-                    next_metrics = now + metrics_every
-                    self.link.publish_metrics(self.metrics_payload())
-        finally:
-            self.shutdown()
-        return 1 if p.error else 0
+        return Supervisor(self).run()
 
     def shutdown(self, drain_timeout: float = 10.0) -> None:
         """STOPPING; finish every part in flight (gate + reports), then close everything."""
@@ -564,59 +383,3 @@ class Agent:
             self.ui.stop()
         self.prom.close()
 
-
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog=argv[0], description="Run the inspection daemon.")
-    ap.add_argument("--config", "-c", required=True, help="path to config.toml")
-    ap.add_argument("--no-devices", action="store_true",
-                    help="start even if the camera or gate device is not plugged in yet")
-    ap.add_argument("--pid-file", type=Path,
-                    help="write this process's pid here at start and remove it on exit "
-                         "(for deploy-model --pid-file outside systemd)")
-    args = ap.parse_args(argv[1:])
-    from .logs import setup_logging
-
-    setup_logging("INFO")
-    try:
-        cfg = load_config(args.config, strict_devices=not args.no_devices)
-    except ConfigError as e:
-        return print_problems(e.problems)
-    logging.getLogger().setLevel(cfg.log.level)
-    for line in config_warnings(cfg):
-        log.warning("%s", line)
-    log.info("edge-inspect %s starting: station %s, config %s", __version__, cfg.station.id,
-             args.config)
-    if args.pid_file is not None:
-        try:
-            _write_pid(args.pid_file)
-        except OSError as e:
-            return print_problems([f"--pid-file: cannot write {args.pid_file}: {e.strerror}"])
-    try:
-        agent = Agent(cfg, config_path=args.config)
-        try:
-            agent.start()
-        except StartupError as e:
-            return print_problems(e.problems)
-        signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
-        signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
-        signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
-        return agent.run()
-    finally:
-        if args.pid_file is not None:
-            _remove_pid(args.pid_file)
-
-
-def _write_pid(path: Path) -> None:
-    """Atomically (a reader never sees a half-written file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
-
-
-def _remove_pid(path: Path) -> None:
-    # only our own: another agent may have taken the file over since
-    try:
-        if path.read_text().split()[:1] == [str(os.getpid())]:
-            path.unlink()
-    except (OSError, IndexError):
-        pass
