@@ -26,7 +26,7 @@ from firmware_io.gates import GATE_KINDS, GateConfig, NoneGateConfig
 from firmware_io.mqtt_config import MqttConfig
 from firmware_io.timing import whole_ms
 
-from .config_env import check_environment, config_warnings
+from .config_env import check_environment, config_warnings  # noqa: F401 (the API is here)
 from .config_rules import RULES, SUPERSEDES, run_checks
 from .config_rules import is_url as _is_url
 from .trigger_config import TRIGGER_MODES, FrameTrigger, TriggerConfig

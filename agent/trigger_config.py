@@ -7,7 +7,7 @@ ignored. `frame` is the default: every frame is a part, today's behaviour.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import ConfigDict, Field, field_validator
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import GenerateJsonSchema
@@ -29,6 +30,8 @@ MAX_ERROR_CHARS = 400
 REQUEST_ID_CHARS = 128
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
+
+log = logging.getLogger("firmware_io.mqtt")
 
 
 class _Cmd(BaseModel):
@@ -117,6 +120,45 @@ def validate_command(verb: str, raw: bytes) -> dict:
                          f"{e['msg']}" for e in exc.errors()[:5])
         raise CommandError(errs, _request_id(data)) from None
     return cmd.model_dump()
+
+
+def run_command(verb: str, raw: bytes, handler: Callable[[str, dict], dict] | None,
+                station: str, count: Callable[[str], None] = lambda key: None
+                ) -> tuple[str, dict]:
+    """Validate a received command, run ``handler(verb, args)`` on it if it is good, and
+    return (the verb to reply under, the reply). A bad command never reaches the handler;
+    a handler that raises is a refusal too. ``count``: cmd_rejected, cmd_ok, cmd_failed."""
+    reply: dict[str, Any]
+    request_id = None
+    if len(verb) > 64 or any(ch in verb for ch in "#+"):
+        verb = "invalid"
+    try:
+        args = validate_command(verb, raw)
+        request_id = args.pop("request_id", None)
+        if handler is None:
+            raise ValueError("this station does not handle commands")
+    except ValueError as exc:
+        count("cmd_rejected")
+        request_id = getattr(exc, "request_id", None) or request_id
+        log.warning("mqtt: bad command %r: %s", verb, exc)
+        reply = {"ok": False, "verb": verb, "error": str(exc)}
+    else:
+        try:
+            result = handler(verb, args)
+            reply = dict(result) if isinstance(result, dict) else {"result": result}
+            reply.setdefault("ok", True)
+            count("cmd_ok")
+        except Exception as exc:
+            count("cmd_failed")
+            log.exception("mqtt: command %s failed", verb)
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        reply.setdefault("verb", verb)
+    if request_id is not None:
+        reply.setdefault("request_id", request_id)
+    reply.setdefault("station", station)
+    if isinstance(reply.get("error"), str):
+        reply["error"] = clip(reply["error"], MAX_ERROR_CHARS)
+    return verb, reply
 
 
 # ---------------------------------------------------------------------------- schemas

@@ -93,3 +93,14 @@ class MqttConfig(Checked):
     def _password_needs_user(self):
         if self.password_file and not self.username:
             return "username", "password_file is set but username is not"
+
+
+class MqttSettings(MqttConfig):
+    """The old flat settings (MqttConfig plus station and password, old key names), kept
+    for callers not moved yet (benchmarks/fw_bench.py, agent.daemon.mqtt_settings for
+    tests/test_disk_full.py). New code: MqttLink(MqttConfig(...), station=...)."""
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    station: str = "station-1"
+    password_text: Optional[str] = Field(None, alias="password")
+    outbox: Path = Field(Path("outbox.sqlite"), alias="outbox_path")
+    commands: bool = Field(False, alias="commands_enabled")

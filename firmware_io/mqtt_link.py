@@ -1,6 +1,6 @@
 """The MQTT link: durable alerts, status with last will, metrics, commands (paho-mqtt 2.x).
 
-    link = MqttLink(MqttSettings(host="broker", station="line-3"), on_command=handler,
+    link = MqttLink(MqttConfig(host="broker"), station="line-3", on_command=handler,
                     status_fields=lambda: {"version": "0.1.0", "model_sha256": sha})
     link.start()                          # never raises when the broker is down
     link.publish_alert({"part": "P42", "verdict": "REJECT", ...})   # durable, QoS 1
@@ -24,29 +24,17 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from pydantic import ConfigDict, Field
 
-from .commands import MAX_ERROR_CHARS, clip, validate_command
-from .mqtt_config import MqttConfig
+from .commands import run_command
+from .mqtt_config import MqttConfig, MqttSettings
 from .mqtt_diagnose import tls_context, why_unreachable
 from .outbox import Outbox, OutboxFull
 
 log = logging.getLogger("firmware_io.mqtt")
-
-
-class MqttSettings(MqttConfig):
-    """The old flat settings (MqttConfig plus station and password, old key names), kept
-    for callers not moved yet (benchmarks/fw_bench.py, agent.daemon.mqtt_settings for
-    tests/test_disk_full.py). New code: MqttLink(MqttConfig(...), station=...)."""
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    station: str = "station-1"
-    password_text: Optional[str] = Field(None, alias="password")
-    outbox: Path = Field(Path("outbox.sqlite"), alias="outbox_path")
-    commands: bool = Field(False, alias="commands_enabled")
 
 
 # ---------------------------------------------------------------------------- the link
@@ -434,34 +422,5 @@ class MqttLink:
             self._handle_command(verb, raw)
 
     def _handle_command(self, verb: str, raw: bytes) -> None:
-        reply: dict[str, Any]
-        request_id = None
-        if len(verb) > 64 or any(ch in verb for ch in "#+"):
-            verb = "invalid"
-        try:
-            args = validate_command(verb, raw)
-            request_id = args.pop("request_id", None)
-            if self.on_command is None:
-                raise ValueError("this station does not handle commands")
-        except ValueError as exc:
-            self._count("cmd_rejected")
-            request_id = getattr(exc, "request_id", None) or request_id
-            log.warning("mqtt: bad command %r: %s", verb, exc)
-            reply = {"ok": False, "verb": verb, "error": str(exc)}
-        else:
-            try:
-                result = self.on_command(verb, args)
-                reply = dict(result) if isinstance(result, dict) else {"result": result}
-                reply.setdefault("ok", True)
-                self._count("cmd_ok")
-            except Exception as exc:
-                self._count("cmd_failed")
-                log.exception("mqtt: command %s failed", verb)
-                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            reply.setdefault("verb", verb)
-        if request_id is not None:
-            reply.setdefault("request_id", request_id)
-        reply.setdefault("station", self.station)
-        if isinstance(reply.get("error"), str):
-            reply["error"] = clip(reply["error"], MAX_ERROR_CHARS)
+        verb, reply = run_command(verb, raw, self.on_command, self.station, self._count)
         self.publish_raw(f"cmd/{verb}/reply", reply, qos=1)
