@@ -150,3 +150,21 @@ def test_example_config_is_valid_apart_from_hardware(tmp_path):
     example = Path(__file__).resolve().parents[1] / "config.example.toml"
     cfg = load_config(example, check_env=False)
     assert cfg.gate.kind == "serial" and cfg.gate.delay_ms > cfg.inspection.deadline_ms
+
+
+def test_every_problem_at_once_and_no_rule_on_a_bad_key():
+    """Field errors, each section's rules and the rules across sections in one report; a
+    rule that needs a key that failed (the late-gate rule needs deadline_ms) is not run."""
+    from agent.config import parse_config
+
+    with pytest.raises(ConfigError) as e:
+        parse_config({"inspection": {"deadline_ms": "x"},
+                      "gate": {"kind": "serial", "delay_ms": 150, "heartbeat_ms": 2},
+                      "ui": {"port": 8080, "bind": "0.0.0.0"},
+                      "trigger": {"mode": "presence", "line": 0.02, "scale": 0}})
+    assert [p.split(":")[0] for p in e.value.problems] == [
+        "inspection.deadline_ms", "gate.heartbeat_ms", "trigger.scale",     # fields
+        "gate.port", "gate.retries", "trigger",                             # within sections
+        "ui.token_file",                                                    # across sections
+    ], e.value.problems
+    assert not any("inspection.deadline_ms (" in p for p in e.value.problems)
