@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .checked import Checked, not_empty
 
@@ -33,20 +33,9 @@ class MqttConfig(Checked):
     # Disk space kept for alerts: a preallocated file beside the outbox, released when the
     # disk fills so alerts are still stored (firmware_io/outbox.py). 0 turns it off.
     outbox_reserve_mb: float = Field(16, ge=0, le=4096)
-    # FULL: an alert is on disk before publish_alert returns (NORMAL: faster, a power cut
-    # may lose the last ones)
-    outbox_sync: Literal["NORMAL", "FULL"] = "FULL"
     commands: bool = False
     publish_results: bool = False
     metrics_interval_s: float = Field(10.0, gt=0, le=3600)
-    keepalive: int = Field(30, ge=5, le=3600)
-    client_id: Optional[str] = None
-    inflight_window: int = Field(100, ge=1, le=65535, description="alerts handed to the "
-                                 "broker, not yet PUBACKed")
-    inflight_timeout_s: float = Field(60.0, gt=0, description="connected yet no PUBACK this "
-                                      "long: send again")
-    reconnect_min_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
 
     @field_validator("prefix")
     @classmethod
@@ -95,8 +84,25 @@ class MqttConfig(Checked):
             return "username", "password_file is set but username is not"
 
 
-class MqttSettings(MqttConfig):
-    """The old flat settings (MqttConfig plus station and password, old key names), kept
+class LinkTuning(BaseModel):
+    """How the link behaves, not what it connects to: set by code that embeds it (tests,
+    benchmarks), never by the config file (the agent always runs the defaults)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # FULL: an alert is on disk before publish_alert returns (NORMAL survives a killed
+    # process but not a power cut)
+    outbox_sync: Literal["NORMAL", "FULL"] = "FULL"
+    keepalive: int = Field(30, ge=5, le=3600)
+    client_id: Optional[str] = None
+    inflight_window: int = Field(100, ge=1, le=65535, description="alerts handed to the "
+                                 "broker, not yet PUBACKed")
+    inflight_timeout_s: float = Field(60.0, gt=0, description="connected yet no PUBACK this "
+                                      "long: send again")
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class MqttSettings(MqttConfig, LinkTuning):
+    """The old flat settings (MqttConfig, LinkTuning, station, password, old names), kept
     for callers not moved yet (benchmarks/fw_bench.py, agent.daemon.mqtt_settings for
     tests/test_disk_full.py). New code: MqttLink(MqttConfig(...), station=...)."""
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

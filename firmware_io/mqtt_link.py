@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from .commands import run_command
-from .mqtt_config import MqttConfig, MqttSettings
+from .mqtt_config import LinkTuning, MqttConfig, MqttSettings
 from .mqtt_diagnose import tls_context, why_unreachable
 from .outbox import Outbox, OutboxFull
 
@@ -51,11 +51,14 @@ class MqttLink:
     def __init__(self, settings: MqttConfig,
                  on_command: Callable[[str, dict], dict] | None = None,
                  status_fields: Callable[[], dict] | None = None, *,
-                 station: str | None = None, password: str | None = None):
+                 station: str | None = None, password: str | None = None,
+                 tuning: LinkTuning | None = None):
         if isinstance(settings, MqttSettings):
             station = station or settings.station
             password = password or settings.password_text
+            tuning = tuning or settings
         self.settings = settings
+        self.tuning = tuning or LinkTuning()
         self.station = station or "station-1"
         self._password = password
         self.on_command = on_command
@@ -152,13 +155,13 @@ class MqttLink:
     def start(self) -> None:
         if self._state != "stopped":
             return
-        s = self.settings
+        s, t = self.settings, self.tuning
         self._stop.clear()
         password = self._password if self._password is not None else s.password()
-        self._outbox = Outbox(str(s.outbox), s.outbox_max, s.outbox_sync,
+        self._outbox = Outbox(str(s.outbox), s.outbox_max, t.outbox_sync,
                               reserve_bytes=s.outbox_reserve_bytes)
         self._cursor = 0
-        cid = s.client_id or f"edge-inspect-{self.station}-{uuid.uuid4().hex[:8]}"
+        cid = t.client_id or f"edge-inspect-{self.station}-{uuid.uuid4().hex[:8]}"
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True,
                         protocol=mqtt.MQTTv311)
         if s.username:
@@ -173,9 +176,9 @@ class MqttLink:
         c.will_set(self.topic("status"),
                    self._status_payload("offline", with_fields=False, with_ts=False),
                    qos=1, retain=True)
-        c.max_inflight_messages_set(max(1, s.inflight_window))
+        c.max_inflight_messages_set(max(1, t.inflight_window))
         c.max_queued_messages_set(0)
-        c.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)
+        c.reconnect_delay_set(t.reconnect_min_s, t.reconnect_max_s)
         c.on_connect = self._on_connect
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
@@ -184,7 +187,7 @@ class MqttLink:
         self._client = c
         self._state = "started"
         try:
-            c.connect_async(s.host, s.port, keepalive=s.keepalive)
+            c.connect_async(s.host, s.port, keepalive=t.keepalive)
         except (OSError, ValueError) as exc:          # never raise: the loop retries
             self.last_error = str(exc)
             log.warning("mqtt: connect_async %s:%s: %s", s.host, s.port, exc)
@@ -302,7 +305,8 @@ class MqttLink:
 
     def _send_loop(self) -> None:
         s = self.settings
-        window = max(1, s.inflight_window)
+        t = self.tuning
+        window = max(1, t.inflight_window)
         while not self._stop.is_set():
             self._wake.wait(0.2)
             self._wake.clear()
@@ -312,7 +316,7 @@ class MqttLink:
                     continue
                 now = time.monotonic()
                 if self._inflight and min(t for _, t in self._inflight.values()) \
-                        < now - s.inflight_timeout_s:
+                        < now - t.inflight_timeout_s:
                     # connected, yet a PUBACK is overdue: hand everything over again
                     self._count("inflight_resets")
                     self._cursor = min(r for r, _ in self._inflight.values()) - 1

@@ -168,3 +168,12 @@ def test_every_problem_at_once_and_no_rule_on_a_bad_key():
         "ui.token_file",                                                    # across sections
     ], e.value.problems
     assert not any("inspection.deadline_ms (" in p for p in e.value.problems)
+
+
+def test_the_link_tuning_is_not_a_config_key():
+    """The agent always runs the outbox with synchronous=FULL (docs/mqtt.md)."""
+    from agent.config import parse_config
+
+    with pytest.raises(ConfigError) as e:
+        parse_config({"mqtt": {"outbox_sync": "NORMAL"}})
+    assert e.value.problems[0].startswith("mqtt.outbox_sync: unknown key")

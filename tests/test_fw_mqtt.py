@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.helpers import wait_until  # noqa: E402
 from firmware_io.gates import MqttGateConfig, create_gate
-from firmware_io.mqtt_config import MqttConfig
+from firmware_io.mqtt_config import LinkTuning, MqttConfig
 from firmware_io.mqtt_link import MqttLink
 from firmware_io.outbox import Outbox
 
@@ -66,23 +66,25 @@ class Subscriber:
 
 
 class Site(NamedTuple):
-    """A link's config and the station it speaks for."""
+    """A link's config, the station it speaks for and its tuning (quick reconnects)."""
     config: MqttConfig
     station: str
+    tuning: LinkTuning
 
     @property
     def prefix(self) -> str:
         return self.config.prefix
 
 
-def settings_for(broker, tmp_path, **kw) -> Site:
+def settings_for(broker, tmp_path, outbox_sync="FULL", **kw) -> Site:
     return Site(MqttConfig(host=broker.host, port=broker.port, outbox=tmp_path / "ob.sqlite",
-                           reconnect_min_s=0.1, reconnect_max_s=0.5, **kw),
-                f"st-{uuid.uuid4().hex[:6]}")
+                           **kw),
+                f"st-{uuid.uuid4().hex[:6]}",
+                LinkTuning(reconnect_min_s=0.1, reconnect_max_s=0.5, outbox_sync=outbox_sync))
 
 
 def link_on(s: Site, **kw) -> MqttLink:
-    return MqttLink(s.config, station=s.station, **kw)
+    return MqttLink(s.config, station=s.station, tuning=s.tuning, **kw)
 
 
 def check_schema(name: str, payload: dict):
@@ -245,11 +247,11 @@ def test_broker_restart_mid_burst_of_1000(persistent_broker, tmp_path):
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from firmware_io.mqtt_config import MqttConfig
+    from firmware_io.mqtt_config import LinkTuning, MqttConfig
     from firmware_io.mqtt_link import MqttLink
     host, port, station, outbox, mode, n = sys.argv[1:7]
-    link = MqttLink(MqttConfig(host=host, port=int(port), outbox=outbox, reconnect_min_s=0.1),
-                    station=station)
+    link = MqttLink(MqttConfig(host=host, port=int(port), outbox=outbox), station=station,
+                    tuning=LinkTuning(reconnect_min_s=0.1))
     link.start()
     if mode == "burst":
         for i in range(int(n)):

@@ -10,17 +10,17 @@ import time
 import pytest
 
 from agent.local_broker import LocalBroker
-from firmware_io.mqtt_config import MqttConfig
+from firmware_io.mqtt_config import LinkTuning, MqttConfig
 from firmware_io.mqtt_link import MqttLink
 from tests.helpers import wait_until
 
 
 def link_for(host: str, port: int, tmp_path, unchecked: bool = False, **kw) -> MqttLink:
-    kw.update(host=host, port=port, outbox=tmp_path / "ob.sqlite", reconnect_min_s=0.2,
-              reconnect_max_s=0.5)
+    kw.update(host=host, port=port, outbox=tmp_path / "ob.sqlite")
     # unchecked: what the link does with settings check-config would have refused
     s = MqttConfig.model_construct(**kw) if unchecked else MqttConfig(**kw)
-    return MqttLink(s, station="st-fail")
+    return MqttLink(s, station="st-fail", tuning=LinkTuning(reconnect_min_s=0.2,
+                                                            reconnect_max_s=0.5))
 
 
 def warnings(caplog) -> list[str]:
