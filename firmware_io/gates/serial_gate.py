@@ -11,14 +11,14 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field
 
 from .. import protocol as P
-from ..timing import Target, compute_target, retarget
+from ..timing import compute_target
 from .base import Backoff, Gate, GateOutcome, PortConfig, RecentTrouble, quantiles_ms
+from .pending import Pending, PendingCommands
 
 try:
     import serial  # pyserial: the runtime extra; the config below is checked without it
@@ -64,20 +64,6 @@ class SerialGateConfig(PortConfig):
                 f"(delay_ms {self.delay_ms:g}); lower retries or ack_timeout_ms")
 
 
-@dataclass
-class _Pending:
-    seq: int
-    verb: str
-    part: str
-    gate: int
-    target: Target | None
-    pulse_ms: int
-    first_ns: int
-    last_ns: int
-    tries: int = 1
-    value: str = ""
-
-
 class SerialGate(Gate):
     kind = "serial"
     config = SerialGateConfig
@@ -90,10 +76,7 @@ class SerialGate(Gate):
         super().__init__(settings, link, **hooks)
         self._ser: serial.SerialBase | None = None
         self._wlock = threading.Lock()          # guards _ser swaps and writes
-        self._plock = threading.Lock()          # guards _pending / _hb_sent
-        self._pending: dict[int, _Pending] = {}
-        self._hb_sent: dict[int, int] = {}      # seq -> sent ns (recent heartbeats)
-        self._seq = 0
+        self._pending = PendingCommands()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._parser = P.LineParser("to_host", name=f"serial {settings.port}")
@@ -145,19 +128,13 @@ class SerialGate(Gate):
         c = super().counters()
         for k, v in self._parser.errors.items():
             c[f"parse_{k}"] = v
-        with self._plock:
-            c["pending"] = len(self._pending)
+        c["pending"] = len(self._pending)
         return c
 
     def rtt_quantiles(self) -> dict[str, float]:
         return quantiles_ms(list(self.rtt_ns))
 
     # ------------------------------------------------------------------ commands
-    def _next_seq(self) -> int:
-        with self._plock:
-            self._seq = self._seq % (P.SEQ_MOD - 1) + 1
-            return self._seq
-
     def reject(self, part_id: str, t_capture_ns: int, encoder: int | None = None,
                gate: int = 1) -> GateOutcome:
         timing = self.settings.timing
@@ -173,19 +150,17 @@ class SerialGate(Gate):
         if self._ser is None:
             self._count("dropped_down")
             return GateOutcome(part_id, False, target.late, target.at, "gate down")
-        seq = self._next_seq()
+        seq = self._pending.next_seq()
         try:
             line = P.Reject(seq, part_id, int(gate), target.at, int(timing.pulse_ms)).encode()
         except P.ProtocolError as exc:
             self._count("bad_command")
             return GateOutcome(part_id, False, target.late, target.at, str(exc))
-        pend = _Pending(seq, "REJ", part_id, int(gate), target, int(timing.pulse_ms), now, now)
-        with self._plock:
-            self._pending[seq] = pend
+        self._pending.add(Pending(seq, "REJ", part_id, int(gate), target, int(timing.pulse_ms),
+                                  now, now))
         err = self._write(line)
         if err:
-            with self._plock:
-                self._pending.pop(seq, None)
+            self._pending.discard(seq)
             return GateOutcome(part_id, False, target.late, target.at, err)
         self._count("sent")
         return GateOutcome(part_id, True, target.late, target.at)
@@ -194,18 +169,16 @@ class SerialGate(Gate):
         self._count("accepted")
         if not self.settings.send_accept or self._ser is None:
             return
-        seq = self._next_seq()
+        seq = self._pending.next_seq()
         try:
             line = P.Accept(seq, part_id).encode()
         except P.ProtocolError:
             self._count("bad_command")
             return
         now = time.monotonic_ns()
-        with self._plock:
-            self._pending[seq] = _Pending(seq, "ACC", part_id, 0, None, 0, now, now)
+        self._pending.add(Pending(seq, "ACC", part_id, 0, None, 0, now, now))
         if self._write(line):
-            with self._plock:
-                self._pending.pop(seq, None)
+            self._pending.discard(seq)
         else:
             self._count("acc_sent")
 
@@ -213,14 +186,12 @@ class SerialGate(Gate):
         """Send ``CFG <seq> <key> <value>``; returns the seq (ACK/NAK tracked like REJ)."""
         if self._ser is None:
             return None
-        seq = self._next_seq()
+        seq = self._pending.next_seq()
         line = P.Config(seq, key, str(value)).encode()
         now = time.monotonic_ns()
-        with self._plock:
-            self._pending[seq] = _Pending(seq, "CFG", key, 0, None, 0, now, now, value=str(value))
+        self._pending.add(Pending(seq, "CFG", key, 0, None, 0, now, now, value=str(value)))
         if self._write(line):
-            with self._plock:
-                self._pending.pop(seq, None)
+            self._pending.discard(seq)
             return None
         self._count("cfg_sent")
         return seq
@@ -284,11 +255,7 @@ class SerialGate(Gate):
             log.warning("serial gate %s: port lost (%s); reconnecting", self.settings.port, reason)
             self._count("disconnects")
         if fail_pending:
-            with self._plock:
-                lost = list(self._pending.values())
-                self._pending.clear()
-                self._hb_sent.clear()
-            for p in lost:
+            for p in self._pending.drop_all():
                 self._count("lost_on_disconnect")
                 if p.verb == "REJ":
                     self._callback(self.on_reject_failed, p.part, "disconnected")
@@ -338,9 +305,7 @@ class SerialGate(Gate):
     def _handle(self, m: P.Message) -> None:
         now = time.monotonic_ns()
         if isinstance(m, P.Ack):
-            with self._plock:
-                p = self._pending.pop(m.seq, None)
-                hb = self._hb_sent.pop(m.seq, None) if p is None else None
+            p, hb = self._pending.answered(m.seq)
             if p is not None:
                 if p.verb == "REJ":
                     self._count("acked")
@@ -353,8 +318,7 @@ class SerialGate(Gate):
             else:
                 self._count("ack_unknown")       # a duplicate ACK of a resend: harmless
         elif isinstance(m, P.Nak):
-            with self._plock:
-                p = self._pending.pop(m.seq, None)
+            p, _ = self._pending.answered(m.seq, heartbeat_too=False)
             self._count("naked")
             self._count(f"nak_{m.code}")
             self._trouble.mark(f"NAK {m.code}")
@@ -400,35 +364,14 @@ class SerialGate(Gate):
                 self._send_hello()
             if now - self._last_hb_ns >= hb_ns:
                 self._last_hb_ns = now
-                seq = self._next_seq()
-                with self._plock:
-                    self._hb_sent[seq] = now
-                    if len(self._hb_sent) > 64:
-                        self._hb_sent.pop(next(iter(self._hb_sent)))
+                seq = self._pending.next_seq()
+                self._pending.heartbeat(seq, now)
                 if self._write(P.Heartbeat(seq).encode()) is None:
                     self._count("hb_sent")
-            resend, expired = [], []
-            with self._plock:
-                for p in list(self._pending.values()):
-                    if now - p.last_ns < ack_ns:
-                        continue
-                    if p.tries <= s.retries:
-                        p.tries += 1
-                        p.last_ns = now
-                        resend.append(p)
-                    else:
-                        del self._pending[p.seq]
-                        expired.append(p)
+            resend, expired = self._pending.due(now, ack_ns, s.retries)
             for p in resend:
                 self._count("resent")
-                if p.verb == "REJ":
-                    line = P.Reject(p.seq, p.part, p.gate, retarget(p.target, now),
-                                    p.pulse_ms).encode()
-                elif p.verb == "ACC":
-                    line = P.Accept(p.seq, p.part).encode()
-                else:
-                    line = P.Config(p.seq, p.part, p.value).encode()
-                self._write(line)
+                self._write(p.line(now))
             for p in expired:
                 self._count("timeouts")
                 self._trouble.mark(f"timeout seq={p.seq}")
