@@ -213,6 +213,10 @@ def _out_of_fold(clf, run, X, y, sample_weight, tr_i, va_i, F_tr, P_tr, start, *
     # what the folds need beyond the exported model's cache: validation as training views
     F_vj, P_vj = cache_features(run, X[va_i], views, jitter_seed=seed + 1)
     pos = {int(i): k for k, i in enumerate(tr_i)}
+    each = epoch_seconds * best_epoch * (len(tr_i) - len(tr_i) / max(1, len(folds)) + len(va_i)) / len(tr_i)
+    log.info("out-of-fold threshold: %d refits of %d epochs, ~%.0fs each (about %.0fs in all; time "
+             "box %.0fs)", len(folds), best_epoch, each, each * len(folds) + time.perf_counter() - t0,
+             budget)
     index, probs, done, note = [], [], 0, ""
     for f, held in enumerate(folds):
         rows = np.array([pos[int(i)] for i in held])

@@ -155,7 +155,7 @@ def test_the_cache_is_used_and_a_bad_cache_is_rebuilt(tmp_path, monkeypatch):
 
 
 def test_auto_picks_lite0_for_labels_only_and_scratch_for_boxed_data():
-    from convert.train import choose_backbone
+    from convert.fit import choose_backbone
     assert choose_backbone("auto", crop_training=False)[0] == "lite0"
     assert choose_backbone("auto", crop_training=True)[0] == "scratch"
     assert choose_backbone("lite0", crop_training=True) == ("lite0", "asked for")
@@ -212,7 +212,7 @@ def test_lite0_bundle_end_to_end(lite0_bundle):
 
 
 def test_elongated_frames_are_tiled_not_squashed():
-    from convert.train import auto_tiles
+    from convert.train_data import auto_tiles
     strip = [np.zeros((256, 4096), np.uint8)] * 3
     assert auto_tiles(strip) == (1, 8)                  # 8 tiles of 512x256
     assert auto_tiles([np.zeros((1250, 500), np.uint8)]) == (2, 1)
