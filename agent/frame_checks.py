@@ -30,9 +30,11 @@ from typing import Iterable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-BLANK = "blank_frame"
-FROZEN = "frozen_frame"
-OUT_OF_RANGE = "frame_out_of_range"
+from .types import FailsafeReason
+
+BLANK = FailsafeReason.BLANK
+FROZEN = FailsafeReason.FROZEN
+OUT_OF_RANGE = FailsafeReason.OUT_OF_RANGE
 REASONS = (BLANK, FROZEN, OUT_OF_RANGE)
 
 STATS_VERSION = 1
@@ -139,13 +141,19 @@ class FrameChecker:
 
     def check(self, image: np.ndarray, stats: InputStats | None = None) -> str | None:
         """None when the frame looks like something; else '<reason>: <why>'."""
+        found = self.find(image, stats)
+        return None if found is None else found[1]
+
+    def find(self, image: np.ndarray,
+             stats: InputStats | None = None) -> tuple[FailsafeReason, str] | None:
+        """None when the frame looks like something; else (reason, '<reason>: <why>')."""
         s = self.settings
         if not s.enabled or image is None:
             return None
         if s.frozen_frames >= 2:
             frozen = self._frozen(image)
             if frozen:
-                return frozen
+                return FROZEN, frozen
         try:
             st = image_stats(image)
         except ValueError:
@@ -155,17 +163,19 @@ class FrameChecker:
             # a training set of near-plain parts must not be called blank
             uniform = min(uniform, stats.std.min / 2)
         if st["std"] < uniform:
-            return (f"{BLANK}: near-uniform frame (brightness {st['mean']:.0f}, contrast "
-                    f"{st['std']:.2f} < {uniform:.2f}): lens capped, light off or camera dark?")
+            return BLANK, (f"{BLANK}: near-uniform frame (brightness {st['mean']:.0f}, "
+                           f"contrast {st['std']:.2f} < {uniform:.2f}): lens capped, light "
+                           "off or camera dark?")
         if stats is not None and s.stats:
             for key, what in (("mean", "brightness"), ("std", "contrast")):
                 r: StatRange = getattr(stats, key)
                 margin = max(s.stats_sigmas * r.std, _FLOOR[key])
                 lo, hi = r.min - margin, r.max + margin
                 if not lo <= st[key] <= hi:
-                    return (f"{OUT_OF_RANGE}: {what} {st[key]:.1f} is far outside the training "
-                            f"images' {r.min:.1f}..{r.max:.1f} (allowed {max(lo, 0):.1f}.."
-                            f"{hi:.1f})")
+                    return OUT_OF_RANGE, (
+                        f"{OUT_OF_RANGE}: {what} {st[key]:.1f} is far outside the training "
+                        f"images' {r.min:.1f}..{r.max:.1f} (allowed {max(lo, 0):.1f}.."
+                        f"{hi:.1f})")
         return None
 
     def _frozen(self, image: np.ndarray) -> str | None:

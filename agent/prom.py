@@ -11,8 +11,8 @@ import math
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
-from .pipeline import FAILSAFE_REASONS, STAGES, reason_kind
-from .types import Inspection
+from .stats import STAGES, PipelineStats
+from .types import FailsafeReason, Inspection
 
 log = logging.getLogger("metrics")
 
@@ -85,7 +85,7 @@ class PromMetrics:
                                 "touching_parts, debris, ...)", ["mode", "event"], registry=r)
         self._stages = {s: self.stage.labels(s) for s in STAGES}
         self._verdicts = {v: self.verdicts.labels(v) for v in ("PASS", "REJECT", "FAILSAFE")}
-        self._failsafes = {f: self.failsafes.labels(f) for f in FAILSAFE_REASONS}
+        self._failsafes = {f: self.failsafes.labels(f.value) for f in FailsafeReason}
         self._rec_prev: dict[str, float] = {}
         self._server = None
 
@@ -93,9 +93,8 @@ class PromMetrics:
     def __call__(self, insp: Inspection) -> None:
         self.frames.inc()
         self._verdicts[insp.verdict.value].inc()
-        if insp.reason:
-            k = reason_kind(insp.reason)
-            (self._failsafes.get(k) or self.failsafes.labels(k)).inc()
+        if insp.failsafe_reason is not None:
+            self._failsafes[insp.failsafe_reason].inc()
         stages = self._stages
         for k, v in insp.timings_ms.items():
             h = stages.get(k)
@@ -124,7 +123,16 @@ class PromMetrics:
                source: str | None = None, mqtt: str | None = None,
                outbox: int | None = None, paused: bool | None = None,
                recorder: dict | None = None, mode: str | None = None,
-               selector: dict | None = None) -> None:
+               selector: dict | None = None, stats: PipelineStats | None = None) -> None:
+        """The periodic gauges. `stats` (Pipeline.snapshot()) supplies queues, source,
+        paused, mode and selector, the same numbers the status line and MQTT metrics show;
+        a keyword given as well wins."""
+        if stats is not None:
+            queues = stats.queues if queues is None else queues
+            source = stats.source if source is None else source
+            paused = stats.paused if paused is None else paused
+            mode = stats.mode if mode is None else mode
+            selector = stats.selector if selector is None else selector
         for q, n in (queues or {}).items():
             self.queue_depth.labels(q).set(n)
         if gate in ("connected", "degraded", "down"):

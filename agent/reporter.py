@@ -24,8 +24,11 @@ def _r(x: float, nd: int = 3):
 
 def event_payload(insp: Inspection, station: str, failsafe_policy: str = "reject",
                   image_path: str | None = None) -> dict:
-    action = "reject" if insp.verdict is Verdict.REJECT or (
-        insp.verdict is Verdict.FAILSAFE and failsafe_policy == "reject") else "pass"
+    if insp.action is not None:
+        action = insp.action.value           # what the pipeline's actuator told the gate
+    else:                                    # a record built by hand: the policy says
+        action = "reject" if insp.verdict is Verdict.REJECT or (
+            insp.verdict is Verdict.FAILSAFE and failsafe_policy == "reject") else "pass"
     return {
         "part": insp.part_id,
         "station": station,

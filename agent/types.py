@@ -1,5 +1,6 @@
 """The typed records that flow one way through the daemon: Frame -> Inspection (and Box,
-the part box a presence selector finds and the inspector is given the crop of)."""
+the part box a presence selector finds and the inspector is given the crop of), with the
+closed vocabularies they carry: Verdict, FailsafeReason, Action."""
 
 from __future__ import annotations
 
@@ -15,6 +16,42 @@ class Verdict(str, enum.Enum):
     # Could not be inspected in time, or inference failed: handled by the failsafe policy
     # (reject by default) and always counted and reported.
     FAILSAFE = "FAILSAFE"
+
+
+class FailsafeReason(enum.StrEnum):
+    """Why a part was FAILSAFE. The values are the wire format: the start of
+    Inspection.reason, the Prometheus label `reason`, the keys of `failsafe_reasons`."""
+    # the inspector's
+    DEADLINE = "deadline"                 # could not be (or was not) decided before its deadline
+    OVERLOAD = "overload"                 # live frame found the inspect queue full
+    INFERENCE = "inference_error"         # the engine raised / gave garbage
+    DECODE = "decode_error"               # a part was there but its image was unreadable
+    PREPROCESS = "preprocess_error"       # the frame could not be fitted to the model input
+    PAUSED = "paused"                     # paused by command: nothing passes uninspected
+    NO_ENCODER = "no_encoder"             # encoder timing, but no TRG latched a count
+    # agent.frame_checks: the frame showed nothing worth judging
+    BLANK = "blank_frame"
+    FROZEN = "frozen_frame"
+    OUT_OF_RANGE = "frame_out_of_range"
+    # agent.parts: the part selector's (trigger modes external and presence)
+    NO_FRAME_FOR_TRIGGER = "no_frame_for_trigger"  # no frame within the window of trigger+offset
+    MISSED_TRIGGER = "missed_trigger"              # more triggers pending than the bound (storm)
+    PART_NOT_JUDGED = "part_not_judged"            # seen, but lost before its reference line
+    PART_STOPPED = "part_stopped"                  # stopped on the belt before the line
+    TOUCHING = "touching_parts"                    # two or more parts in one blob
+
+    def text(self, detail: str | None = "") -> str:
+        """Inspection.reason: the code, then the detail. Details that already start with
+        the code (the selectors' and frame checks' log-line texts) are not prefixed twice."""
+        if not detail:
+            return self.value
+        return detail if detail.startswith(self.value) else f"{self.value}: {detail}"
+
+
+class Action(enum.StrEnum):
+    """What the gate was told for a part (the event payload's `action`)."""
+    REJECT = "reject"
+    PASS = "pass"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +103,7 @@ class Inspection:
     label: str
     score: float               # defect score in [0, 1]; NaN when not inspected
     threshold: float
-    reason: str = ""           # why a FAILSAFE happened
+    reason: str = ""           # why a FAILSAFE happened: FailsafeReason.text(detail)
     encoder: int | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     image: np.ndarray | None = None   # kept for the recorder; dropped after reporting
@@ -80,6 +117,9 @@ class Inspection:
     # (h, w) float patch map of where the part looks defective: filled for REJECTs of an
     # engine that gives maps (anomaly bundles), after the gate command; None otherwise
     defect_map: np.ndarray | None = None
+    # typed twins of `reason` and the payload's action: read these, never parse `reason`
+    failsafe_reason: FailsafeReason | None = None
+    action: Action | None = None      # None: not acted on by a pipeline (built by hand)
 
     @property
     def rejected(self) -> bool:
