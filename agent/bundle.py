@@ -20,10 +20,18 @@ MANIFEST = "bundle.json"
 INT8_MODEL = "model.tflite"
 FLOAT_MODEL = "model_float.tflite"
 EDGETPU_MODEL = "model_edgetpu.tflite"
+# ONNX Runtime / TensorRT (convert.onnx_export, agent.engines.onnxrt): int8 QDQ and float,
+# optional. Not hashed by write_manifest: a retrain into an old bundle's directory must not
+# list a model.onnx left there from another model; add_files lists them once they are made.
+ONNX_MODEL = "model.onnx"
+ONNX_FLOAT_MODEL = "model_float.onnx"
 # classifier: model.tflite gives label probabilities; anomaly: model.tflite gives patch features
 # and memory.npz (agent.anomaly) the good patches they are compared with.
 KINDS = ("classifier", "anomaly")
 ANOMALY_MEMORY = "memory.npz"
+# A classifier's defect map (convert.model.Lite0Classifier.map_model): pixels -> per-cell
+# evidence in [0, 1]; optional, run for rejects only so the operator page can show where.
+MAP_MODEL = "model_map.tflite"
 
 
 class BundleError(Exception):
@@ -129,6 +137,28 @@ def write_manifest(bundle_dir: Path, *, labels, good_label, input_spec: InputSpe
     tmp.write_text(json.dumps(b.to_manifest(), indent=2, sort_keys=False) + "\n")
     tmp.replace(bundle_dir / MANIFEST)
     return b
+
+
+def add_files(bundle_dir: Path, names: tuple[str, ...], *, metrics: dict | None = None) -> Bundle:
+    """List (hash) more files in an existing bundle.json, merging `metrics` into its metrics,
+    and keep everything else it says as written. The bundle must verify first: hashing new
+    files into a bundle whose old ones were changed would bless the change."""
+    bundle_dir = Path(bundle_dir)
+    load_bundle(bundle_dir)
+    mpath = bundle_dir / MANIFEST
+    m = json.loads(mpath.read_bytes())
+    for fname in names:
+        _confine(bundle_dir, fname, mpath)
+        p = bundle_dir / fname
+        if not p.is_file():
+            raise BundleError(f"bundle {bundle_dir}: cannot list {fname}: it does not exist")
+        m["files"][fname] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    if metrics:
+        m["metrics"] = {**(m.get("metrics") or {}), **metrics}
+    tmp = bundle_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(m, indent=2, sort_keys=False) + "\n")
+    tmp.replace(mpath)
+    return load_bundle(bundle_dir)
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

@@ -299,8 +299,7 @@ def warm_start(clf: Lite0Classifier, P_tr, y_tr, w_tr) -> dict:
     mu, sd = P.mean(0), P.std(0) + 1e-3
     half = D // 2
     for norm, sl in ((clf.norm_max, slice(0, half)), (clf.norm_mean, slice(half, D))):
-        w = norm.get_weights()
-        norm.set_weights([mu[sl], sd[sl] ** 2] + w[2:])
+        norm.set_weights([mu[sl].astype(np.float32), (1.0 / sd[sl]).astype(np.float32)])
     Z = ((P - mu) / sd).astype(np.float32)       # float32 matmuls: half the warm-up time
     # a frame's label is its worst tile's: for T > 1 the defect label goes to every tile here
     # (a start, which fine-tuning's max-over-tiles corrects)

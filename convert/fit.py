@@ -174,6 +174,7 @@ class Fitted:
     seconds: float
     report: dict                       # the backbone chosen and why (bundle.json)
     oof: object | None = None          # convert.finetune.OutOfFold
+    map_model: object | None = None    # () -> Keras pixels -> defect map, after centring
 
 
 def fit_backbone(ts, opts: TrainOptions) -> Fitted:
@@ -235,4 +236,4 @@ def _fit_lite0(ts, opts: TrainOptions, report: dict) -> Fitted:
                     flips=opts.flips, good_idx=ts.good_idx, folds=ts.folds,
                     fold_seconds=opts.fold_seconds, score_views=ts.views)
     report.update(cache_seconds=round(res.cache_seconds, 1), warmup=res.warmup)
-    return Fitted(clf.model, res.progress, res.seconds, report, res.oof)
+    return Fitted(clf.model, res.progress, res.seconds, report, res.oof, clf.map_model)

@@ -90,6 +90,23 @@ def lite0_cut(tuned_from: int) -> tuple[int, int]:
     return stride, BLOCKS[tuned_from - 1][4]
 
 
+@keras.saving.register_keras_serializable("edge_inspect")
+class Standardise(layers.Layer):
+    """(x - mean) * inv_std per channel, both fixed weights set from the training features
+    (convert.finetune.warm_start). Not keras.layers.Normalization: that one computes with
+    constants captured when it was built or adapted, so weights set later with set_weights
+    were silently ignored (it standardised nothing, and the warm-up's softmax, fitted on
+    standardised features, met raw ones)."""
+
+    def build(self, input_shape):
+        d = int(input_shape[-1])
+        self.mean = self.add_weight(name="mean", shape=(d,), initializer="zeros", trainable=False)
+        self.inv_std = self.add_weight(name="inv_std", shape=(d,), initializer="ones", trainable=False)
+
+    def call(self, x):
+        return (x - self.mean) * self.inv_std
+
+
 class Lite0Classifier:
     """The pretrained classifier: raw pixels -> (x - 127) / 128, gray repeated to RGB (so the
     bundle keeps raw uint8 input and agent.preprocess stays the one preprocessing) -> Lite0
@@ -126,8 +143,8 @@ class Lite0Classifier:
         # own dense layer, summed as logits: the max of ReLU6 channels and their mean live
         # on scales 10x apart, and one int8 tensor holding both (a concatenation) gave the
         # means so few levels that int8 lost 2.5 points against float on a synthetic set.
-        self.norm_max = layers.Normalization(name="standardise_max")
-        self.norm_mean = layers.Normalization(name="standardise_mean")
+        self.norm_max = Standardise(name="standardise_max")
+        self.norm_mean = Standardise(name="standardise_mean")
         self.drop_max = layers.Dropout(0.2, name="dropout_max")
         self.drop_mean = layers.Dropout(0.2, name="dropout_mean")
         self.logit_max = layers.Dense(n_labels, name="probs")       # its bias: centre_head
@@ -142,9 +159,12 @@ class Lite0Classifier:
                 x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
             return parts.blocks(parts.stem(x), 0, tuned_from - 1)
 
-        def pooled(f):
+        def cells(f):           # 1280 features per stride-32 cell
             x = parts.blocks(f, tuned_from, STRIDE_END[32])
-            x = layers.ReLU(6.0)(parts.L["head_bn"](parts.L["head_conv"](x)))
+            return layers.ReLU(6.0)(parts.L["head_bn"](parts.L["head_conv"](x)))
+
+        def pooled(f):
+            x = cells(f)
             return self.gmp(x), self.gap(x)
 
         def upper(f):
@@ -152,6 +172,7 @@ class Lite0Classifier:
             return self.softmax(self.sum([self.logit_max(self.drop_max(self.norm_max(g))),
                                           self.logit_mean(self.drop_mean(self.norm_mean(a)))]))
 
+        self._lower, self._cells, self._shape = lower, cells, (height, width, channels)
         inp = keras.Input((height, width, channels), name="pixels")
         self.model = keras.Model(inp, upper(lower(inp)), name=name)
         any_inp = keras.Input((None, None, channels), name="pixels")
@@ -184,6 +205,48 @@ class Lite0Classifier:
             if isinstance(layer, layers.BatchNormalization):
                 layer.trainable = False
         self.set_tuning(False)
+
+    def map_model(self):
+        """pixels -> (h, w) defect map in [0, 1], one value per stride-32 cell: each cell's
+        share of the frame's evidence for its likeliest defect class against good, an exact
+        split of the trained (and centred) head: the mean branch gives every cell its own
+        features' share, the max branch gives each channel's term to the cell holding that
+        channel's maximum (split among ties). The shares of all cells sum to the frame's
+        logit; the map is sigmoid(cells x share), "a frame made of cells like this one".
+        Where, not whether: the verdict stays the model's. Exported as a second file and run
+        for rejects only (the agent draws it)."""
+        import keras
+        from keras import layers, ops
+
+        Wx, b = self.logit_max.get_weights()
+        Wa = self.logit_mean.get_weights()[0]
+        mu_x, inv_x = self.norm_max.get_weights()
+        mu_a, inv_a = self.norm_mean.get_weights()
+        sd_x, sd_a = 1.0 / inv_x, 1.0 / inv_a
+        h, w = self.cells
+        n = float(h * w)
+
+        def against_good(W):            # (1280, K) -> (1280, K - 1): defect k minus good
+            return W[:, 1:] - W[:, :1]
+
+        inp = keras.Input(self._shape, name="pixels")
+        x = self._cells(self._lower(inp))
+
+        def max_owner(x):
+            top = ops.max(x, axis=(1, 2), keepdims=True)
+            own = ops.cast(ops.greater_equal(x, top), "float32")
+            return own / ops.sum(own, axis=(1, 2), keepdims=True) * (x - mu_x)
+
+        conv_x = layers.Conv2D(len(b) - 1, 1, use_bias=False, name="cell_share_max")
+        conv_a = layers.Conv2D(len(b) - 1, 1, name="cell_share_mean")
+        z = layers.Add()([conv_x(layers.Lambda(max_owner, name="max_owner")(x)),
+                          conv_a(layers.Lambda(lambda t: t - mu_a, name="centre_mean")(x))])
+        m = layers.Lambda(lambda t: ops.sigmoid(n * ops.max(t, axis=-1)), name="defect_map")(z)
+        conv_x.set_weights([against_good(Wx / sd_x[:, None])[None, None].astype(np.float32)])
+        conv_a.set_weights([(against_good(Wa / sd_a[:, None]) / n)[None, None].astype(np.float32),
+                            ((b[1:] - b[0]) / n).astype(np.float32)])
+        self._map_logits = keras.Model(inp, z)          # the shares, for tests
+        return keras.Model(inp, m, name="edge_inspect_lite0_map")
 
     def tuned_layers(self):
         from .lite0 import BLOCKS

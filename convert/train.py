@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, write_manifest
+from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, MAP_MODEL, write_manifest
 from agent.preprocess import VIEWS
 
 from .calibrate import Choice, centre, choose, held_out
@@ -118,17 +118,24 @@ def export_models(ts: TrainingSet, fitted: Fitted, out_dir: Path, opts: TrainOpt
     from .export import representative_images, to_tflite
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (MANIFEST, INT8_MODEL, FLOAT_MODEL, EDGETPU_MODEL, SAMPLE):
+    for stale in (MANIFEST, INT8_MODEL, FLOAT_MODEL, EDGETPU_MODEL, MAP_MODEL, SAMPLE):
         (out_dir / stale).unlink(missing_ok=True)
     te0 = time.perf_counter()
     hwc = (ts.spec.height, ts.spec.width, ts.spec.channels)
     flat_tr = ts.X[ts.tr_i].reshape((-1,) + hwc)
-    int8_bytes = to_tflite(fitted.model, hwc, representative_images(flat_tr, opts.representative, opts.seed))
+    reps = list(representative_images(flat_tr, opts.representative, opts.seed))
+    int8_bytes = to_tflite(fitted.model, hwc, reps)
     float_bytes = to_tflite(fitted.model, hwc)
     (out_dir / INT8_MODEL).write_bytes(int8_bytes)
     (out_dir / FLOAT_MODEL).write_bytes(float_bytes)
     log.info("converted: int8 %.0f kB, float %.0f kB  [%.1fs]", len(int8_bytes) / 1024,
              len(float_bytes) / 1024, time.perf_counter() - te0)
+    if fitted.map_model is not None:
+        tm = time.perf_counter()
+        map_bytes = to_tflite(fitted.map_model(), hwc, reps)
+        (out_dir / MAP_MODEL).write_bytes(map_bytes)
+        log.info("defect map model (where, for rejects): int8 %.0f kB  [%.1fs]",
+                 len(map_bytes) / 1024, time.perf_counter() - tm)
     return int8_bytes, float_bytes
 
 
@@ -274,20 +281,41 @@ def write_bundle(ts: TrainingSet, fitted: Fitted, choice: Choice, metrics: dict,
     input_stats = summarize_stats(image_stats(ts.tr_imgs[i]) for i in tr_i)
     write_manifest(out_dir, labels=labels, good_label=GOOD, input_spec=ts.bspec,
                    threshold=choice.threshold, metrics=metrics, provenance=provenance,
-                   sample=SAMPLE, input_stats=input_stats)
+                   sample=SAMPLE, input_stats=input_stats, extra_files=(MAP_MODEL,))
     sel = choice.held.index
     _write_report(out_dir, fitted.progress.history, choice.scores, [labels[i] for i in y[sel]],
                   [ts.rel(i) for i in sel], [ts.tr_imgs[i] for i in sel], choice.threshold,
-                  opts.max_escape, labels, choice.held.where)
+                  opts.max_escape, labels, choice.held.where,
+                  _gallery_maps(ts, fitted, choice) if fitted.map_model is not None else None)
 
 
-def _write_report(out_dir, history, scores, truth, files, images, threshold, max_escape, labels, where):
+def _gallery_maps(ts: TrainingSet, fitted: Fitted, choice: Choice) -> list | None:
+    """Defect maps of the held-out images the report's galleries show (the others None)."""
+    from .report import ScoredSet, gallery_indices
+
+    if ts.spec.n_tiles != 1:
+        return None
+    sel = choice.held.index
+    probe = ScoredSet(choice.scores, [ts.labels[i] for i in ts.y[sel]], [""] * len(sel),
+                      [None] * len(sel))
+    shown = sorted({int(i) for part in gallery_indices(probe, GOOD) for i in part})
+    maps: list = [None] * len(sel)
+    if shown:
+        mm = fitted.map_model()
+        out = mm.predict(ts.X[sel[shown], 0].astype(np.float32), batch_size=16, verbose=0)
+        for j, m in zip(shown, out):
+            maps[j] = m
+    return maps
+
+
+def _write_report(out_dir, history, scores, truth, files, images, threshold, max_escape, labels,
+                  where, maps=None):
     """The bundle's pictures (report/index.html) on the held-out scores that set the
     threshold. Not part of the verified files: the agent never reads them."""
     try:
         from .report import ScoredSet, write_report
         page = write_report(out_dir, title=f"edge-inspect train: {out_dir.name} ({where})",
-                            history=history, scored=ScoredSet(np.asarray(scores), truth, files, images),
+                            history=history, scored=ScoredSet(np.asarray(scores), truth, files, images, maps),
                             threshold=threshold, max_escape=max_escape, labels=labels, good=GOOD)
         log.info("report: %s", page)
     except ImportError as e:

@@ -230,3 +230,45 @@ def test_too_few_validation_images_is_refused(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "validation holds" in last and "at least 2 of each" in last and "--val-fraction" in last
     assert not (tmp_path / "b" / "bundle.json").exists()
+
+
+def test_defect_map_is_an_exact_split_of_the_frame_logit(parts):
+    """Every cell's share of the defect-vs-good evidence, summed over cells, is the frame's
+    logit difference (so the map shows where the verdict's evidence sits, not a guess)."""
+    from convert.model import Lite0Classifier
+    clf = Lite0Classifier(160, 128, 1, 3, parts)
+    rng = np.random.default_rng(3)
+    for norm in (clf.norm_max, clf.norm_mean):
+        norm.set_weights([rng.uniform(0, 2, 1280).astype("float32"),
+                          rng.uniform(0.25, 2, 1280).astype("float32")])
+    clf.logit_max.set_weights([rng.normal(0, 0.05, (1280, 3)).astype("float32"),
+                               rng.normal(0, 1, 3).astype("float32")])
+    clf.logit_mean.set_weights([rng.normal(0, 0.05, (1280, 3)).astype("float32")])
+    mm = clf.map_model()
+    x = rng.integers(0, 255, (3, 160, 128, 1)).astype("float32")
+    p = clf.model.predict(x, verbose=0)
+    shares = clf._map_logits.predict(x, verbose=0)                    # (3, 5, 4, 2)
+    assert shares.shape == (3, 5, 4, 2)
+    np.testing.assert_allclose(shares.sum(axis=(1, 2)), np.log(p[:, 1:] / p[:, :1]), atol=2e-3)
+    m = mm.predict(x, verbose=0)
+    assert m.shape == (3, 5, 4) and 0 <= m.min() and m.max() <= 1
+    assert m.std() > 0.01                                             # cells differ
+
+
+def test_lite0_bundle_exports_its_defect_map(lite0_bundle):
+    """The bundle lists its map model (hashed and verified like every model file); the
+    agent's MapModel runs it on preprocessed pixels; the report overlays it."""
+    from agent.bundle import MAP_MODEL, load_bundle
+    from agent.class_map import MapModel
+    from agent.preprocess import preprocess
+    import cv2
+    root, out, proc = lite0_bundle
+    b = load_bundle(out)
+    assert MAP_MODEL in b.files
+    mm = MapModel(out / MAP_MODEL, b.input)
+    img = cv2.imread(str(next((root / "test" / "defect").iterdir())), cv2.IMREAD_UNCHANGED)
+    m = mm.maps(preprocess(img, b.input)[:1])[0]
+    assert m.shape == (3, 3) and 0.0 <= m.min() <= m.max() <= 1.0
+    assert "Defect map overlaid" in (out / "report" / "index.html").read_text()
+    with pytest.raises(Exception, match="not a defect map model"):
+        MapModel(out / "model.tflite", b.input)
