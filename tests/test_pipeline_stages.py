@@ -52,7 +52,9 @@ def test_reconnecting_source_paces_a_file_to_fps(tmp_path):
     cap.run(got.append, threading.Event())
     assert len(got) == 10 and time.monotonic() - t0 >= 9 / 50 - 0.01
     gaps = [(b.t_capture_ns - a.t_capture_ns) / 1e6 for a, b in zip(got, got[1:])]
-    assert min(gaps) > 10                              # 20 ms apart, not read at once
+    # 20 ms apart, not read at once (the median: one late wake-up on a busy box is made
+    # up by the next read coming sooner)
+    assert sorted(gaps)[len(gaps) // 2] > 15
 
 
 def test_actuator_returns_the_action_it_took():
