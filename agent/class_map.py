@@ -5,6 +5,7 @@ bundle's patch map, so the operator page and the recorder can show WHERE."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +30,19 @@ class MapModel:
                               f"{[tuple(i['shape']) for i in inp]} and gives "
                               f"{[tuple(o['shape']) for o in out]})")
         self._in, self._out = inp[0], out[0]
+        self._lock = threading.Lock()      # one interpreter; rejects come from every inspect worker
 
     def maps(self, pixels: np.ndarray) -> list[np.ndarray]:
         """(N, H, W, C) uint8 -> N (h, w) float maps in [0, 1]."""
-        out = []
-        for p in pixels:
-            x = to_input_tensor(np.asarray(p)[None], self._in["dtype"], *self._in["quantization"])
-            self.interp.set_tensor(self._in["index"], x)
-            self.interp.invoke()
-            m = self.interp.get_tensor(self._out["index"])[0]
-            if m.dtype != np.float32:
-                s, z = self._out["quantization"]
-                m = (m.astype(np.float32) - z) * s
-            out.append(m)
-        return out
+        with self._lock:
+            return [self._one(p) for p in pixels]
+
+    def _one(self, pixels: np.ndarray) -> np.ndarray:
+        x = to_input_tensor(np.asarray(pixels)[None], self._in["dtype"], *self._in["quantization"])
+        self.interp.set_tensor(self._in["index"], x)
+        self.interp.invoke()
+        m = self.interp.get_tensor(self._out["index"])[0]
+        if m.dtype != np.float32:
+            s, z = self._out["quantization"]
+            m = (m.astype(np.float32) - z) * s
+        return m

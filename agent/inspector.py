@@ -11,6 +11,7 @@ threshold), so a part is always judged by one consistent model + threshold.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Callable
@@ -24,9 +25,25 @@ from .engines import Engine, EngineError, EnginePool, create_engine
 from .preprocess import preprocess
 from .types import Verdict
 
+log = logging.getLogger("agent.inspector")
+
 
 class InspectorError(Exception):
     """A model that must not go on the line; the message says why."""
+
+
+def _class_maps(bundle: Bundle):
+    """The maps() of a classifier bundle's map model, or None when it has none. A map model
+    that will not load costs the pictures, not the line: the verdicts do not use it."""
+    from .bundle import MAP_MODEL
+    if MAP_MODEL not in bundle.files:
+        return None
+    from .class_map import MapModel
+    try:
+        return MapModel(bundle.path / MAP_MODEL, bundle.input).maps
+    except EngineError as e:
+        log.warning("no defect maps for rejects: %s", e)
+        return None
 
 
 class Inspector:
@@ -43,8 +60,10 @@ class Inspector:
         self.good_label = bundle.good_label
         self.delegate = delegate
         self._good = bundle.labels.index(bundle.good_label)
-        # engines with maps(pixels) (anomaly bundles) can say WHERE a part is defective
-        self.can_map = callable(getattr(engine, "maps", None))
+        # engines with maps(pixels) (anomaly bundles), or a classifier bundle's map model,
+        # can say WHERE a part is defective
+        self._maps = engine.maps if callable(getattr(engine, "maps", None)) else _class_maps(bundle)
+        self.can_map = self._maps is not None
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -144,7 +163,7 @@ class Inspector:
         if not self.can_map:
             return None
         views = self.spec.views
-        maps = self.engine.maps(pixels[::views] if views > 1 else pixels)
+        maps = self._maps(pixels[::views] if views > 1 else pixels)
         if not maps:
             return None
         return max(maps, key=lambda m: float(np.max(m)))

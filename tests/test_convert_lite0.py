@@ -272,3 +272,8 @@ def test_lite0_bundle_exports_its_defect_map(lite0_bundle):
     assert "Defect map overlaid" in (out / "report" / "index.html").read_text()
     with pytest.raises(Exception, match="not a defect map model"):
         MapModel(out / "model.tflite", b.input)
+    # the agent's inspector draws it for rejects, as it does an anomaly bundle's map
+    from agent.inspector import Inspector
+    insp = Inspector.load(out)
+    assert insp.can_map
+    np.testing.assert_allclose(insp.defect_map(insp.preprocess(img)), m, atol=1e-6)
