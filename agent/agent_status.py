@@ -63,18 +63,17 @@ class StatusReport:
             self.link is not None and self.link.disk_full())
 
     def status_line(self) -> str:
-        p = self.pipeline
-        s = p.stats()
+        s = self.pipeline.snapshot()
         h = self.health()
         src = h["source"] + (f" ({h['source_reason']})" if h["source"] == "degraded" else "")
-        return (f"{self.overall_state()}: {s['rate']:.1f} parts/s, {s['parts']} parts, "
-                f"{s['reject']} rejects, {s['failsafe']} failsafe, {h['kicks_failed']} kicks "
-                f"failed, p99 {s['latency_ms']['p99'] or 0:.1f} ms; source {src}, gate "
-                f"{h['gate']}, mqtt {h['mqtt']}; trigger {s['mode']}")
+        return (f"{self.overall_state()}: {s.rate:.1f} parts/s, {s.parts} parts, "
+                f"{s.rejected} rejects, {s.failsafe} failsafe, {h['kicks_failed']} kicks "
+                f"failed, p99 {s.latency_ms.p99 or 0:.1f} ms; source {src}, gate "
+                f"{h['gate']}, mqtt {h['mqtt']}; trigger {s.mode}")
 
     def metrics_payload(self) -> dict:
         p = self.pipeline
-        out = p.stats()
+        out = p.snapshot().as_dict()
         out["state"] = self.overall_state()
         out["threshold"] = p.inspector.threshold
         out["model_sha256"] = p.inspector.model_sha256
@@ -99,14 +98,9 @@ class StatusReport:
                 log.exception("status publish failed")
 
     def _update_prom(self) -> None:
-        p = self.pipeline
         h = self.health()
-        self.prom.update(queues=p.queue_depths(), gate=h["gate"], source=h["source"],
-                         mqtt=h["mqtt"],
+        self.prom.update(stats=self.pipeline.snapshot(), gate=h["gate"], mqtt=h["mqtt"],
                          outbox=self.link.outbox_depth() if self.link is not None else None,
-                         paused=h["paused"],
-                         recorder=self.recorder.counters() if self.recorder else None,
-                         mode=p.mode,
-                         selector=p.selector.counters() if p.selector is not None else None)
+                         recorder=self.recorder.counters() if self.recorder else None)
         self.prom.set_alerts(self.alerts_dropped(),
                              self.link.disk_full() if self.link is not None else False)

@@ -321,9 +321,9 @@ class Agent(StatusReport, Reloads):
             self.notifier.stopping()
             t = time.monotonic()
             drained = self.pipeline.stop(drain_timeout)
-            s = self.pipeline.stats()
+            s = self.pipeline.snapshot()
             log.info("stopped: %s parts (%s pass, %s reject, %s failsafe) in flight drained %s "
-                     "in %.0f ms", s["parts"], s["pass"], s["reject"], s["failsafe"],
+                     "in %.0f ms", s.parts, s.passed, s.rejected, s.failsafe,
                      "fully" if drained else "NOT fully", (time.monotonic() - t) * 1e3)
             # the last reject commands: give the gate time to answer them (serial: every
             # resend; a host-scheduled Modbus kick waits in gate.close() until it is due)

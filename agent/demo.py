@@ -274,7 +274,7 @@ def summary(results: list[Inspection], fired: set[str], elapsed: float, agent, o
         "summary",
         f"  parts        {n} in {elapsed:.1f} s ({rate:.1f} parts/s)",
         f"  verdicts     {n - len(rej) - len(fs)} pass, {len(rej)} reject, {len(fs)} failsafe"
-        + (f" ({', '.join(sorted({i.reason.split(':')[0] for i in fs}))})" if fs else ""),
+        + (f" ({', '.join(sorted({str(i.failsafe_reason) for i in fs}))})" if fs else ""),
         f"  latency      capture -> gate command p50 {q(0.5):.2f} ms, p99 {q(0.99):.2f} ms",
         f"  gate         {fired_n}/{len(acted)} rejected parts FIRED by the simulated gate",
         f"  truth        {match}/{len(known)} verdicts match the {truth_name}"
