@@ -52,7 +52,7 @@ def balanced_weights(y: np.ndarray, tr_i: np.ndarray, n_labels: int) -> np.ndarr
 def _fit_scratch(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, tr_i, va_i,
                  tr_boxes, tr_cls, tr_imgs):
     """The from-scratch FCN (convert.model.build_model): whole frames, or crops where every
-    defect is boxed. Returns (exported tile model, Progress, fit seconds)."""
+    defect is boxed. Returns (exported tile model, Progress, fit seconds, map model factory)."""
     import tensorflow as tf
     import keras
     from .model import MAP_STRIDE, build_model, map_loss
@@ -149,7 +149,21 @@ def _fit_scratch(spec: InputSpec, labels: list[str], opts: TrainOptions, X, y, t
              "loss; patience %d)", epochs, opts.patience)
     fit_model.fit(ds_tr, epochs=epochs, callbacks=[prog.callback], verbose=0)
     fit_s = time.perf_counter() - t_fit
-    return tile_model, prog, fit_s
+    return tile_model, prog, fit_s, lambda: scratch_map_model(train_model, tile_model, spec)
+
+
+def scratch_map_model(train_model, tile_model, spec: InputSpec):
+    """pixels -> (h, w) defect map in [0, 1] of the from-scratch FCN: its own stride-16 map
+    (the cells whose max the verdict is), the likeliest defect class's, through the head's
+    centring bias so that 0.5 sits at the bundle's operating point as the frame score does."""
+    import keras
+    from keras import layers, ops
+
+    shift = tile_model.get_layer("probs").get_weights()[1][1:].astype(np.float32)
+    inp = keras.Input((spec.height, spec.width, spec.channels), name="pixels")
+    z = train_model(inp)["defect_map"]
+    m = layers.Lambda(lambda t: ops.sigmoid(ops.max(t + shift, axis=-1)), name="defect_map")(z)
+    return keras.Model(inp, m, name="edge_inspect_fcn_map")
 
 
 BACKBONES = ("auto", "lite0", "scratch")
@@ -197,8 +211,10 @@ def fit_backbone(ts, opts: TrainOptions) -> Fitted:
     if backbone == "scratch":
         # no refits: a from-scratch fit takes minutes, and boxed data (what auto gives it)
         # validates on every cell of every frame, a steadier base than labels alone
-        fitted = Fitted(*_fit_scratch(spec, ts.labels, opts, ts.X, ts.y, ts.tr_i, ts.va_i,
-                                      ts.tr_boxes, ts.tr_cls, ts.tr_imgs), report)
+        model, prog, secs, map_model = _fit_scratch(spec, ts.labels, opts, ts.X, ts.y, ts.tr_i,
+                                                    ts.va_i, ts.tr_boxes, ts.tr_cls, ts.tr_imgs)
+        # one tile a frame: with tiles the map would need the tile's place in the frame
+        fitted = Fitted(model, prog, secs, report, None, map_model if spec.n_tiles == 1 else None)
     else:
         fitted = _fit_lite0(ts, opts, report)
     prog = fitted.progress

@@ -513,3 +513,25 @@ def test_same_data_and_seed_give_the_same_model(tmp_path):
         train_tiny_bundle(data, tmp_path / f"b{i}", epochs=2, input_size=96)
         shas.append(load_bundle(tmp_path / f"b{i}").model_sha256)
     assert shas[0] == shas[1]
+
+
+def test_scratch_bundle_exports_its_defect_map(trained):
+    """The from-scratch FCN's own stride-16 map, exported as the bundle's map model: its
+    hottest cell is the frame's evidence, so defect frames run hotter than good ones."""
+    import cv2
+    from agent.bundle import MAP_MODEL
+    from agent.class_map import MapModel
+    from agent.preprocess import preprocess
+    root, out, _ = trained
+    b = load_bundle(out)
+    assert MAP_MODEL in b.files
+    mm = MapModel(out / MAP_MODEL, b.input)
+    peak = {}
+    for cls in ("good", "defect"):
+        vals = []
+        for f in sorted((root / "test" / cls).iterdir()):
+            m = mm.maps(preprocess(cv2.imread(str(f), cv2.IMREAD_UNCHANGED), b.input)[:1])[0]
+            assert m.shape == (3, 3) and 0.0 <= m.min() <= m.max() <= 1.0
+            vals.append(float(m.max()))
+        peak[cls] = np.mean(vals)
+    assert peak["defect"] > peak["good"] + 0.2, peak
