@@ -40,6 +40,14 @@ class _Track:
         return self.obs[-1][3] - self.obs[-1][2]
 
 
+@dataclass(frozen=True)
+class LiveView:
+    image: np.ndarray
+    parts: tuple                       # ((Box, decided), ...) on this frame
+    roi: Box
+    line: tuple[int, int, int, int]    # x0, y0, x1, y1
+
+
 class PresenceSelector(SelectorBase):
     """Parts found and tracked on a free-running camera; one decision per part.
 
@@ -94,6 +102,7 @@ class PresenceSelector(SelectorBase):
         self._tid = 0
         self._lengths: collections.deque = collections.deque(maxlen=32)
         self.belt_v = 0.0           # px/ns at detector scale, from decided tracks
+        self._view: LiveView | None = None
 
     # -- detector ------------------------------------------------------------------------
     def _setup(self, shape) -> None:
@@ -196,7 +205,29 @@ class PresenceSelector(SelectorBase):
             if runs is None:
                 self.counts["learning_frames"] += 1
                 return []
-            return self._track(got, runs)
+            out = self._track(got, runs)
+            # references only: the operator page draws it when (and if) it is asked for
+            t = got.t_capture_ns
+            self._view = LiveView(got.image, tuple((tr.obs[-1][5], tr.decided) for tr in self._tracks
+                                                   if tr.obs[-1][0] == t), *self._roi_and_line())
+            return out
+
+    def _roi_and_line(self) -> tuple[Box, tuple[int, int, int, int]]:
+        """The ROI and the reference line, in frame pixels."""
+        ys, xs = self._sl
+        roi = Box(xs.start, ys.start, xs.stop, ys.stop)
+        f = self.line_f if self.direction in ("+x", "+y") else 1.0 - self.line_f
+        if self.direction in ("+x", "-x"):
+            x = int(xs.start + f * (xs.stop - xs.start))
+            return roi, (x, ys.start, x, ys.stop - 1)
+        y = int(ys.start + f * (ys.stop - ys.start))
+        return roi, (xs.start, y, xs.stop - 1, y)
+
+    def live_view(self) -> "LiveView | None":
+        """The last frame with the parts tracked on it (box, decided yet), the ROI and the
+        reference line: what the operator page's live view draws in presence mode."""
+        with self._lock:
+            return self._view
 
     def _track(self, got: Captured, runs) -> list[Part]:
         t = got.t_capture_ns

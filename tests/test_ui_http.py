@@ -260,3 +260,38 @@ def test_overlay_marks_where_the_map_is_hot():
     assert overlay.as_map(np.zeros((1, 5, 7))).shape == (5, 7)
     assert overlay.as_map(np.zeros((5, 7, 3))).shape == (5, 7)
     assert overlay.as_map(np.array([np.nan])) is None and overlay.as_map(None) is None
+
+
+def test_presence_live_view_shows_the_belt_and_the_tracked_part(tmp_path):
+    """In presence mode the live picture is the whole belt frame with the ROI, the reference
+    line and a box round each tracked part (decoded from a real simulated line video)."""
+    import cv2
+    from agent.daemon import Agent
+    from agent.simulate_line import LineSpec, labelled_images, render
+    from ui_support import DEMO_DATA, _NoNotify, line_config
+    video = str(tmp_path / "line.avi")
+    truth = render(LineSpec(rate=2.0, parts=6, part_px=160, speed=600.0),
+                   labelled_images(DEMO_DATA / "images"), video)
+    raw = line_config(tmp_path).model_dump(mode="json")
+    raw["camera"] = {"source": video, "fps": truth["fps"], "loop": True}
+    raw["trigger"] = {"mode": "presence"}
+    cfg = parse_config(raw, tmp_path)
+    agent = Agent(cfg, notifier=_NoNotify()).start()
+    try:
+        c = Client(agent.ui.port)
+        got = {}
+
+        def boxed():
+            st, h, body = c.request("GET", "/api/live.jpg")
+            if st != 200 or h.get("X-View") != "parts":
+                return False
+            img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+            # a part box: green or orange pixels, which the grey belt and parts lack
+            g = (img[..., 1] > 150) & (img[..., 2] < 80) & (img[..., 0] < 80)
+            o = (img[..., 2] > 200) & (img[..., 1] > 120) & (img[..., 1] < 200) & (img[..., 0] < 60)
+            got.update(shape=img.shape, box=int(g.sum() + o.sum()))
+            return got["box"] > 200
+        assert wait_until(boxed, timeout=30, step=0.2), got
+        assert got["shape"][:2] == (480, 640)                 # the frame, not a part's crop
+    finally:
+        agent.shutdown()

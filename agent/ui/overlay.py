@@ -42,6 +42,25 @@ def to_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
+# BGR: parts not yet decided (approaching the line), decided ones, the ROI and the line
+PART_OPEN, PART_DECIDED, ROI_COLOUR, LINE_COLOUR = (0, 200, 0), (0, 160, 255), (200, 200, 200), (255, 0, 255)
+
+
+def draw_parts(view) -> np.ndarray:
+    """A presence selector's LiveView as the live picture: the frame, the ROI, the reference
+    line and a box round every tracked part (green until judged, orange after)."""
+    img = to_bgr(view.image).copy()
+    t = max(1, min(img.shape[:2]) // 240)
+    r = view.roi
+    cv2.rectangle(img, (r.x0, r.y0), (r.x1 - 1, r.y1 - 1), ROI_COLOUR, t)
+    x0, y0, x1, y1 = view.line
+    cv2.line(img, (x0, y0), (x1, y1), LINE_COLOUR, t)
+    for box, decided in view.parts:
+        cv2.rectangle(img, (box.x0, box.y0), (box.x1 - 1, box.y1 - 1),
+                      PART_DECIDED if decided else PART_OPEN, 2 * t)
+    return img
+
+
 def draw_overlay(image: np.ndarray, dmap) -> np.ndarray:
     """The image (BGR) with the map as a heat overlay and a box round its hottest cell."""
     base = to_bgr(image)

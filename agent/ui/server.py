@@ -27,13 +27,12 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import __version__
-from . import auth
+from . import auth, overlay
 from .review import BadPath, ReviewStore
 from .state import UiState
 
@@ -61,6 +60,12 @@ class UiApp:
     loopback: bool
 
     # -- what the page shows -------------------------------------------------------------
+    def live_view(self):
+        """The presence selector's last frame and tracks, or None (other modes)."""
+        sel = getattr(getattr(self.agent, "pipeline", None), "selector", None)
+        view = getattr(sel, "live_view", None)
+        return view() if callable(view) else None
+
     def page_state(self) -> dict:
         a = self.agent
         p = getattr(a, "pipeline", None)
@@ -169,6 +174,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, app.page_state())
             if path == "/api/live.jpg":
                 latest, _ = app.state.snapshot()
+                view = app.live_view()
+                if view is not None:      # presence mode: the belt with the tracked parts
+                    return self._send(200, overlay.jpeg(overlay.draw_parts(view)), "image/jpeg",
+                                      {"X-Seq": str(latest.seq if latest else 0), "X-View": "parts"})
                 data = latest.jpeg(False) if latest is not None else None
                 if data is None:
                     return self._error(404, "no image yet")
