@@ -75,7 +75,12 @@ def cache_features(run: FrozenRunner, X: np.ndarray, views: int,
     n, T = X.shape[0], X.shape[1]
     rng = np.random.default_rng(jitter_seed)
     F = P = None
+    t0, said = time.perf_counter(), 0
     for i in range(n):
+        if n >= 200 and i * 4 // n > said:      # minutes on a big set: say how far, and when done
+            said = i * 4 // n
+            el = time.perf_counter() - t0
+            log.info("  frozen features: %d/%d images, %.0fs, ~%.0fs left", i, n, el, el * (n - i) / i)
         xv = add_views(X[i], views).astype(np.float32)      # (T*V, H, W, C), views inner
         if jitter_seed is not None:
             k = rng.uniform(1 - CONTRAST, 1 + CONTRAST, (len(xv), 1, 1, 1))
