@@ -56,14 +56,6 @@ class StartupError(Exception):
         self.problems = problems
 
 
-def mqtt_settings(cfg: Config):
-    """The old flat MQTT settings, for tests/test_disk_full.py until it builds
-    MqttLink(cfg.mqtt, station=cfg.station.id) itself."""
-    from firmware_io.mqtt_link import MqttSettings
-
-    return MqttSettings(**cfg.mqtt.model_dump(), station=cfg.station.id)
-
-
 class Agent(StatusReport, Reloads):
     """One running station. Keyword hooks are for the demo, tests and benchmarks:
 

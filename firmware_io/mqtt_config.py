@@ -100,13 +100,3 @@ class LinkTuning(BaseModel):
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
 
-
-class MqttSettings(MqttConfig, LinkTuning):
-    """The old flat settings (MqttConfig, LinkTuning, station, password, old names), kept
-    for callers not moved yet (benchmarks/fw_bench.py, agent.daemon.mqtt_settings for
-    tests/test_disk_full.py). New code: MqttLink(MqttConfig(...), station=...)."""
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    station: str = "station-1"
-    password_text: Optional[str] = Field(None, alias="password")
-    outbox: Path = Field(Path("outbox.sqlite"), alias="outbox_path")
-    commands: bool = Field(False, alias="commands_enabled")

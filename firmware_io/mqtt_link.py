@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from .commands import run_command
-from .mqtt_config import LinkTuning, MqttConfig, MqttSettings
+from .mqtt_config import LinkTuning, MqttConfig
 from .mqtt_diagnose import tls_context, why_unreachable
 from .outbox import Outbox, OutboxFull
 
@@ -53,10 +53,6 @@ class MqttLink:
                  status_fields: Callable[[], dict] | None = None, *,
                  station: str | None = None, password: str | None = None,
                  tuning: LinkTuning | None = None):
-        if isinstance(settings, MqttSettings):
-            station = station or settings.station
-            password = password or settings.password_text
-            tuning = tuning or settings
         self.settings = settings
         self.tuning = tuning or LinkTuning()
         self.station = station or "station-1"

@@ -18,7 +18,7 @@ from agent.inspector import Inspector  # noqa: E402
 from agent.pipeline import Pipeline  # noqa: E402
 from agent.sources import open_source  # noqa: E402
 from agent.types import Verdict  # noqa: E402
-from firmware_io.gates import GateSettings, create_gate  # noqa: E402
+from firmware_io.gates import NoneGateConfig, create_gate  # noqa: E402
 from tests.test_anomaly import blemish, bundle, data, texture  # noqa: E402,F401 (fixtures)
 
 
@@ -41,7 +41,7 @@ def parts(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int] | None]]:
 
 def run_line(bundle, folder, sinks=(), workers=1):
     insp = Inspector.load(bundle, threads=1, workers=workers)
-    gate = create_gate("none", GateSettings())
+    gate = create_gate(NoneGateConfig(delay_ms=500))
     got = []
     pipe = Pipeline(open_source(str(folder)), insp, gate=gate, sinks=[got.append, *sinks],
                     workers=workers, deadline_ms=10_000)

@@ -18,7 +18,7 @@ from pathlib import Path
 import prometheus_client
 import pytest
 
-from agent.daemon import Agent, mqtt_settings
+from agent.daemon import Agent
 from agent.types import Verdict
 from firmware_io.mqtt_link import MqttLink
 from firmware_io.outbox import Outbox, OutboxFull
@@ -126,7 +126,7 @@ def test_full_disk_outbox_first_every_drop_counted(tmp_path, small_disk, own_bro
         own_broker.start()
         col = MqttCollector(own_broker.host, own_broker.port, "edge-inspect/test-st/events/#")
         time.sleep(0.3)
-        link = MqttLink(mqtt_settings(cfg))
+        link = MqttLink(cfg.mqtt, station=cfg.station.id)
         link.start()
         try:
             wait_for(lambda: link.outbox_depth() == 0, timeout=60, what="outbox drained")

@@ -26,7 +26,7 @@ from agent.simulate_line import LineSpec, LineVideoSource, drive_triggers, label
 from agent.sources import SourceError
 from agent.types import FailsafeReason, Verdict
 from firmware_io import protocol as P
-from firmware_io.gates import GateSettings, create_gate
+from firmware_io.gates import NoneGateConfig, create_gate
 from tests.support import agent_cfg, wait_for
 from test_e2e_agent import rig  # noqa: F401 - the gate simulator on a pty
 from test_parts import BUNDLE, IMAGES
@@ -47,7 +47,7 @@ def _frame_index(source_ref: str) -> int:
 
 def test_frames_without_triggers_are_not_judged(tmp_path):
     video, truth = _line(tmp_path, parts=4)
-    gate = create_gate("none", GateSettings())
+    gate = create_gate(NoneGateConfig(delay_ms=500))
     got = []
     src = LineVideoSource(video, truth["fps"])
     pipe = Pipeline(src, Inspector.load(BUNDLE, threads=1), gate=gate, sinks=[got.append],

@@ -19,7 +19,7 @@ from agent.reporter import event_payload
 from agent.sources import FolderSource, open_source
 from agent.stats import PipelineStats
 from agent.types import Action, FailsafeReason, Verdict
-from firmware_io.gates import GateSettings, create_gate
+from firmware_io.gates import NoneGateConfig, create_gate
 from tests.support import make_folder, tiny_bundle
 
 
@@ -58,7 +58,7 @@ def test_reconnecting_source_paces_a_file_to_fps(tmp_path):
 
 
 def test_actuator_returns_the_action_it_took():
-    gate = create_gate("none", GateSettings())
+    gate = create_gate(NoneGateConfig(delay_ms=500))
     act = Actuator(gate, failsafe="reject")
     t = time.monotonic_ns()
     r = act.act("p-1", t, None, Verdict.REJECT)
@@ -103,7 +103,7 @@ def test_inspections_carry_reason_and_action_and_one_snapshot_feeds_all(tmp_path
     shutil.copy(tmp_path / "imgs" / truth[0][0], tmp_path / "imgs" / "000a_copy.png")
     (tmp_path / "imgs" / "zz_corrupt.png").write_bytes(b"not an image")
     prom, got = PromMetrics(), []
-    gate = create_gate("none", GateSettings())
+    gate = create_gate(NoneGateConfig(delay_ms=500))
     pipe = Pipeline(open_source(str(tmp_path / "imgs")), Inspector.load(tiny_bundle(), threads=1),
                     gate=gate, sinks=[prom, got.append], failsafe="pass")
     pipe.start()

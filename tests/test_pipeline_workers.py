@@ -10,7 +10,7 @@ from agent.inspector import Inspector
 from agent.pipeline import IMAGE_BACKLOG, Pipeline
 from agent.sources import open_source
 from agent.types import Verdict
-from firmware_io.gates import GateSettings, create_gate
+from firmware_io.gates import NoneGateConfig, create_gate
 from tests.helpers import wait_until
 from tests.support import make_folder, tiny_bundle
 
@@ -19,7 +19,7 @@ def test_two_workers_decide_every_part_once(tmp_path):
     truth = make_folder(tmp_path / "imgs", "gdgddggdgd" * 4)
     insp = Inspector.load(tiny_bundle(), threads=1, workers=2)
     assert isinstance(insp.engine, EnginePool) and len(insp.engine.engines) == 2
-    gate = create_gate("none", GateSettings())
+    gate = create_gate(NoneGateConfig(delay_ms=500))
     got = []
     pipe = Pipeline(open_source(str(tmp_path / "imgs")), insp, gate=gate, sinks=[got.append],
                     workers=2, keep_images=False)

@@ -248,14 +248,13 @@ def test_modbus_fires_every_scheduled_kick_before_exit(stop, tmp_path, modbus_ri
 
 
 def test_modbus_kick_that_cannot_wait_is_reported_not_kicked(modbus_rig):
-    from firmware_io.gates import GateSettings, create_gate
-    from firmware_io.timing import RejectTiming
+    from firmware_io.gates import ModbusGateConfig, create_gate
 
     srv, port = modbus_rig
     failed, fired = [], []
-    g = create_gate("modbus", GateSettings(
-        port=port, baud=115200, timing=RejectTiming(delay_ms=5000, pulse_ms=20),
-        on_fired=lambda *a: fired.append(a), on_reject_failed=lambda *a: failed.append(a)))
+    g = create_gate(ModbusGateConfig(port=port, baud=115200, delay_ms=5000, pulse_ms=20),
+                    on_fired=lambda *a: fired.append(a),
+                    on_reject_failed=lambda *a: failed.append(a))
     g.open()
     wait_for(lambda: g.state() == "connected", what="modbus connected")
     assert g.reject("SOON", time.monotonic_ns() - 4_950_000_000).sent   # due in ~50 ms

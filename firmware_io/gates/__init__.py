@@ -63,7 +63,7 @@ def create_gate(config: BaseGateConfig | str, settings: GateSettings | None = No
                 **hooks) -> Gate:
     """The gate ``config`` describes; call .open() on it. ``hooks``: on_trigger, on_fired,
     on_reject_failed (called on the gate's threads). ``create_gate(kind, GateSettings(...))``
-    is the old spelling, kept for callers not moved yet."""
+    is the old spelling, kept for its last caller (agent/bench.py) only."""
     if isinstance(config, str):
         cls = gate_class(config)
         config, hooks = (settings or GateSettings()).to_config(cls.config), \

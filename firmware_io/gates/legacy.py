@@ -1,7 +1,6 @@
-"""The old flat ``GateSettings`` ("everything any backend needs"), kept only so callers not
-yet moved to the per-kind configs keep working: agent/bench.py, benchmarks/fw_bench.py,
-tests/test_anomaly_maps.py, tests/test_pipeline_workers.py, tests/test_reliability_kicks.py.
-Delete it when they build e.g. ``NoneGateConfig(delay_ms=...)`` instead."""
+"""The old flat ``GateSettings`` ("everything any backend needs"), kept only for its last
+caller, agent/bench.py (run_pipeline). Delete it, and create_gate's ``(kind, settings)``
+form, when that builds ``create_gate(NoneGateConfig(delay_ms=deadline_ms * 4))`` instead."""
 
 from __future__ import annotations
 
