@@ -19,6 +19,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from firmware_io.commands import is_threshold
+
 from .bundle import Bundle, BundleError, load_bundle
 from .decide import defect_score
 from .engines import Engine, EngineError, EnginePool, create_engine
@@ -53,7 +55,7 @@ class Inspector:
         self.engine = engine
         self.spec = bundle.input
         self.threshold = float(bundle.threshold if threshold is None else threshold)
-        if not 0.0 <= self.threshold <= 1.0:
+        if not is_threshold(self.threshold):
             raise InspectorError(f"threshold {self.threshold} is outside [0, 1]")
         self.threshold_source = "bundle" if threshold is None else "override"
         self.model_sha256 = bundle.model_sha256
@@ -132,7 +134,7 @@ class Inspector:
         new = object.__new__(Inspector)
         new.__dict__.update(self.__dict__)
         t = self.bundle.threshold if threshold is None else float(threshold)
-        if not 0.0 <= t <= 1.0:
+        if not is_threshold(t):
             raise InspectorError(f"threshold {t} is outside [0, 1]")
         new.threshold = t
         new.threshold_source = "bundle" if threshold is None else "override"

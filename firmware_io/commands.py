@@ -15,13 +15,25 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.json_schema import GenerateJsonSchema
 
 # A decision threshold: the one range rule for the config's override, the threshold command
 # and the operator page (a score is a probability, so anything outside [0, 1] rejects
 # every part or none).
 Threshold = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+_THRESHOLD = TypeAdapter(Threshold)
+
+
+def is_threshold(value: Any) -> bool:
+    """Whether ``value`` is a Threshold, as strict as the command: a number (not true/false,
+    not "0.3"), finite, in [0, 1]. For the checks that are not a pydantic field (the
+    operator page's control, the inspector, a bundle's manifest)."""
+    try:
+        _THRESHOLD.validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    return True
 
 # A command is a few fields; anything bigger is refused unparsed, and a reply never
 # quotes more than this much of what it was sent.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from firmware_io.commands import is_threshold
 
 from .. import __version__
 from . import auth, overlay
@@ -98,8 +99,7 @@ class UiApp:
         if verb == "threshold":
             v = body.get("value")
             # the MQTT command's rule: a number (not true, not "0.3"), finite, in [0, 1]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or not 0.0 <= v <= 1.0:
+            if not is_threshold(v):
                 return 400, {"ok": False, "error": "value: a number in [0, 1]"}
             args["value"] = float(v)
         out = self.agent.command(verb, args)
