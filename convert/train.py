@@ -6,39 +6,37 @@ agent.preprocess) -> fit (convert.fit: the pretrained Lite0 or the from-scratch 
 out-of-fold refits for the threshold) -> centre (convert.calibrate: the head on the float
 threshold) -> export (float and full-integer int8 TFLite) -> choose (convert.calibrate: the
 threshold on held-out int8 scores for the escape target) -> evaluate (the agent's own engine
-and decision rule, int8-vs-float parity) -> write (bundle.json, sample, report).
+and decision rule, int8-vs-float parity) -> write (convert.bundle_writer: bundle.json, sample,
+report).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, MAP_MODEL, write_manifest
+from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, MAP_MODEL
 from agent.preprocess import VIEWS
 
 from .calibrate import Choice, centre, choose, held_out
-from .data import GOOD, DataError, fingerprint
+from .data import GOOD, DataError
 from .fit import BACKBONES, Fitted, fit_backbone
 from .lite0_weights import WeightsError
 from .options import TrainError, TrainOptions
 from .scoring import Scorer
 from .threshold import rates_at, select_threshold
+from .bundle_writer import SAMPLE, write_bundle
 from .train_data import TrainingSet, load_training_set
 
 log = logging.getLogger("convert.train")
 
-SAMPLE = "sample.png"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -67,21 +65,6 @@ def parse_tiles(text: str) -> tuple[int, int]:
     if not (1 <= r <= 16 and 1 <= c <= 16):
         raise argparse.ArgumentTypeError(f"tiles must be within 1..16, got {text!r}")
     return r, c
-
-
-def _versions() -> dict:
-    import tensorflow as tf
-    import keras
-    from agent import __version__
-    v = {"edge_inspect": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-         "numpy": np.__version__, "opencv": cv2.__version__, "python": platform.python_version()}
-    try:
-        from importlib.metadata import version
-        v["ai_edge_litert"] = version("ai-edge-litert")
-    except Exception:
-        pass
-    return v
-
 
 
 # ----------------------------------------------------------------------------- stages
@@ -238,90 +221,6 @@ def finish_exports(out_dir: Path, opts: TrainOptions) -> None:
             log.warning("--edgetpu: %s", e)
     if not opts.keep_float:
         (out_dir / FLOAT_MODEL).unlink(missing_ok=True)
-
-
-def write_bundle(ts: TrainingSet, fitted: Fitted, choice: Choice, metrics: dict, data_dir: Path,
-                 out_dir: Path, opts: TrainOptions) -> None:
-    """sample.png, bundle.json (what the agent verifies and loads) and the report."""
-    labels, y, tr_i, va_i = ts.labels, ts.y, ts.tr_i, ts.va_i
-    # a held-back defect frame if there is one
-    if metrics["eval_split"] == "test":
-        truth_h, src_imgs = ts.te_cls, ts.te_imgs
-    else:
-        truth_h, src_imgs = [labels[i] for i in y[va_i]], [ts.tr_imgs[i] for i in va_i]
-    cands = [i for i, c in enumerate(truth_h) if c != GOOD] or list(range(len(truth_h)))
-    sample_img = src_imgs[cands[0]]
-    if sample_img.dtype != np.uint8:
-        sample_img = cv2.normalize(sample_img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    cv2.imwrite(str(out_dir / SAMPLE), sample_img)
-
-    train_split, test_split = ts.train_split, ts.test_split
-    all_paths = [p for p, _ in train_split.items()] + ([p for p, _ in test_split.items()] if test_split else [])
-    provenance = {
-        "dataset": str(data_dir.resolve()),
-        "dataset_fingerprint": fingerprint(all_paths),
-        "counts": {"train_folder": train_split.counts(),
-                   "test_folder": test_split.counts() if test_split else None,
-                   "train": {c: int((y[tr_i] == k).sum()) for k, c in enumerate(labels)},
-                   "validation": {c: int((y[va_i] == k).sum()) for k, c in enumerate(labels)},
-                   "test": {c: ts.te_cls.count(c) for c in labels} if ts.te_imgs else None},
-        "unreadable": {"count": len(ts.tr_bad) + len(ts.te_bad), "files": (ts.tr_bad + ts.te_bad)[:50]},
-        "ignored_folders": train_split.ignored_dirs,
-        "near_duplicates": ts.dup_report,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "seed": opts.seed,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in
-                 {**opts.__dict__, **opts.extra_args}.items() if k != "extra_args"},
-        "architecture": fitted.model.name,
-        "host": platform.node(),
-    }
-    # The agent's frame checks (agent.frame_checks) flag frames far from what training saw.
-    from agent.frame_checks import image_stats, summarize_stats
-    input_stats = summarize_stats(image_stats(ts.tr_imgs[i]) for i in tr_i)
-    write_manifest(out_dir, labels=labels, good_label=GOOD, input_spec=ts.bspec,
-                   threshold=choice.threshold, metrics=metrics, provenance=provenance,
-                   sample=SAMPLE, input_stats=input_stats, extra_files=(MAP_MODEL,))
-    sel = choice.held.index
-    _write_report(out_dir, fitted.progress.history, choice.scores, [labels[i] for i in y[sel]],
-                  [ts.rel(i) for i in sel], [ts.tr_imgs[i] for i in sel], choice.threshold,
-                  opts.max_escape, labels, choice.held.where,
-                  _gallery_maps(ts, fitted, choice) if fitted.map_model is not None else None)
-
-
-def _gallery_maps(ts: TrainingSet, fitted: Fitted, choice: Choice) -> list | None:
-    """Defect maps of the held-out images the report's galleries show (the others None)."""
-    from .report import ScoredSet, gallery_indices
-
-    if ts.spec.n_tiles != 1:
-        return None
-    sel = choice.held.index
-    probe = ScoredSet(choice.scores, [ts.labels[i] for i in ts.y[sel]], [""] * len(sel),
-                      [None] * len(sel))
-    shown = sorted({int(i) for part in gallery_indices(probe, GOOD) for i in part})
-    maps: list = [None] * len(sel)
-    if shown:
-        mm = fitted.map_model()
-        out = mm.predict(ts.X[sel[shown], 0].astype(np.float32), batch_size=16, verbose=0)
-        for j, m in zip(shown, out):
-            maps[j] = m
-    return maps
-
-
-def _write_report(out_dir, history, scores, truth, files, images, threshold, max_escape, labels,
-                  where, maps=None):
-    """The bundle's pictures (report/index.html) on the held-out scores that set the
-    threshold. Not part of the verified files: the agent never reads them."""
-    try:
-        from .report import ScoredSet, write_report
-        page = write_report(out_dir, title=f"edge-inspect train: {out_dir.name} ({where})",
-                            history=history, scored=ScoredSet(np.asarray(scores), truth, files, images, maps),
-                            threshold=threshold, max_escape=max_escape, labels=labels, good=GOOD)
-        log.info("report: %s", page)
-    except ImportError as e:
-        log.warning("no report pictures (%s): pip install matplotlib", e)
-    except Exception as e:   # noqa: BLE001 - the pictures must never cost the bundle
-        log.warning("report pictures failed: %s: %s", type(e).__name__, e)
 
 
 # ----------------------------------------------------------------------------- CLI
