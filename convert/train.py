@@ -248,7 +248,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--no-crops", action="store_true",
                    help="train on whole frames even when every defect image has boxes (the "
                         "auto input then stays at ~320 px)")
-    # parsed first by convert.anomaly.route_mode; listed here so --help shows it
+    # parsed first by convert.anomaly_cli.route_mode; listed here so --help shows it
     p.add_argument("--mode", choices=["classifier", "anomaly"], default="classifier",
                    help="classifier (default): good vs defect classes; anomaly: learn good/ "
                         "alone (edge-inspect train --mode anomaly --help for its options)")
@@ -293,7 +293,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     # --mode anomaly (good images only) is convert.anomaly's trainer; --mode classifier goes on
-    from .anomaly import route_mode
+    from .anomaly_cli import route_mode
     argv, code = route_mode(argv)
     if code is not None:
         return code
