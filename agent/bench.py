@@ -24,8 +24,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .bundle import FLOAT_MODEL
+from .bundle import FLOAT_MODEL, ONNX_FLOAT_MODEL
 from .engines import ENGINES, EngineError, create_engine
+from .engines.onnxrt import CHAIN as ONNX_BACKENDS, ort_module
 from .inspector import Inspector, InspectorError
 from .pipeline import Pipeline
 from .preprocess import VIEWS, preprocess
@@ -63,7 +64,15 @@ def time_invoke(engine, pixels: np.ndarray, seconds: float, min_runs: int = 20) 
 def model_only(bundle, pixels, threads_list, seconds) -> list[dict]:
     rows = []
     n = len(bundle.labels)
+    try:
+        ort_module()
+        no_ort = None
+    except EngineError as e:
+        no_ort = str(e)
     for name, cls in sorted(ENGINES.items()):
+        onnx = name in ONNX_BACKENDS
+        if onnx and no_ort:
+            continue                      # one row below for all three, not three alike
         why = cls.available()
         if why:
             rows.append({"backend": name, "model": "int8", "available": False, "reason": why})
@@ -71,17 +80,22 @@ def model_only(bundle, pixels, threads_list, seconds) -> list[dict]:
         models = [("int8", bundle.model_path)]
         if name == "cpu" and bundle.file(FLOAT_MODEL):
             models.append(("float32", bundle.file(FLOAT_MODEL)))
+        if onnx and bundle.file(ONNX_FLOAT_MODEL):
+            models.append(("float32", bundle.file(ONNX_FLOAT_MODEL)))
         for label, path in models:
-            for threads in (threads_list if name == "cpu" else [1]):
+            for threads in (threads_list if name in ("cpu", "onnx-cpu") else [1]):
                 try:
                     eng = create_engine(name, path, bundle.input, n, threads=threads)
                 except EngineError as e:
                     rows.append({"backend": name, "model": label, "available": False, "reason": str(e)})
-                    continue
+                    break
                 t = time_invoke(eng, pixels, seconds)
                 rows.append({"backend": name, "model": label, "threads": threads, "available": True,
                              "runs": len(t), "p50_ms": round(pct(t, 50), 3),
                              "p99_ms": round(pct(t, 99), 3)})
+    if no_ort:
+        rows.append({"backend": "/".join(ONNX_BACKENDS), "model": "int8", "available": False,
+                     "reason": no_ort})
     return rows
 
 

@@ -75,7 +75,7 @@ def run_engine(engine, bundle, images) -> tuple[list[float], list[str], float]:
 
 def _format_text(m: dict, bundle) -> str:
     lines = [f"bundle {bundle.path}  (threshold {bundle.threshold:.4f}, {bundle.input.views} view(s), "
-             f"model {bundle.model_sha256[:12]})",
+             f"model {bundle.model_sha256[:12]}, engine {m.get('engine', 'cpu')})",
              f"images: {m['n']} ({m['n_good']} good, {m['n_defect']} defect)"
              + (f", {m['unreadable']} unreadable skipped" if m.get("unreadable") else ""),
              f"accuracy:          {100 * m['accuracy']:.2f} %",
@@ -136,6 +136,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("data", type=Path, help="class-folder directory, or one holding test/")
     p.add_argument("--json", action="store_true", help="print ONE JSON object on stdout")
     p.add_argument("--threads", type=int, default=2, help="inference threads (default 2)")
+    p.add_argument("--engine", default="cpu", metavar="NAME",
+                   help="the agent's backend to score through, as [model] delegate: cpu (LiteRT, "
+                        "default), edgetpu, onnx-cpu, cuda, tensorrt (the ONNX ones run the "
+                        "bundle's model.onnx: convert-bundle)")
+    p.add_argument("--device", default=None, help="the backend's device, as [model] device")
     p.add_argument("--threshold", type=float, default=None,
                    help="override the bundle's decision threshold")
     p.add_argument("--views", type=int, choices=VIEWS, default=None,
@@ -161,14 +166,23 @@ def main(argv: list[str]) -> int:
             print(f"{prog}: --threshold must be within [0, 1]", file=sys.stderr)
             return 2
         bundle.threshold = args.threshold
-    from agent.engines import EngineError, create_engine
+    from agent.engines import ENGINES, EngineError, create_engine
+    if args.engine not in ENGINES:
+        print(f"{prog}: unknown --engine {args.engine!r}; known: {', '.join(sorted(ENGINES))}",
+              file=sys.stderr)
+        return 2
     try:
         if bundle.kind == "anomaly":
+            if args.engine != "cpu":
+                raise EngineError(f"an anomaly bundle runs on the cpu engine only, not {args.engine}")
             from agent.anomaly import AnomalyEngine
             engine = AnomalyEngine.from_bundle(bundle, threads=args.threads)
         else:
-            engine = create_engine("cpu", bundle.model_path, bundle.input, len(bundle.labels),
-                                   threads=args.threads)
+            model = bundle.model_path
+            if args.engine == "edgetpu" and bundle.file("model_edgetpu.tflite") is not None:
+                model = bundle.file("model_edgetpu.tflite")
+            engine = create_engine(args.engine, model, bundle.input, len(bundle.labels),
+                                   threads=args.threads, device=args.device)
     except EngineError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -181,7 +195,8 @@ def main(argv: list[str]) -> int:
     m = verdict_metrics(truth, preds, good, bundle.labels)
     from .anomaly import auroc
     m.update(auroc=auroc(scores, [t != good for t in truth]), kind=bundle.kind, ms_per_image=ms, unreadable=len(bad), threshold=bundle.threshold, views=bundle.input.views,
-             bundle=str(bundle.path), data=str(split.root), model_sha256=bundle.model_sha256)
+             bundle=str(bundle.path), data=str(split.root), model_sha256=bundle.model_sha256,
+             engine=engine.describe())
     is_def = [t != good for t in truth]
     auc = roc_auc(scores, is_def)
     m.update(roc_auc=None if np.isnan(auc) else auc,
