@@ -71,6 +71,7 @@ def test_convert_bundle_lists_hashed_onnx_and_its_parity(converted):
     onnx_meta = bundle.metrics["onnx"]
     assert onnx_meta == rep
     assert rep["opset"] == 17 and rep["int8_from"] == "qdq" and rep["tensorrt_int8"] is True
+    assert set(rep["int8_routes_tried"]) == {"qdq"}        # auto: qdq passed, no fallback
     assert rep["tflite_sha256"] == bundle.model_sha256
     # parity was measured on the test images (40 images x 2 views), not the calibration ones
     assert rep["parity_on"] == "parity images" and rep["parity"]["n"] == 80
