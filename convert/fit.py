@@ -252,4 +252,5 @@ def _fit_lite0(ts, opts: TrainOptions, report: dict) -> Fitted:
                     flips=opts.flips, good_idx=ts.good_idx, folds=ts.folds,
                     fold_seconds=opts.fold_seconds, score_views=ts.views)
     report.update(cache_seconds=round(res.cache_seconds, 1), warmup=res.warmup)
+    clf.fold_standardisation()
     return Fitted(clf.model, res.progress, res.seconds, report, res.oof, clf.map_model)

@@ -206,6 +206,21 @@ class Lite0Classifier:
                 layer.trainable = False
         self.set_tuning(False)
 
+    def fold_standardisation(self) -> None:
+        """Move the standardisation into the dense layers (same function in float) before
+        export: standardised max-pooled features have tails of tens of sd, and one int8
+        scale over all 1280 of them cost 5 points of accuracy against float on magnetic
+        tiles; the raw ReLU6 features they come from sit in [0, 6]."""
+        Wx, b = self.logit_max.get_weights()
+        Wa = self.logit_mean.get_weights()[0]
+        mu_x, inv_x = self.norm_max.get_weights()
+        mu_a, inv_a = self.norm_mean.get_weights()
+        b = b - (mu_x * inv_x) @ Wx - (mu_a * inv_a) @ Wa      # the mean branch has no bias
+        self.logit_max.set_weights([Wx * inv_x[:, None], b])
+        self.logit_mean.set_weights([Wa * inv_a[:, None]])
+        for norm in (self.norm_max, self.norm_mean):
+            norm.set_weights([np.zeros_like(mu_x), np.ones_like(inv_x)])
+
     def map_model(self):
         """pixels -> (h, w) defect map in [0, 1], one value per stride-32 cell: each cell's
         share of the frame's evidence for its likeliest defect class against good, an exact

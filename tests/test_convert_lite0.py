@@ -244,9 +244,13 @@ def test_defect_map_is_an_exact_split_of_the_frame_logit(parts):
     clf.logit_max.set_weights([rng.normal(0, 0.05, (1280, 3)).astype("float32"),
                                rng.normal(0, 1, 3).astype("float32")])
     clf.logit_mean.set_weights([rng.normal(0, 0.05, (1280, 3)).astype("float32")])
-    mm = clf.map_model()
     x = rng.integers(0, 255, (3, 160, 128, 1)).astype("float32")
+    p0 = clf.model.predict(x, verbose=0)
+    clf.fold_standardisation()               # as before export: the same function in float
     p = clf.model.predict(x, verbose=0)
+    np.testing.assert_allclose(p, p0, atol=1e-4)
+    assert np.allclose(clf.norm_max.get_weights()[1], 1.0)
+    mm = clf.map_model()
     shares = clf._map_logits.predict(x, verbose=0)                    # (3, 5, 4, 2)
     assert shares.shape == (3, 5, 4, 2)
     np.testing.assert_allclose(shares.sum(axis=(1, 2)), np.log(p[:, 1:] / p[:, :1]), atol=2e-3)
