@@ -310,7 +310,7 @@ def add_onnx(bundle_dir, representative_uint8_images, *, parity_images=None,
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     add_files(bundle.path, (ONNX_FLOAT_MODEL, ONNX_MODEL), metrics={"onnx": report})
     log.info("ONNX added to %s: int8 (%s) top-1 agreement with the int8 TFLite %.2f%% on %d "
-             "inputs, max score difference %.4f; float ONNX vs float TFLite %.2f%%  [%.0fs]", bundle.path, int8_from,
+             "inputs, max score difference %.4f; float ONNX vs float TFLite %.2f%%  [%.0fs]", bundle.path, route,
              100 * p_int8["top1_agreement"], p_int8["n"], p_int8["max_score_diff"],
              100 * p_float["top1_agreement"], report["seconds"])
     return report
@@ -352,7 +352,8 @@ def images_from_data(bundle: Bundle, data: Path, n: int, seed: int) -> tuple[np.
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog=argv[0] if argv else "convert-bundle",
+    prog = argv[0] if argv and not argv[0].endswith(".py") else "convert-bundle"
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Add ONNX models (float, int8 QDQ) to an existing "
                                             "bundle, for ONNX Runtime and TensorRT.")
     p.add_argument("bundle", type=Path, help="bundle directory (changed in place; copy it first "
