@@ -101,7 +101,9 @@ class Model(_Section):
     # A box that cannot keep up sets 1 or 2 and decides at the threshold the trainer chose
     # for that many (the bundle's by_views table), not the one chosen for all of them.
     views: Optional[Literal[1, 2, 4]] = Field(None, description="views per tile (default: the bundle's)")
-    delegate: Literal["cpu", "edgetpu"] = "cpu"
+    # cpu: LiteRT + XNNPACK; edgetpu: a Coral; tensorrt / cuda / onnx-cpu: ONNX Runtime on the
+    # bundle's model.onnx (agent.engines.onnxrt; the `onnx` extra, or NVIDIA's wheel on a Jetson)
+    delegate: Literal["cpu", "edgetpu", "tensorrt", "cuda", "onnx-cpu"] = "cpu"
     device: Optional[str] = None
     cpu_fallback: bool = False
     threads: int = Field(2, ge=1, le=64)

@@ -102,7 +102,7 @@ def test_good_config_loads_and_resolves_relative_paths(env, write_config):
     # 16 TLS files without TLS
     (('host = "127.0.0.1"', 'host = "127.0.0.1"\nca_file = "mqtt.pass"'), "mqtt.tls: ca_file/cert_file are set but tls = false"),
     # 17 unknown delegate
-    (('bundle = "bundle"', 'bundle = "bundle"\ndelegate = "gpu"'), "model.delegate: 'gpu' is not one of 'cpu' or 'edgetpu'"),
+    (('bundle = "bundle"', 'bundle = "bundle"\ndelegate = "gpu"'), "model.delegate: 'gpu' is not one of 'cpu', 'edgetpu', 'tensorrt', 'cuda' or 'onnx-cpu'"),
     # 18 a number of views a bundle cannot have
     (('bundle = "bundle"', 'bundle = "bundle"\nviews = 3'), "model.views: 3 is not one of 1, 2 or 4"),
 ])
