@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("agent.check_config:main", "validate a config file and summarise it"),
     "train": ("convert.train:main", "train a defect classifier and export an int8 bundle"),
     "evaluate": ("convert.evaluate:main", "measure a bundle on a labelled image folder"),
+    "convert-bundle": ("convert.onnx_export:main",
+                       "add model.onnx (float, int8 QDQ) to a bundle for ONNX Runtime / TensorRT"),
     "bench": ("agent.bench:main", "will this model keep up with my line on this box?"),
     "gate-sim": ("firmware_io.gate_sim:main", "a simulated reject-gate controller on a serial port"),
     "deploy-model": ("agent.deploy:main", "verify a bundle and switch to it atomically"),

@@ -37,4 +37,5 @@ class TrainOptions:
     backbone: str = "auto"                          # auto | lite0 | scratch (choose_backbone)
     folds: int = 5                                  # k of the out-of-fold threshold; < 2: validation only
     fold_seconds: float = 900.0                     # time box of the k - 1 refits
+    onnx: bool = False                              # also model.onnx (convert.onnx_export)
     extra_args: dict = field(default_factory=dict)

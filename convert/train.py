@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle import EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, MAP_MODEL
+from agent.bundle import (EDGETPU_MODEL, FLOAT_MODEL, INT8_MODEL, MANIFEST, MAP_MODEL, ONNX_FLOAT_MODEL,
+                          ONNX_MODEL)
 from agent.preprocess import VIEWS
 
 from .calibrate import Choice, centre, choose, held_out
@@ -90,6 +91,8 @@ def train_bundle(data_dir: Path, out_dir: Path, opts: TrainOptions) -> dict:
     metrics.update(model_bytes=len(int8_bytes), float_model_bytes=len(float_bytes))
     finish_exports(out_dir, opts)
     write_bundle(ts, fitted, choice, metrics, data_dir, out_dir, opts)
+    if opts.onnx:
+        _add_onnx(ts, fitted, out_dir, opts)
     total_s = time.perf_counter() - t_start
     log.info("bundle written to %s  (total %.0fs)", out_dir, total_s)
     return {"bundle": str(out_dir), "metrics": metrics, "threshold": choice.threshold,
@@ -101,7 +104,8 @@ def export_models(ts: TrainingSet, fitted: Fitted, out_dir: Path, opts: TrainOpt
     from .export import representative_images, to_tflite
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (MANIFEST, INT8_MODEL, FLOAT_MODEL, EDGETPU_MODEL, MAP_MODEL, SAMPLE):
+    for stale in (MANIFEST, INT8_MODEL, FLOAT_MODEL, EDGETPU_MODEL, MAP_MODEL, ONNX_MODEL,
+                  ONNX_FLOAT_MODEL, SAMPLE):
         (out_dir / stale).unlink(missing_ok=True)
     te0 = time.perf_counter()
     hwc = (ts.spec.height, ts.spec.width, ts.spec.channels)
@@ -211,6 +215,28 @@ def _by_views(ts, scorer: Scorer, choice: Choice, P8, truth_h, held: str, opts: 
     return by_views
 
 
+def _add_onnx(ts: TrainingSet, fitted: Fitted, out_dir: Path, opts: TrainOptions) -> None:
+    """model.onnx beside the TFLite models (the Jetson path), calibrated on the training
+    images and checked against the int8 TFLite on the held-back ones. A refusal costs the
+    ONNX files, not the bundle: it stays as written, and says so."""
+    from agent.preprocess import add_views
+    try:
+        from .onnx_export import OnnxExportError, add_onnx
+        Xh = ts.Xte if ts.Xte is not None and len(ts.Xte) else ts.X[ts.va_i]
+        hwc = (ts.spec.height, ts.spec.width, ts.spec.channels)
+        rep = add_onnx(out_dir, ts.X[ts.tr_i].reshape((-1,) + hwc),
+                       parity_images=np.concatenate([add_views(x, ts.views) for x in Xh]),
+                       margin=opts.parity_margin,
+                       float_model=None if opts.keep_float else fitted.model)
+        q = rep["parity"]
+        log.info("model.onnx (int8 from %s) added: top-1 agreement with the int8 TFLite %.2f%%, max "
+                 "score difference %.4f", rep["int8_from"], 100 * q["top1_agreement"], q["max_score_diff"])
+    except ImportError as e:
+        log.warning("--onnx: %s (pip install 'edge-inspect[onnx-export]'); the bundle has no model.onnx", e)
+    except OnnxExportError as e:
+        log.warning("--onnx: %s; the bundle has no model.onnx", e)
+
+
 def finish_exports(out_dir: Path, opts: TrainOptions) -> None:
     if opts.edgetpu:
         from .export import ExportError, compile_edgetpu
@@ -282,6 +308,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--fold-seconds", type=float, default=900.0,
                    help="time box of those refits: no refit starts that would end past it "
                         "(default 900; the bundle records how many ran)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (float + int8 QDQ) for ONNX Runtime / TensorRT "
+                        "(the Jetson path; needs the onnx-export extra); a parity refusal leaves "
+                        "the bundle without it")
     p.add_argument("--no-float", action="store_true", help="leave model_float.tflite out of the bundle")
     p.add_argument("--edgetpu", action="store_true",
                    help="also compile model_edgetpu.tflite with edgetpu_compiler (when installed)")
@@ -329,7 +359,7 @@ def main(argv: list[str]) -> int:
                         weights=a.weights, edgetpu=a.edgetpu, flips=not a.no_flips,
                         keep_float=not a.no_float, verbose=not a.quiet, crops=not a.no_crops,
                         save_keras=a.save_keras, views=a.views, backbone=a.backbone,
-                        folds=a.folds, fold_seconds=a.fold_seconds)
+                        folds=a.folds, fold_seconds=a.fold_seconds, onnx=a.onnx)
     try:
         res = train_bundle(a.data, a.out, opts)
     except (DataError, WeightsError) as e:

@@ -171,7 +171,7 @@ def lite0_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("l0bundle") / "b"
     env = dict(os.environ, EDGE_INSPECT_CACHE=str(tmp_path_factory.mktemp("cache")))
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "train", str(root), "--out", str(out),
-                           "--epochs", "4", "--views", "2", "-q"], cwd=ROOT, capture_output=True,
+                           "--epochs", "4", "--views", "2", "--onnx", "-q"], cwd=ROOT, capture_output=True,
                           text=True, timeout=280, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, out, proc
@@ -203,6 +203,9 @@ def test_lite0_bundle_end_to_end(lite0_bundle):
     # the pictures and the frame-check statistics come with the bundle
     assert (out / "report" / "index.html").is_file()
     assert "input_stats" in json.loads((out / "bundle.json").read_text())
+    # --onnx: the Jetson path's model.onnx, listed and parity-checked against the int8 TFLite
+    pytest.importorskip("tf2onnx")
+    assert "model.onnx" in b.files and m["onnx"]["parity"]["top1_agreement"] >= 0.99
     # scored through the agent's own engine (no TensorFlow on that path): well above chance
     ev = subprocess.run([sys.executable, "-m", "agent.cli", "evaluate", str(out), str(root / "test"),
                          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
