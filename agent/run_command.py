@@ -36,23 +36,26 @@ def main(argv: list[str]) -> int:
         log.warning("%s", line)
     log.info("edge-inspect %s starting: station %s, config %s", __version__, cfg.station.id,
              args.config)
+    # imported here: a config that fails its checks never loads the runtime
+    from .daemon import Agent, StartupError
+
+    agent = Agent(cfg, config_path=args.config)
+    # Before the pid file is out, and before start (which loads the model: seconds on a
+    # busy box): a deploy-model that signals then gets its reload after start, not SIGHUP's
+    # default (the daemon killed) or, under nohup, a reload silently lost.
+    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
     if args.pid_file is not None:
         try:
             _write_pid(args.pid_file)
         except OSError as e:
             return print_problems([f"--pid-file: cannot write {args.pid_file}: {e.strerror}"])
     try:
-        # imported here: a config that fails its checks never loads the runtime
-        from .daemon import Agent, StartupError
-
-        agent = Agent(cfg, config_path=args.config)
         try:
             agent.start()
         except StartupError as e:
             return print_problems(e.problems)
-        signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
-        signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
-        signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
         return agent.run()
     finally:
         if args.pid_file is not None:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,17 +102,25 @@ frozen_frames = 0
             time.sleep(0.05)
         assert pid_file.exists(), proc.communicate(timeout=10)[0] if proc.poll() is not None else ""
         assert pid_file.read_text().split() == [str(proc.pid)]
-        # deploy-model --pid-file signals that pid (SIGHUP: the agent reloads)
-        time.sleep(1.0)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        # deploy-model --pid-file signals that pid (SIGHUP: the agent reloads) at once, while
+        # the agent may still be loading its model: the reload must happen, not a dead daemon
         code = deploy_main(["deploy-model", str(_bundle(tmp_path)), "--models-dir",
                             str(tmp_path / "models"), "--pid-file", str(pid_file)])
         assert code == 0
-        time.sleep(1.0)
-        assert proc.poll() is None                          # SIGHUP reloads, does not stop
+        t_end = time.monotonic() + 60
+        while not any("reload (SIGHUP)" in ln for ln in lines) and proc.poll() is None \
+                and time.monotonic() < t_end:
+            time.sleep(0.1)
+        assert proc.poll() is None, "".join(lines)          # SIGHUP reloads, does not stop
         proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=30)[0]
+        proc.wait(timeout=30)
+        reader.join(10)
+        out = "".join(lines)
         assert proc.returncode == 0, out
-        assert "reload" in out.lower(), out
+        assert "reload (sighup): now running" in out.lower(), out
         assert not pid_file.exists()
     finally:
         if proc.poll() is None:
