@@ -175,10 +175,9 @@ def run_pipeline(inspector: Inspector, src: str, deadline_ms: float, workers: in
     """The daemon's own Pipeline (capture, inspect, output threads) from src to a gate that
     records its commands; every figure comes from the parts' own per-stage timings. With
     `durable`, every part's alert is committed in the inspect thread as the daemon does."""
-    from firmware_io.gates import GateSettings, create_gate
-    from firmware_io.timing import RejectTiming
+    from firmware_io.gates import NoneGateConfig, create_gate
 
-    gate = create_gate("none", GateSettings(timing=RejectTiming(delay_ms=deadline_ms * 4)))
+    gate = create_gate(NoneGateConfig(delay_ms=deadline_ms * 4 or None))
     records: list[Inspection] = []
     pipe = Pipeline(open_source(src), inspector, gate=gate, sinks=[records.append],
                     deadline_ms=deadline_ms, keep_images=False, workers=workers,

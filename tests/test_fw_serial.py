@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import wait_until  # noqa: E402
 from firmware_io.gate_sim import GateSimulator
 from firmware_io.gates import (DEFER_CHECKS, MqttGateConfig, NoneGateConfig, SerialGateConfig, create_gate,
-                               gate_kinds)
+                               gate_class, gate_kinds)
 
 ROOT = Path(__file__).resolve().parents[1]
 MS = 1_000_000
@@ -50,7 +50,7 @@ def rig(pty_pair):
 def test_registry():
     assert {"serial", "modbus", "mqtt", "none"} <= set(gate_kinds())
     with pytest.raises(ValueError):
-        create_gate("laser")
+        gate_class("laser")
     with pytest.raises(ValueError):
         create_gate(MqttGateConfig(delay_ms=400))     # needs a link
     with pytest.raises(ValueError):

@@ -19,7 +19,6 @@ from pydantic import Field, TypeAdapter
 from ..checked import DEFER_CHECKS, Problem
 from .base import Gate, GateOutcome
 from .base import GateConfig as BaseGateConfig
-from .legacy import GateSettings
 from .modbus_gate import ModbusGate, ModbusGateConfig
 from .mqtt_gate import MqttGate, MqttGateConfig
 from .null_gate import NoneGateConfig, NullGate
@@ -59,18 +58,12 @@ def gate_class(kind: str) -> type[Gate]:
         raise ValueError(f"unknown gate kind {kind!r}; known: {', '.join(gate_kinds())}") from None
 
 
-def create_gate(config: BaseGateConfig | str, settings: GateSettings | None = None, link=None,
-                **hooks) -> Gate:
+def create_gate(config: BaseGateConfig, link=None, **hooks) -> Gate:
     """The gate ``config`` describes; call .open() on it. ``hooks``: on_trigger, on_fired,
-    on_reject_failed (called on the gate's threads). ``create_gate(kind, GateSettings(...))``
-    is the old spelling, kept for its last caller (agent/bench.py) only."""
-    if isinstance(config, str):
-        cls = gate_class(config)
-        config, hooks = (settings or GateSettings()).to_config(cls.config), \
-            {**(settings or GateSettings()).hooks(), **hooks}
+    on_reject_failed (called on the gate's threads)."""
     return gate_class(config.kind)(config, link=link, **hooks)
 
 
 __all__ = ["DEFER_CHECKS", "GATE_CONFIG", "GATE_KINDS", "Gate", "GateConfig", "GateOutcome",
-           "GateSettings", "ModbusGateConfig", "MqttGateConfig", "NoneGateConfig", "Problem",
+           "ModbusGateConfig", "MqttGateConfig", "NoneGateConfig", "Problem",
            "SerialGateConfig", "create_gate", "gate_class", "gate_kinds", "register_gate"]
