@@ -100,3 +100,50 @@ def test_operator_page_in_chromium(browser, tmp_path):
     assert p.returncode == 0, p.stderr
     assert (out / "good" / path.rsplit("/", 1)[-1]).is_file()
     assert sorted(x.name for x in out.iterdir()) == ["good"]
+
+
+def test_a_reject_shows_where_in_chromium(browser, tmp_path):
+    """A bundle that ships its defect map (model_map.tflite, which `train` now exports): the
+    page's reject card carries the overlay, and the overlaid picture differs from the plain
+    one. The bundle is trained here, on synthetic data, by our own trainer."""
+    pytest.importorskip("tensorflow", reason="trains a small bundle")
+    import cv2
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from agent.config import parse_config
+    from agent.daemon import Agent
+    from convert.synthetic import make_synthetic_dataset, train_tiny_bundle
+    from ui_support import Client, _NoNotify, line_config
+
+    make_synthetic_dataset(tmp_path / "data" / "train", n_per_class=30, size=64, seed=1)
+    train_tiny_bundle(tmp_path / "data", tmp_path / "bundle")
+    assert (tmp_path / "bundle" / "model_map.tflite").is_file()
+    make_synthetic_dataset(tmp_path / "parts", n_per_class=6, size=64, seed=2)
+    line = tmp_path / "line"
+    line.mkdir()
+    for p in sorted((tmp_path / "parts" / "defect").iterdir()):
+        cv2.imwrite(str(line / f"{p.stem}.png"), cv2.imread(str(p), cv2.IMREAD_UNCHANGED))
+    raw = line_config(tmp_path).model_dump(mode="json")
+    raw["camera"]["source"] = str(line)
+    raw["model"]["bundle"] = str(tmp_path / "bundle")
+    agent = Agent(parse_config(raw, tmp_path), notifier=_NoNotify()).start()
+    try:
+        wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+        browser.get(f"http://127.0.0.1:{agent.ui.port}/")
+        # the cards are redrawn as rejects arrive: read one in a single script
+        first = wait.until(lambda d: d.execute_script(
+            "const c = document.querySelector('.reject-card');"
+            "return c && [c.dataset.seq, !!c.querySelector('.map-none')]"))
+        seq, map_none = first
+        assert not map_none, "the reject card says it has no defect map"
+        assert browser.find_element(By.ID, "map-note").text == ""
+        c = Client(agent.ui.port)
+        st1, _, with_map = c.request("GET", f"/api/reject/{seq}.jpg")
+        st0, _, plain = c.request("GET", f"/api/reject/{seq}.jpg?map=0")
+        assert st1 == st0 == 200 and with_map != plain
+        shot = tmp_path / "reject-with-map.png"
+        assert browser.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
+    finally:
+        agent.shutdown()
