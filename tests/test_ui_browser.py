@@ -48,11 +48,14 @@ def browser(tmp_path):
 
 def test_operator_page_in_chromium(browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     agent = start_line(tmp_path)
     try:
-        wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+        # the page redraws its lists as parts arrive: an element found may go stale
+        wait = WebDriverWait(browser, 60, poll_frequency=0.1,
+                             ignored_exceptions=(StaleElementReferenceException,))
         browser.get(f"http://127.0.0.1:{agent.ui.port}/")
         assert browser.title == "edge-inspect"
         parts = lambda: int(browser.find_element(By.ID, "c-parts").text or 0)  # noqa: E731
@@ -109,6 +112,7 @@ def test_a_reject_shows_where_in_chromium(browser, tmp_path):
     pytest.importorskip("tensorflow", reason="trains a small bundle")
     import cv2
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     from agent.config import parse_config
@@ -129,7 +133,9 @@ def test_a_reject_shows_where_in_chromium(browser, tmp_path):
     raw["model"]["bundle"] = str(tmp_path / "bundle")
     agent = Agent(parse_config(raw, tmp_path), notifier=_NoNotify()).start()
     try:
-        wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+        # the page redraws its lists as parts arrive: an element found may go stale
+        wait = WebDriverWait(browser, 60, poll_frequency=0.1,
+                             ignored_exceptions=(StaleElementReferenceException,))
         browser.get(f"http://127.0.0.1:{agent.ui.port}/")
         # the cards are redrawn as rejects arrive: read one in a single script
         first = wait.until(lambda d: d.execute_script(
