@@ -29,10 +29,8 @@ def write_bundle(ts: TrainingSet, fitted: Fitted, choice: Choice, metrics: dict,
     """sample.png, bundle.json (what the agent verifies and loads) and the report."""
     labels, y, tr_i, va_i = ts.labels, ts.y, ts.tr_i, ts.va_i
     # a held-back defect frame if there is one
-    if metrics["eval_split"] == "test":
-        truth_h, src_imgs = ts.te_cls, ts.te_imgs
-    else:
-        truth_h, src_imgs = [labels[i] for i in y[va_i]], [ts.tr_imgs[i] for i in va_i]
+    hb = ts.held_back()
+    truth_h, src_imgs = hb.truth, hb.images
     cands = [i for i, c in enumerate(truth_h) if c != GOOD] or list(range(len(truth_h)))
     sample_img = src_imgs[cands[0]]
     if sample_img.dtype != np.uint8:

@@ -28,7 +28,6 @@ class HeldOut:
     index: np.ndarray
     is_defect: np.ndarray
     oof_probs: np.ndarray | None       # the fold models' (n, tiles x views, K), before centring
-    n_val: int
 
     @property
     def where(self) -> str:
@@ -65,7 +64,7 @@ def held_out(ts, oof) -> HeldOut:
         idx, probs = np.concatenate([ts.va_i, oof.index]), oof.probs
     else:
         idx, probs = ts.va_i, None
-    return HeldOut(idx, ts.y[idx] != ts.good_idx, probs, len(ts.va_i))
+    return HeldOut(idx, ts.y[idx] != ts.good_idx, probs)
 
 
 def centre(ts, scorer, held: HeldOut, opts: TrainOptions) -> tuple[float, float]:

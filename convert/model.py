@@ -222,14 +222,25 @@ class Lite0Classifier:
             norm.set_weights([np.zeros_like(mu_x), np.ones_like(inv_x)])
 
     def map_model(self):
-        """pixels -> (h, w) defect map in [0, 1], one value per stride-32 cell: each cell's
-        share of the frame's evidence for its likeliest defect class against good, an exact
-        split of the trained (and centred) head: the mean branch gives every cell its own
-        features' share, the max branch gives each channel's term to the cell holding that
-        channel's maximum (split among ties). The shares of all cells sum to the frame's
-        logit; the map is sigmoid(cells x share), "a frame made of cells like this one".
-        Where, not whether: the verdict stays the model's. Exported as a second file and run
-        for rejects only (the agent draws it)."""
+        """pixels -> (h, w) defect map in [0, 1], one value per stride-32 cell: the cell's
+        share (cell_shares) of its likeliest defect class, as sigmoid(cells x share), "a
+        frame made of cells like this one". Where, not whether: the verdict stays the
+        model's. Exported as a second file and run for rejects only (the agent draws it)."""
+        import keras
+        from keras import layers, ops
+
+        shares = self.cell_shares()
+        n = float(self.cells[0] * self.cells[1])
+        m = layers.Lambda(lambda t: ops.sigmoid(n * ops.max(t, axis=-1)),
+                          name="defect_map")(shares.output)
+        return keras.Model(shares.input, m, name="edge_inspect_lite0_map")
+
+    def cell_shares(self):
+        """pixels -> (h, w, K - 1): each cell's share of the frame's logit of defect class k
+        against good, an exact split of the trained (and centred) head: the mean branch
+        gives every cell its own features' share, the max branch gives each channel's term
+        to the cell holding that channel's maximum (split among ties). Summed over cells,
+        the shares are the frame's logits."""
         import keras
         from keras import layers, ops
 
@@ -256,12 +267,10 @@ class Lite0Classifier:
         conv_a = layers.Conv2D(len(b) - 1, 1, name="cell_share_mean")
         z = layers.Add()([conv_x(layers.Lambda(max_owner, name="max_owner")(x)),
                           conv_a(layers.Lambda(lambda t: t - mu_a, name="centre_mean")(x))])
-        m = layers.Lambda(lambda t: ops.sigmoid(n * ops.max(t, axis=-1)), name="defect_map")(z)
         conv_x.set_weights([against_good(Wx / sd_x[:, None])[None, None].astype(np.float32)])
         conv_a.set_weights([(against_good(Wa / sd_a[:, None]) / n)[None, None].astype(np.float32),
                             ((b[1:] - b[0]) / n).astype(np.float32)])
-        self._map_logits = keras.Model(inp, z)          # the shares, for tests
-        return keras.Model(inp, m, name="edge_inspect_lite0_map")
+        return keras.Model(inp, z, name="edge_inspect_lite0_cell_shares")
 
     def tuned_layers(self):
         from .lite0 import BLOCKS

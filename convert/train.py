@@ -136,10 +136,8 @@ def evaluate(ts: TrainingSet, fitted: Fitted, scorer: Scorer, eng8, choice: Choi
     labels, prog = ts.labels, fitted.progress
     y, va_i = ts.y, ts.va_i
     val_m, _ = scorer.metrics(choice.P8_va, [labels[i] for i in y[va_i]])
-    if ts.Xte is not None and len(ts.Xte):
-        Xh, truth_h, held = ts.Xte, ts.te_cls, "test"
-    else:
-        Xh, truth_h, held = ts.X[va_i], [labels[i] for i in y[va_i]], "validation"
+    hb = ts.held_back()
+    Xh, truth_h, held = hb.X, hb.truth, hb.name
     P8 = scorer.run(eng8, Xh)
     Pf = scorer.run(scorer.engine(out_dir / FLOAT_MODEL), Xh)
     Pk = scorer.keras_probs(Xh)
@@ -222,7 +220,7 @@ def _add_onnx(ts: TrainingSet, fitted: Fitted, out_dir: Path, opts: TrainOptions
     from agent.preprocess import add_views
     try:
         from .onnx_export import OnnxExportError, add_onnx
-        Xh = ts.Xte if ts.Xte is not None and len(ts.Xte) else ts.X[ts.va_i]
+        Xh = ts.held_back().X
         hwc = (ts.spec.height, ts.spec.width, ts.spec.channels)
         rep = add_onnx(out_dir, ts.X[ts.tr_i].reshape((-1,) + hwc),
                        parity_images=np.concatenate([add_views(x, ts.views) for x in Xh]),

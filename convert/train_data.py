@@ -100,6 +100,22 @@ class TrainingSet:
     def rel(self, i: int) -> str:
         return str(self.tr_paths[i].relative_to(self.train_split.root))
 
+    def held_back(self) -> "HeldBack":
+        """What the bundle is judged on after training: test/ if there is one, else validation."""
+        if self.Xte is not None and len(self.Xte):
+            return HeldBack("test", self.Xte, list(self.te_cls), self.te_imgs)
+        va = self.va_i
+        return HeldBack("validation", self.X[va], [self.labels[i] for i in self.y[va]],
+                        [self.tr_imgs[i] for i in va])
+
+
+@dataclasses.dataclass
+class HeldBack:
+    name: str                          # "test" or "validation"
+    X: np.ndarray                      # preprocessed, as TrainingSet.X
+    truth: list[str]
+    images: list[np.ndarray]
+
 
 def load_training_set(data_dir: Path, opts: TrainOptions) -> TrainingSet:
     """Raises DataError (exit 2) for data that cannot train a bundle."""

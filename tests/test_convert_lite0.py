@@ -254,7 +254,7 @@ def test_defect_map_is_an_exact_split_of_the_frame_logit(parts):
     np.testing.assert_allclose(p, p0, atol=1e-4)
     assert np.allclose(clf.norm_max.get_weights()[1], 1.0)
     mm = clf.map_model()
-    shares = clf._map_logits.predict(x, verbose=0)                    # (3, 5, 4, 2)
+    shares = clf.cell_shares().predict(x, verbose=0)                    # (3, 5, 4, 2)
     assert shares.shape == (3, 5, 4, 2)
     np.testing.assert_allclose(shares.sum(axis=(1, 2)), np.log(p[:, 1:] / p[:, :1]), atol=2e-3)
     m = mm.predict(x, verbose=0)
