@@ -49,7 +49,8 @@ def render(b: Bundle, verified: bool) -> str:
                    + f", false reject {_pct(m.get('false_reject_rate'))}")
     points = sel.get("operating_points") or []
     out.append("")
-    out.append("operating points (validation; set model.threshold, or the threshold command):")
+    where = "out-of-fold" if (sel.get("out_of_fold") or {}).get("folds") else "validation"
+    out.append(f"operating points ({where}; set model.threshold, or the threshold command):")
     if points:
         out += _table(["max escape", "threshold", "escape", "false reject"],
                       [[_pct(p.get("max_escape")), f"{float(p['threshold']):.4f}",
@@ -78,7 +79,7 @@ def render(b: Bundle, verified: bool) -> str:
             out.append(f"  {key:<20} {prov[key]}")
     counts = prov.get("counts") or {}
     for split in ("train", "validation", "test"):
-        if split in counts:
+        if counts.get(split):           # "test": null when the data had no test/ folder
             out.append(f"  {split + ' images':<20} "
                        + ", ".join(f"{k} {n}" for k, n in counts[split].items()))
     versions = prov.get("versions") or {}

@@ -156,6 +156,12 @@ def test_show_prints_operating_points_views_and_provenance(tmp_path):
     assert any(ln.split() == ["1", "0.5700", "1.0%", "4.0%", "93.0%", "0.8%", "12.0%"]
                for ln in lines), r.stdout
     assert "dataset_fingerprint  f0ec7cf9" in r.stdout and "hashes verified" in r.stdout
+    # a bundle trained without a test/ folder records "test": null in its counts
+    m["provenance"]["counts"]["test"] = None
+    (b / "bundle.json").write_text(json.dumps(m))
+    r = cli("show", str(b))
+    assert r.returncode == 0 and "validation images" in r.stdout, r.stderr
+    assert "test images" not in r.stdout
     # a changed model is still shown, but loudly and with a failing exit code
     model = b / "model.tflite"
     model.write_bytes(model.read_bytes()[:-1] + b"\0")
