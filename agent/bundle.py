@@ -12,21 +12,21 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .frame_checks import InputStats, StatsError, parse_input_stats
-from .preprocess import InputSpec
+from agent.frame_checks import InputStats, StatsError, parse_input_stats
+from agent.preprocess import InputSpec
 
 BUNDLE_FORMAT = 1
 MANIFEST = "bundle.json"
 INT8_MODEL = "model.tflite"
 FLOAT_MODEL = "model_float.tflite"
 EDGETPU_MODEL = "model_edgetpu.tflite"
-# ONNX Runtime / TensorRT (convert.onnx_export, agent.engines.onnxrt): int8 QDQ and float,
+# ONNX Runtime / TensorRT (convert.onnx_export, agent.runtime.engines.onnxrt): int8 QDQ and float,
 # optional. Not hashed by write_manifest: a retrain into an old bundle's directory must not
 # list a model.onnx left there from another model; add_files lists them once they are made.
 ONNX_MODEL = "model.onnx"
 ONNX_FLOAT_MODEL = "model_float.onnx"
 # classifier: model.tflite gives label probabilities; anomaly: model.tflite gives patch features
-# and memory.npz (agent.anomaly) the good patches they are compared with.
+# and memory.npz (agent.runtime.anomaly) the good patches they are compared with.
 KINDS = ("classifier", "anomaly")
 ANOMALY_MEMORY = "memory.npz"
 # A classifier's defect map (convert.model.Lite0Classifier.map_model): pixels -> per-cell

@@ -26,10 +26,10 @@ from firmware_io.gates import GATE_KINDS, GateConfig, NoneGateConfig
 from firmware_io.mqtt_config import MqttConfig
 from firmware_io.timing import whole_ms
 
-from .config_env import check_environment, config_warnings  # noqa: F401 (the API is here)
-from .config_rules import RULES, SUPERSEDES, run_checks
-from .config_rules import is_url as _is_url
-from .trigger_config import TRIGGER_MODES, FrameTrigger, TriggerConfig
+from agent.config_env import check_environment, config_warnings  # noqa: F401 (the API is here)
+from agent.config_rules import RULES, SUPERSEDES, run_checks
+from agent.config_rules import is_url as _is_url
+from agent.trigger_config import TRIGGER_MODES, FrameTrigger, TriggerConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,7 +102,7 @@ class Model(_Section):
     # for that many (the bundle's by_views table), not the one chosen for all of them.
     views: Optional[Literal[1, 2, 4]] = Field(None, description="views per tile (default: the bundle's)")
     # cpu: LiteRT + XNNPACK; edgetpu: a Coral; tensorrt / cuda / onnx-cpu: ONNX Runtime on the
-    # bundle's model.onnx (agent.engines.onnxrt; the `onnx` extra, or NVIDIA's wheel on a Jetson)
+    # bundle's model.onnx (agent.runtime.engines.onnxrt; the `onnx` extra, or NVIDIA's wheel on a Jetson)
     delegate: Literal["cpu", "edgetpu", "tensorrt", "cuda", "onnx-cpu"] = "cpu"
     device: Optional[str] = None
     cpu_fallback: bool = False
@@ -145,7 +145,7 @@ class Recorder(_Section):
 
 
 class Ui(_Section):
-    """The operator page (agent/ui/): off the inspect path, local unless configured."""
+    """The operator page (agent/report/ui/): off the inspect path, local unless configured."""
     port: int = Field(0, ge=0, le=65535, description="0 turns the operator page off")
     bind: str = "127.0.0.1"
     # Anywhere but loopback the page needs this token (HTTP Basic password or Bearer).
@@ -172,7 +172,7 @@ class FrameChecks(_Section):
     stats_sigmas: float = Field(4.0, gt=0, le=100)
 
     def settings(self):
-        from .frame_checks import FrameCheckSettings
+        from agent.frame_checks import FrameCheckSettings
 
         return FrameCheckSettings(enabled=self.enabled, uniform_std=self.uniform_std,
                                   frozen_frames=self.frozen_frames, stats=self.stats,

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 from firmware_io.mqtt_config import MqttConfig
 
-from .config_rules import is_url as _is_url
+from agent.config_rules import is_url as _is_url
 
 if TYPE_CHECKING:
-    from .config import Config
+    from agent.config import Config
 
 
 def check_environment(cfg: Config, strict_devices: bool = True) -> list[str]:

@@ -30,7 +30,7 @@ from typing import Iterable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .types import FailsafeReason
+from agent.types import FailsafeReason
 
 BLANK = FailsafeReason.BLANK
 FROZEN = FailsafeReason.FROZEN

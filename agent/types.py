@@ -33,7 +33,7 @@ class FailsafeReason(enum.StrEnum):
     BLANK = "blank_frame"
     FROZEN = "frozen_frame"
     OUT_OF_RANGE = "frame_out_of_range"
-    # agent.parts: the part selector's (trigger modes external and presence)
+    # agent.runtime.parts: the part selector's (trigger modes external and presence)
     NO_FRAME_FOR_TRIGGER = "no_frame_for_trigger"  # no frame within the window of trigger+offset
     MISSED_TRIGGER = "missed_trigger"              # more triggers pending than the bound (storm)
     PART_NOT_JUDGED = "part_not_judged"            # seen, but lost before its reference line

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.anomaly import AnomalyEngine, patch_features  # noqa: E402
+from agent.runtime.anomaly import AnomalyEngine, patch_features  # noqa: E402
 from agent.bundle import load_bundle  # noqa: E402
 from agent.decide import anomaly_probs, defect_score  # noqa: E402
 from agent.preprocess import preprocess  # noqa: E402

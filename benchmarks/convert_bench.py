@@ -2,7 +2,7 @@
 
     python benchmarks/convert_bench.py BUNDLE_DIR DATA_DIR [--keras MODEL.keras] [--n 100]
 
-The TFLite models run through agent.preprocess + agent.engines (as on the line, batch 1,
+The TFLite models run through agent.preprocess + agent.runtime.engines (as on the line, batch 1,
 2 threads); the Keras model is called as model(x, training=False) one image at a time.
 Prints a table and (with --json) one JSON object.
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle import load_bundle  # noqa: E402
 from agent.decide import defect_score  # noqa: E402
-from agent.engines import create_engine  # noqa: E402
+from agent.runtime.engines import create_engine  # noqa: E402
 from agent.preprocess import preprocess  # noqa: E402
 from convert.data import read_image, scan_eval  # noqa: E402
 from convert.evaluate import verdict_metrics  # noqa: E402

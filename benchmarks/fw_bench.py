@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent.local_broker import LocalBroker  # noqa: E402  (test/demo helper: a throwaway broker)
+from agent.commands.local_broker import LocalBroker  # noqa: E402  (test/demo helper: a throwaway broker)
 from firmware_io.gate_sim import GateSimulator  # noqa: E402
 from firmware_io.gates import (DEFER_CHECKS, ModbusGateConfig, SerialGateConfig,  # noqa: E402
                                create_gate)

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle import load_bundle  # noqa: E402
-from agent.engines import create_engine  # noqa: E402
+from agent.runtime.engines import create_engine  # noqa: E402
 from convert.data import load_split, scan_eval  # noqa: E402
 from convert.evaluate import run_engine  # noqa: E402
 

@@ -30,9 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.parts import ExternalSelector, PresenceSelector  # noqa: E402
-from agent.simulate_line import LineSpec, labelled_images, render  # noqa: E402
-from agent.sources import Captured  # noqa: E402
+from agent.runtime.parts import ExternalSelector, PresenceSelector  # noqa: E402
+from agent.commands.simulate_line import LineSpec, labelled_images, render  # noqa: E402
+from agent.runtime.sources import Captured  # noqa: E402
 
 
 def decoded(video: str, fps: float) -> list[Captured]:
@@ -65,8 +65,8 @@ def gate_run(mode: str, rate: float, parts: int, imgs, seed: int, tmp: str) -> d
     import tty
 
     from agent.config import parse_config
-    from agent.daemon import Agent
-    from agent.simulate_line import LineVideoSource, drive_triggers
+    from agent.commands.daemon import Agent
+    from agent.commands.simulate_line import LineVideoSource, drive_triggers
     from firmware_io import protocol as P
     from firmware_io.gate_sim import GateSimulator
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent.daemon import Agent  # noqa: E402
+from agent.commands.daemon import Agent  # noqa: E402
 from ui_support import Client, _NoNotify, line_config  # noqa: E402
 
 

@@ -5,9 +5,9 @@ EfficientNet-Lite0 (convert.lite0, ImageNet) is not trained further: its mid-lev
 at strides 8 and 16, each averaged over its 3x3 neighbourhood inside the graph (AVERAGE_POOL_2D
 quantizes exactly: a mean of int8 values), are the two outputs of one full-int8 TFLite model.
 The bank and the calibration are built from THAT int8 model's features through
-agent.anomaly, the code the box runs, so the threshold is the line's threshold.
+agent.runtime.anomaly, the code the box runs, so the threshold is the line's threshold.
 
-Memory (agent.anomaly): patchcore (a greedy k-center coreset of good patches, nearest-neighbour
+Memory (agent.runtime.anomaly): patchcore (a greedy k-center coreset of good patches, nearest-neighbour
 distance) or padim (a Gaussian per patch position, Mahalanobis distance). Good images are split:
 most build the memory, the rest (held back) set the threshold for a false-reject target.
 Defect folders, when present, are never trained on: they give the escape rate and AUROC.
@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.anomaly import MEMORY_FILE, METHODS, FeatureModel, Memory, Scorer, blur_max, patch_features
+from agent.runtime.anomaly import MEMORY_FILE, METHODS, FeatureModel, Memory, Scorer, blur_max, patch_features
 from agent.bundle import INT8_MODEL, MANIFEST, sha256_file, write_manifest
 from agent.decide import anomaly_probs
 from agent.preprocess import InputSpec, preprocess
@@ -104,7 +104,7 @@ def export_feature_model(spec: InputSpec, pixels: np.ndarray, n_rep: int, seed: 
 
 
 def extract(fm: FeatureModel, pixels: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) uint8 -> (N, P, D) float32 patch features, as agent.anomaly computes them."""
+    """(N, H, W, C) uint8 -> (N, P, D) float32 patch features, as agent.runtime.anomaly computes them."""
     return np.stack([patch_features(fm(p)) for p in pixels])
 
 

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from agent.anomaly import METHODS
+from agent.runtime.anomaly import METHODS
 
 from .anomaly import AnomalyOptions, train_anomaly
 from .data import DataError

@@ -166,7 +166,7 @@ def main(argv: list[str]) -> int:
             print(f"{prog}: --threshold must be within [0, 1]", file=sys.stderr)
             return 2
         bundle.threshold = args.threshold
-    from agent.engines import ENGINES, EngineError, create_engine
+    from agent.runtime.engines import ENGINES, EngineError, create_engine
     if args.engine not in ENGINES:
         print(f"{prog}: unknown --engine {args.engine!r}; known: {', '.join(sorted(ENGINES))}",
               file=sys.stderr)
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> int:
         if bundle.kind == "anomaly":
             if args.engine != "cpu":
                 raise EngineError(f"an anomaly bundle runs on the cpu engine only, not {args.engine}")
-            from agent.anomaly import AnomalyEngine
+            from agent.runtime.anomaly import AnomalyEngine
             engine = AnomalyEngine.from_bundle(bundle, threads=args.threads)
         else:
             model = bundle.model_path

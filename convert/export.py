@@ -86,7 +86,7 @@ def representative_images(x: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
 
 def model_ops(path: Path) -> Counter:
     """Builtin op names in a .tflite, counted (read through the LiteRT interpreter)."""
-    from agent.engines.litert import interpreter_module
+    from agent.runtime.engines.litert import interpreter_module
 
     interp = interpreter_module().Interpreter(model_path=str(path))
     return Counter(op["op_name"] for op in interp._get_ops_details())

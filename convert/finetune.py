@@ -45,7 +45,7 @@ class FrozenRunner:
     def __init__(self, clf: Lite0Classifier, shape: tuple[int, int, int]):
         import keras
 
-        from agent.engines.litert import interpreter_module
+        from agent.runtime.engines.litert import interpreter_module
 
         from .export import to_tflite
 

@@ -160,7 +160,7 @@ def parity(onnx_path: Path, tflite_path: Path, bundle: Bundle, images: np.ndarra
     inputs (N, H, W, C): top-1 agreement, the largest probability difference, and the
     largest defect-score difference (agent.decide's score, per input)."""
     from agent.decide import defect_score
-    from agent.engines import create_engine
+    from agent.runtime.engines import create_engine
 
     spec1 = dataclasses.replace(bundle.input, views=1, tiles=(1, 1))
     n = len(bundle.labels)

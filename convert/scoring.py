@@ -28,7 +28,7 @@ class Scorer:
                           threshold=0.5, files={})
 
     def engine(self, path: Path):
-        from agent.engines import create_engine
+        from agent.runtime.engines import create_engine
         return create_engine("cpu", path, self.ts.bspec, len(self.ts.labels), threads=2)
 
     def run(self, eng, Xs) -> np.ndarray:

@@ -32,7 +32,7 @@ from .fit import BACKBONES, Fitted, fit_backbone
 from .lite0_weights import WeightsError
 from .options import TrainError, TrainOptions
 from .scoring import Scorer
-from .threshold import rates_at, select_threshold
+from .threshold import parity_verdict, rates_at, select_threshold
 from .bundle_writer import SAMPLE, write_bundle
 from .train_data import TrainingSet, load_training_set
 
@@ -130,7 +130,7 @@ def evaluate(ts: TrainingSet, fitted: Fitted, scorer: Scorer, eng8, choice: Choi
              opts: TrainOptions, out_dir: Path) -> dict:
     """The held-back images (test/ if there is one, else validation) through the agent's own
     engine and decision rule, for int8, float and Keras; raises TrainError when int8 falls
-    more than --parity-margin below float."""
+    more than --parity-margin below float beyond chance (parity_verdict)."""
     from .export import edgetpu_report, format_edgetpu_report
 
     labels, prog = ts.labels, fitted.progress
@@ -182,13 +182,19 @@ def evaluate(ts: TrainingSet, fitted: Fitted, scorer: Scorer, eng8, choice: Choi
              "%.2f%%, escape %.2f%%, false reject %.2f%%", held, len(Xh), 100 * m8["accuracy"],
              100 * mf["accuracy"], 100 * mk["accuracy"], 100 * agreement, 100 * m8["escape_rate"],
              100 * m8["false_reject_rate"])
-    drop = mf["accuracy"] - m8["accuracy"]
-    if drop > opts.parity_margin:
+    def right(preds):
+        return [(p == GOOD) == (t == GOOD) for p, t in zip(preds, truth_h)]
+    parity = parity_verdict(right(pred8), right(predf), opts.parity_margin)
+    metrics["parity"] = parity
+    if parity["refused"]:
         (out_dir / "metrics_failed.json").write_text(json.dumps(metrics, indent=2))
         raise TrainError(f"int8 parity check failed: int8 accuracy {100 * m8['accuracy']:.2f}% is "
-                         f"{100 * drop:.2f} points below float {100 * mf['accuracy']:.2f}% (allowed "
-                         f"{100 * opts.parity_margin:.2f}; --parity-margin); no bundle written, "
-                         f"models and {out_dir / 'metrics_failed.json'} left for inspection")
+                         f"{100 * parity['drop']:.2f} points below float {100 * mf['accuracy']:.2f}% "
+                         f"(int8 alone wrong on {parity['int8_only_wrong']}, float alone on "
+                         f"{parity['float_only_wrong']} of {parity['n']}; allowed "
+                         f"{100 * opts.parity_margin:.2f} points beyond chance, --parity-margin); "
+                         f"no bundle written, models and {out_dir / 'metrics_failed.json'} left "
+                         f"for inspection")
     (out_dir / "metrics_failed.json").unlink(missing_ok=True)
     return metrics
 
@@ -289,7 +295,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--max-escape", type=float, default=0.01,
                    help="target max escape rate (defects passed as good) for the threshold; default 0.01")
     p.add_argument("--parity-margin", type=float, default=1.0,
-                   help="max int8 accuracy drop vs float, in points (default 1.0)")
+                   help="max int8 accuracy drop vs float, in points, beyond chance (default 1.0)")
     p.add_argument("--weights", type=Path, default=None,
                    help="start from this Keras weights file (.weights.h5); nothing is downloaded")
     p.add_argument("--no-flips", action="store_true",

@@ -22,7 +22,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +32,7 @@ from .commands import run_command
 from .mqtt_config import LinkTuning, MqttConfig
 from .mqtt_diagnose import tls_context, why_unreachable
 from .outbox import Outbox, OutboxFull
+from .outbox_sender import OutboxSender
 
 log = logging.getLogger("firmware_io.mqtt")
 
@@ -63,12 +63,7 @@ class MqttLink:
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
         self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._acks: deque[int] = deque()
-        self._inflight: dict[int, tuple[int, float]] = {}   # mid -> (row id, sent at)
-        self._unmatched: set[int] = set()
-        self._cursor = 0
-        self._sender: threading.Thread | None = None
+        self._sender: OutboxSender | None = None
         self._cmd_q: queue.Queue = queue.Queue(maxsize=100)
         self._cmd_thread: threading.Thread | None = None
         self._started_at = time.time()
@@ -97,7 +92,7 @@ class MqttLink:
         c["outbox_dropped"] = self._outbox.dropped if self._outbox else 0
         c["outbox_dropped_full"] = self._outbox.dropped_full if self._outbox else 0
         c["outbox_disk_full"] = self.disk_full()
-        c["inflight"] = len(self._inflight)
+        c["inflight"] = self._sender.inflight if self._sender else 0
         return c
 
     def connected(self) -> bool:
@@ -156,7 +151,6 @@ class MqttLink:
         password = self._password if self._password is not None else s.password()
         self._outbox = Outbox(str(s.outbox), s.outbox_max, t.outbox_sync,
                               reserve_bytes=s.outbox_reserve_bytes)
-        self._cursor = 0
         cid = t.client_id or f"edge-inspect-{self.station}-{uuid.uuid4().hex[:8]}"
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True,
                         protocol=mqtt.MQTTv311)
@@ -181,6 +175,7 @@ class MqttLink:
         c.on_publish = self._on_publish
         c.on_message = self._on_message
         self._client = c
+        self._sender = OutboxSender(self._outbox, c, self._connected, t, self._count)
         self._state = "started"
         try:
             c.connect_async(s.host, s.port, keepalive=t.keepalive)
@@ -188,8 +183,6 @@ class MqttLink:
             self.last_error = str(exc)
             log.warning("mqtt: connect_async %s:%s: %s", s.host, s.port, exc)
         c.loop_start()
-        self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox",
-                                        daemon=True)
         self._sender.start()
         self._cmd_thread = threading.Thread(target=self._cmd_loop, name="mqtt-commands",
                                             daemon=True)
@@ -209,21 +202,20 @@ class MqttLink:
             except (RuntimeError, ValueError) as exc:
                 log.warning("mqtt: offline status not confirmed: %s", exc)
         self._stop.set()
-        self._wake.set()
         try:
             self._cmd_q.put_nowait(None)
         except queue.Full:
             pass
-        for t in (self._sender, self._cmd_thread):
-            if t is not None:
-                t.join(timeout=max(0.1, deadline - time.monotonic()))
+        self._sender.stop(deadline - time.monotonic())
+        if self._cmd_thread is not None:
+            self._cmd_thread.join(timeout=max(0.1, deadline - time.monotonic()))
         try:
             c.disconnect()
         except Exception:
             pass
         c.loop_stop()
         self._connected.clear()
-        self._flush_acks()
+        self._sender.flush_acks()
         if self._outbox:
             self._outbox.close()
         self._state = "stopped"
@@ -247,7 +239,7 @@ class MqttLink:
                            retain=True)
         except Exception:
             log.exception("mqtt: online status")
-        self._wake.set()
+        self._sender.wake()
 
     def _on_connect_fail(self, client, userdata):
         # paho keeps the error; find it again (runs in paho's thread, which is idle anyway)
@@ -274,8 +266,7 @@ class MqttLink:
         self._connected.clear()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
-        self._acks.append(mid)      # resolved by the sender thread; no locks in here
-        self._wake.set()
+        self._sender.on_publish(mid)
 
     def _on_message(self, client, userdata, msg):
         parts = msg.topic.split("/")
@@ -284,61 +275,6 @@ class MqttLink:
             self._cmd_q.put_nowait((verb, msg.payload))
         except queue.Full:
             self._count("cmd_dropped")
-
-    # ------------------------------------------------------------------ outbox sender
-    def _flush_acks(self) -> None:
-        done = []
-        while self._acks:
-            mid = self._acks.popleft()
-            entry = self._inflight.pop(mid, None)
-            if entry is None:
-                self._unmatched.add(mid)
-            else:
-                done.append(entry[0])
-        if done and self._outbox:
-            n = self._outbox.delete(done)
-            self._count("alerts_acked", n)
-
-    def _send_loop(self) -> None:
-        s = self.settings
-        t = self.tuning
-        window = max(1, t.inflight_window)
-        while not self._stop.is_set():
-            self._wake.wait(0.2)
-            self._wake.clear()
-            try:
-                self._flush_acks()
-                if not self._connected.is_set():
-                    continue
-                now = time.monotonic()
-                if self._inflight and min(t for _, t in self._inflight.values()) \
-                        < now - t.inflight_timeout_s:
-                    # connected, yet a PUBACK is overdue: hand everything over again
-                    self._count("inflight_resets")
-                    self._cursor = min(r for r, _ in self._inflight.values()) - 1
-                    self._inflight.clear()
-                room = window - len(self._inflight)
-                if room <= 0:
-                    continue
-                rows = self._outbox.after(self._cursor, room)
-                for rid, topic, payload, qos in rows:
-                    info = self._client.publish(topic, payload, qos=qos)
-                    if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
-                        log.warning("mqtt: publish rc=%s", info.rc)
-                        break
-                    self._cursor = rid
-                    self._count("alerts_published")
-                    if info.mid in self._unmatched:
-                        self._unmatched.discard(info.mid)
-                        self._outbox.delete([rid])
-                        self._count("alerts_acked")
-                    else:
-                        self._inflight[info.mid] = (rid, now)
-                if len(rows) == room:
-                    self._wake.set()     # more waiting: go round again at once
-            except Exception:
-                log.exception("mqtt: outbox sender")
-                self._stop.wait(0.5)
 
     # ------------------------------------------------------------------ publishing
     def publish_alert(self, payload: dict, suffix: str = "events/reject") -> int:
@@ -356,7 +292,7 @@ class MqttLink:
             self._count("alerts_dropped_disk_full")
             raise
         self._count("alerts_queued")
-        self._wake.set()
+        self._sender.wake()
         return rid
 
     def publish_result(self, payload: dict) -> None:

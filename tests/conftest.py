@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.local_broker import LocalBroker  # noqa: E402
+from agent.commands.local_broker import LocalBroker  # noqa: E402
 
 DEEPPCB = ROOT.parent / "shared" / "datasets" / "deeppcb"
 

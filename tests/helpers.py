@@ -15,7 +15,7 @@ def wait_until(pred, timeout: float = 5.0, step: float = 0.005) -> bool:
 
 
 def run_agent(agent) -> threading.Thread:
-    """Start an agent.daemon.Agent and run its supervisor loop in a daemon thread."""
+    """Start an agent.commands.daemon.Agent and run its supervisor loop in a daemon thread."""
     agent.start()
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()

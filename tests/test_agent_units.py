@@ -11,13 +11,13 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.inspector import Inspector, InspectorError
-from agent.local_broker import free_port
-from agent.pipeline import Pipeline, boot_prefix
-from agent.prom import PromMetrics
-from agent.recorder import Recorder
-from agent.reporter import Reporter, event_payload
-from agent.sources import (CaptureSource, FolderSource, SourceError, VideoFileSource,
+from agent.runtime.inspector import Inspector, InspectorError
+from agent.commands.local_broker import free_port
+from agent.runtime.pipeline import Pipeline, boot_prefix
+from agent.report.prom import PromMetrics
+from agent.report.recorder import Recorder
+from agent.report.reporter import Reporter, event_payload
+from agent.runtime.sources import (CaptureSource, FolderSource, SourceError, VideoFileSource,
                            open_source)
 from agent.types import Verdict
 from tests.support import copy_bundle, make_folder, make_image, make_video, tiny_bundle, wait_for
@@ -123,7 +123,7 @@ class ListSource:
         pass
 
     def read(self):
-        from agent.sources import Captured
+        from agent.runtime.sources import Captured
 
         if not self.images:
             return None
@@ -290,7 +290,9 @@ def test_stalled_live_source_is_reported_degraded(insp):
 def test_one_image_extension_list_for_agent_and_convert():
     # a folder the agent runs on is a folder convert trains on: the same files count as images
     import convert.data
-    from agent import images, simulate_line, sources
+    from agent import images
+    from agent.commands import simulate_line
+    from agent.runtime import sources
     assert convert.data.IMAGE_EXTS is images.IMAGE_EXTS
     assert sources.IMAGE_EXTS is images.IMAGE_EXTS and simulate_line.IMAGE_EXTS is images.IMAGE_EXTS
     assert all(e.startswith(".") and e == e.lower() for e in images.IMAGE_EXTS)
@@ -299,7 +301,7 @@ def test_one_image_extension_list_for_agent_and_convert():
 def test_tiny_bundle_separates_synthetic_images():
     from agent.bundle import load_bundle
     from agent.decide import defect_score
-    from agent.engines import create_engine
+    from agent.runtime.engines import create_engine
     from agent.preprocess import preprocess
 
     b = load_bundle(tiny_bundle())

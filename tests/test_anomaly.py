@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from agent.anomaly import AnomalyEngine, load_memory  # noqa: E402
+from agent.runtime.anomaly import AnomalyEngine, load_memory  # noqa: E402
 from agent.bundle import MANIFEST, load_bundle, sha256_file  # noqa: E402
 from agent.decide import anomaly_probs  # noqa: E402
-from agent.inspector import Inspector, InspectorError  # noqa: E402
+from agent.runtime.inspector import Inspector, InspectorError  # noqa: E402
 from agent.types import Verdict  # noqa: E402
 
 SIZE = 128
@@ -89,7 +89,7 @@ def test_bundle_is_an_anomaly_bundle_with_a_hashed_memory(bundle):
 
 
 def test_feature_model_is_full_int8_with_two_outputs(bundle):
-    from agent.engines.litert import interpreter_module
+    from agent.runtime.engines.litert import interpreter_module
     it = interpreter_module().Interpreter(model_path=str(bundle / "model.tflite"))
     it.allocate_tensors()
     outs = it.get_output_details()
@@ -141,7 +141,7 @@ def test_evaluate_reports_auroc_escape_false_reject(bundle, data, capsys):
 
 
 def test_deploy_model_verifies_an_anomaly_bundle(bundle):
-    from agent.deploy import verify
+    from agent.commands.deploy_model import verify
     b, line = verify(bundle)
     assert b.kind == "anomaly" and "smoke test" in line and "good" in line
 

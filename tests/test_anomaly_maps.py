@@ -14,9 +14,9 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from agent.inspector import Inspector  # noqa: E402
-from agent.pipeline import Pipeline  # noqa: E402
-from agent.sources import open_source  # noqa: E402
+from agent.runtime.inspector import Inspector  # noqa: E402
+from agent.runtime.pipeline import Pipeline  # noqa: E402
+from agent.runtime.sources import open_source  # noqa: E402
 from agent.types import Verdict  # noqa: E402
 from firmware_io.gates import NoneGateConfig, create_gate  # noqa: E402
 from tests.test_anomaly import blemish, bundle, data, texture  # noqa: E402,F401 (fixtures)
@@ -98,8 +98,8 @@ def _units(root: Path) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def recorded(bundle, parts, tmp_path_factory):
-    from agent.recorder import Recorder
-    from agent.reporter import Reporter
+    from agent.report.recorder import Recorder
+    from agent.report.reporter import Reporter
     rec_dir = tmp_path_factory.mktemp("anomaly_rec") / "rec"
     rec = Recorder(rec_dir, pass_sample=1.0).start()
     _, _, got = run_line(bundle, parts[0], sinks=[Reporter("t", None, rec)])
@@ -132,7 +132,7 @@ def test_recorder_writes_a_heat_map_beside_each_reject(recorded):
 
 def test_quota_counts_and_deletes_the_map_with_its_image(recorded, tmp_path):
     import shutil
-    from agent.recorder import Recorder
+    from agent.report.recorder import Recorder
     rec_dir = tmp_path / "rec"
     shutil.copytree(recorded[0], rec_dir)
     total = sum(p.stat().st_size for p in rec_dir.rglob("*.*"))
@@ -163,7 +163,7 @@ def test_operator_page_shows_an_anomaly_reject_with_its_overlay(bundle, parts, t
     """The real agent and HTTP server on the anomaly bundle: a reject has a map, its JPEG is
     the overlay (colour on a grey part), ?map=0 the plain image; the recorded map is served."""
     from agent.config import parse_config
-    from agent.daemon import Agent
+    from agent.commands.daemon import Agent
     from tests.helpers import wait_until
     from ui_support import Client, _NoNotify, free_port
     cfg = parse_config({

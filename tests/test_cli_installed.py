@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import COMMANDS
+from agent.commands.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "agent" / "demo_data"

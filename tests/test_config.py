@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.check_config import main as check_main
+from agent.commands.check_config import main as check_main
 from agent.config import ConfigError, load_config
 
 

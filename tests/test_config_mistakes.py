@@ -253,7 +253,7 @@ def test_run_refuses_in_one_line_not_a_traceback(site, text, field):
 def test_the_agent_itself_refuses_a_bad_ca_file_in_one_line(site):
     """Behind check-config, Agent.start (the demo, tests, embedders) says it too."""
     from agent.config import parse_config
-    from agent.daemon import Agent, StartupError
+    from agent.commands.daemon import Agent, StartupError
 
     (site / "ca.pem").write_text("this is not a certificate\n")
     cfg = parse_config({"camera": {"source": "images"}, "model": {"bundle": "bundle"},

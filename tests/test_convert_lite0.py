@@ -170,7 +170,7 @@ def lite0_bundle(tmp_path_factory):
     make_synthetic_dataset(root / "test", n_per_class=20, size=96, seed=2)
     out = tmp_path_factory.mktemp("l0bundle") / "b"
     env = dict(os.environ, EDGE_INSPECT_CACHE=str(tmp_path_factory.mktemp("cache")))
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "train", str(root), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "agent.commands.cli", "train", str(root), "--out", str(out),
                            "--epochs", "4", "--views", "2", "--onnx", "-q"], cwd=ROOT, capture_output=True,
                           text=True, timeout=280, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -207,7 +207,7 @@ def test_lite0_bundle_end_to_end(lite0_bundle):
     pytest.importorskip("tf2onnx")
     assert "model.onnx" in b.files and m["onnx"]["parity"]["top1_agreement"] >= 0.99
     # scored through the agent's own engine (no TensorFlow on that path): well above chance
-    ev = subprocess.run([sys.executable, "-m", "agent.cli", "evaluate", str(out), str(root / "test"),
+    ev = subprocess.run([sys.executable, "-m", "agent.commands.cli", "evaluate", str(out), str(root / "test"),
                          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert ev.returncode == 0, ev.stderr[-2000:]
     r = json.loads(ev.stdout)
@@ -226,7 +226,7 @@ def test_too_few_validation_images_is_refused(tmp_path):
     """Two validation images made a bundle with exit 0; the threshold would have been a guess."""
     from convert.synthetic import make_synthetic_dataset
     make_synthetic_dataset(tmp_path / "data", n_per_class=5, size=48, seed=1)
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "train", str(tmp_path / "data"),
+    proc = subprocess.run([sys.executable, "-m", "agent.commands.cli", "train", str(tmp_path / "data"),
                            "--out", str(tmp_path / "b"), "-q"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -266,7 +266,7 @@ def test_lite0_bundle_exports_its_defect_map(lite0_bundle):
     """The bundle lists its map model (hashed and verified like every model file); the
     agent's MapModel runs it on preprocessed pixels; the report overlays it."""
     from agent.bundle import MAP_MODEL, load_bundle
-    from agent.class_map import MapModel
+    from agent.runtime.class_map import MapModel
     from agent.preprocess import preprocess
     import cv2
     root, out, proc = lite0_bundle
@@ -280,7 +280,7 @@ def test_lite0_bundle_exports_its_defect_map(lite0_bundle):
     with pytest.raises(Exception, match="not a defect map model"):
         MapModel(out / "model.tflite", b.input)
     # the agent's inspector draws it for rejects, as it does an anomaly bundle's map
-    from agent.inspector import Inspector
+    from agent.runtime.inspector import Inspector
     insp = Inspector.load(out)
     assert insp.can_map
     np.testing.assert_allclose(insp.defect_map(insp.preprocess(img)), m, atol=1e-6)

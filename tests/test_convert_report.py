@@ -180,7 +180,7 @@ def noisy_demo(tmp_path_factory) -> Path:
 def _direct_scores(data: Path) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's scores computed here, without evaluate's main()."""
     from agent.bundle import load_bundle
-    from agent.engines import create_engine
+    from agent.runtime.engines import create_engine
     from convert.data import load_split, scan_eval
 
     b = load_bundle(BUNDLE)

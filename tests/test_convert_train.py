@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     (root / "train" / "annotations" / "notes.txt").write_text("not a class")
     out = tmp_path_factory.mktemp("bundle") / "b"
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "train", str(root), "--out", str(out), "--epochs", "20",
+        [sys.executable, "-m", "agent.commands.cli", "train", str(root), "--out", str(out), "--epochs", "20",
          "--input-size", "48", "--seed", "3", "--patience", "20", "--batch-size", "8", "--views", "2", "--edgetpu", "--backbone", "scratch", "-q"],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -151,7 +151,7 @@ def test_fewer_views_decide_at_their_own_threshold(trained, capsys):
     """A slow box may score fewer mirror views than the bundle was trained with: the trainer
     records a threshold chosen on validation for each count, and evaluate, bench and the
     agent (model.views) decide with it; the model then runs once per tile and view."""
-    from agent.inspector import Inspector, InspectorError
+    from agent.runtime.inspector import Inspector, InspectorError
 
     root, out, _ = trained
     b = load_bundle(out)
@@ -206,6 +206,20 @@ def test_parity_failure_fails_loudly(trained, tmp_path, capsys):
     assert not (out / "bundle.json").exists()
     with pytest.raises(BundleError):
         load_bundle(out)
+
+
+def test_parity_refuses_a_real_drop_not_a_coin_toss():
+    both = [True] * 176
+    # magnetic tiles seed 2's validation: int8 alone wrong on 9, float alone on 4, of 189
+    coin = th.parity_verdict(both + [False] * 9 + [True] * 4, both + [True] * 9 + [False] * 4, 0.01)
+    assert coin["drop"] == pytest.approx(5 / 189) and not coin["refused"]
+    # a 3.7-point drop with no disagreement the other way is refused
+    one_way = th.parity_verdict([True] * 182 + [False] * 7, [True] * 189, 0.01)
+    assert one_way["refused"] and one_way["int8_only_wrong"] == 7
+    # a 10-point drop is refused even with noise both ways
+    real = th.parity_verdict(both[:150] + [False] * 25 + [True] * 6, both[:150] + [True] * 25 + [False] * 6, 0.01)
+    assert real["refused"]
+    assert not th.parity_verdict([True] * 10, [True] * 10, 0.0)["refused"]
 
 
 # --------------------------------------------------------------------------- data errors
@@ -482,7 +496,7 @@ def test_tiles_training_end_to_end(tmp_path):
     agent loads scores a frame as its worst tile (each tile the mean of its 4 mirror views);
     it learns well above chance."""
     from agent.decide import defect_score
-    from agent.engines import create_engine
+    from agent.runtime.engines import create_engine
     from agent.preprocess import preprocess
     from convert.synthetic import train_tiny_bundle
 
@@ -520,7 +534,7 @@ def test_scratch_bundle_exports_its_defect_map(trained):
     hottest cell is the frame's evidence, so defect frames run hotter than good ones."""
     import cv2
     from agent.bundle import MAP_MODEL
-    from agent.class_map import MapModel
+    from agent.runtime.class_map import MapModel
     from agent.preprocess import preprocess
     root, out, _ = trained
     b = load_bundle(out)

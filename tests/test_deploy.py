@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import deploy
+from agent.commands import deploy_model as deploy
 from agent.bundle import load_bundle, write_manifest
 from agent.preprocess import InputSpec
 
@@ -290,7 +290,7 @@ def test_usage_errors(bundles, models):
 
 def test_cli_runs_it_without_tensorflow(bundles, models):
     """Through the real CLI entry, in a fresh interpreter, as on the edge box."""
-    code = ("import sys; from agent.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from agent.commands.cli import main; rc = main(sys.argv[1:]); "
             "assert 'tensorflow' not in sys.modules, 'deploy-model imported tensorflow'; "
             "sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, "deploy-model", str(bundles["b"]),
@@ -306,8 +306,6 @@ def test_running_daemon_follows_deploy_and_rollback(bundles, models, tmp_path):
     disturbing the agent, roll back to A; READY/RELOADING/STOPPING arrive as they should."""
     import socket
 
-    if not (ROOT / "agent" / "daemon.py").exists():
-        pytest.skip("agent/daemon.py not there yet")
     import cv2
     import numpy as np
 

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.deploy import main as deploy_main
+from agent.commands.deploy_model import main as deploy_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "agent" / "demo_data"

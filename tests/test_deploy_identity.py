@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import deploy
+from agent.commands import deploy_model as deploy
 from agent.bundle import BundleError, load_bundle, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]

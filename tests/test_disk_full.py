@@ -18,7 +18,7 @@ from pathlib import Path
 import prometheus_client
 import pytest
 
-from agent.daemon import Agent
+from agent.commands.daemon import Agent
 from agent.types import Verdict
 from firmware_io.mqtt_link import MqttLink
 from firmware_io.outbox import Outbox, OutboxFull

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.check_config import main as check_main
+from agent.commands.check_config import main as check_main
 from agent.config import Config, parse_config
 
 if sys.version_info >= (3, 11):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import Agent
-from agent.inspector import WrappedEngine
+from agent.commands.daemon import Agent
+from agent.runtime.inspector import WrappedEngine
 from agent.types import Verdict
 from firmware_io.gate_sim import GateSimulator
 from tests.helpers import run_agent
@@ -270,7 +270,7 @@ def test_vanished_source_degrades_and_recovers(kind, tmp_path, mqtt_broker):
         src = tmp_path / "v.avi"
         shutil.copy(src, tmp_path / "v.bak")
     else:
-        from agent.sources import FolderSource, SourceError
+        from agent.runtime.sources import FolderSource, SourceError
 
         make_folder(tmp_path / "imgs", "gdgg")
         src = tmp_path / "imgs"
@@ -370,7 +370,7 @@ def test_gate_and_broker_vanish_no_alert_lost(tmp_path, rig, own_broker):
 def test_live_source_overload_is_failsafe_not_dropped(tmp_path):
     """A live source faster than inference: frames that find the queue full are FAILSAFE'd
     at once, never dropped silently."""
-    from agent.sources import FolderSource
+    from agent.runtime.sources import FolderSource
 
     make_folder(tmp_path / "imgs", "g" * 10)
 
@@ -411,7 +411,7 @@ def test_encoder_mode_uses_trigger_counts(tmp_path, rig):
 
 def test_source_failing_from_the_start_logs_degraded(tmp_path, caplog):
     """A camera that fails before the first status tick used to start without a word."""
-    from agent.sources import FolderSource, SourceError
+    from agent.runtime.sources import FolderSource, SourceError
 
     make_folder(tmp_path / "imgs", "gdgg")
 

@@ -184,8 +184,8 @@ def test_bad_bundle_at_start_exit_2(tmp_path, mqtt_broker):
 
 def test_daemon_never_imports_tensorflow():
     r = subprocess.run([PY, "-X", "importtime", "-c",
-                        "import agent.daemon, agent.demo, agent.pipeline, agent.reporter, "
-                        "agent.prom, agent.recorder, agent.sources, agent.inspector"],
+                        "import agent.commands.daemon, agent.commands.demo, agent.runtime.pipeline, agent.report.reporter, "
+                        "agent.report.prom, agent.report.recorder, agent.runtime.sources, agent.runtime.inspector"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tensorflow" not in r.stderr and "keras" not in r.stderr

@@ -9,7 +9,7 @@ import time
 import cv2
 import pytest
 
-from agent.demo import DEMO_DATA
+from agent.commands.demo import DEMO_DATA
 from tests.support import PY, ROOT, make_image, tiny_bundle
 
 

@@ -1,5 +1,5 @@
 """External trigger mode's bad input, end to end on real parts: a simulated line video
-replayed as a camera (agent/simulate_line.py), the demo model, the serial gate talking to
+replayed as a camera (agent/commands/simulate_line.py), the demo model, the serial gate talking to
 the gate simulator on a pty (tests/test_e2e_agent.py's rig).
 
 - frames with no triggers at all are never judged, and nothing is sent to the gate;
@@ -18,12 +18,12 @@ import time
 
 from prometheus_client import generate_latest
 
-from agent.daemon import Agent
-from agent.inspector import Inspector
-from agent.parts import NO_FRAME_FOR_TRIGGER, ExternalSelector
-from agent.pipeline import Pipeline
-from agent.simulate_line import LineSpec, LineVideoSource, drive_triggers, labelled_images, render
-from agent.sources import SourceError
+from agent.commands.daemon import Agent
+from agent.runtime.inspector import Inspector
+from agent.runtime.parts import NO_FRAME_FOR_TRIGGER, ExternalSelector
+from agent.runtime.pipeline import Pipeline
+from agent.commands.simulate_line import LineSpec, LineVideoSource, drive_triggers, labelled_images, render
+from agent.runtime.sources import SourceError
 from agent.types import FailsafeReason, Verdict
 from firmware_io import protocol as P
 from firmware_io.gates import NoneGateConfig, create_gate

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from agent.bundle import load_bundle
-from agent.daemon import Agent
+from agent.commands.daemon import Agent
 from agent.frame_checks import FrameChecker, image_stats, parse_input_stats, summarize_stats
 from agent.types import Verdict
 from tests.support import agent_cfg

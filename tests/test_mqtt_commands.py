@@ -12,7 +12,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.daemon import Agent
+from agent.commands.daemon import Agent
 from tests.support import agent_cfg, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agent.local_broker import LocalBroker
+from agent.commands.local_broker import LocalBroker
 from firmware_io.mqtt_config import LinkTuning, MqttConfig
 from firmware_io.mqtt_link import MqttLink
 from tests.helpers import wait_until
@@ -98,7 +98,7 @@ def test_a_refused_login_is_refused_not_connecting(closed_broker, tmp_path, capl
 
 
 def test_the_station_is_degraded_while_mqtt_is_down(own_broker, tmp_path):
-    from agent.daemon import Agent
+    from agent.commands.daemon import Agent
     from tests.support import agent_cfg
 
     images = tmp_path / "images"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_config
-from agent.daemon import Agent
+from agent.commands.daemon import Agent
 from tests.support import MqttCollector, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

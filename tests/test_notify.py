@@ -1,4 +1,4 @@
-"""agent.notify against a real AF_UNIX datagram socket standing in for systemd."""
+"""agent.report.notify against a real AF_UNIX datagram socket standing in for systemd."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from agent.notify import Notifier, Watchdog
+from agent.report.notify import Notifier, Watchdog
 
 
 class FakeSystemd:

@@ -25,9 +25,9 @@ pytest.importorskip("tensorflow", reason="the trainer needs TensorFlow (the [tra
 
 from agent.bundle import (BundleError, ONNX_FLOAT_MODEL, ONNX_MODEL, add_files,  # noqa: E402
                           load_bundle)
-from agent.engines import ENGINES, EngineError, create_engine  # noqa: E402
-from agent.engines import onnxrt  # noqa: E402
-from agent.inspector import Inspector, InspectorError  # noqa: E402
+from agent.runtime.engines import ENGINES, EngineError, create_engine  # noqa: E402
+from agent.runtime.engines import onnxrt  # noqa: E402
+from agent.runtime.inspector import Inspector, InspectorError  # noqa: E402
 from convert.onnx_export import OnnxExportError, add_onnx, images_from_data  # noqa: E402
 from convert.synthetic import make_synthetic_dataset  # noqa: E402
 from tests.support import tiny_bundle  # noqa: E402
@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
     make_synthetic_dataset(root / "test", n_per_class=20, size=64, seed=2)
     out = tmp_path_factory.mktemp("bundle") / "b"
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "train", str(root), "--out", str(out), "--epochs", "8",
+        [sys.executable, "-m", "agent.commands.cli", "train", str(root), "--out", str(out), "--epochs", "8",
          "--input-size", "48", "--seed", "3", "--patience", "20", "--batch-size", "8", "--views",
          "2", "--backbone", "scratch", "--parity-margin", "100", "-q"],
         cwd=ROOT, capture_output=True, text=True, timeout=400)
@@ -113,14 +113,14 @@ def test_evaluate_scores_through_any_engine(converted):
     root, b, _ = converted
     outs = {}
     for eng in ("cpu", "onnx-cpu"):
-        r = subprocess.run([sys.executable, "-m", "agent.cli", "evaluate", str(b), str(root), "--json",
+        r = subprocess.run([sys.executable, "-m", "agent.commands.cli", "evaluate", str(b), str(root), "--json",
                             "--engine", eng], cwd=ROOT, capture_output=True, text=True, timeout=200)
         assert r.returncode == 0, r.stderr[-2000:]
         outs[eng] = json.loads(r.stdout)
     assert outs["onnx-cpu"]["engine"].startswith("onnx-cpu") and outs["cpu"]["engine"].startswith("cpu")
     assert outs["onnx-cpu"]["n"] == outs["cpu"]["n"] == 40
     assert abs(outs["onnx-cpu"]["accuracy"] - outs["cpu"]["accuracy"]) <= 0.05
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "evaluate", str(b), str(root),
+    r = subprocess.run([sys.executable, "-m", "agent.commands.cli", "evaluate", str(b), str(root),
                         "--engine", "tensorrt"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "TensorrtExecutionProvider" in r.stderr
 

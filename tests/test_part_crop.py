@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.parts import PresenceSelector
-from agent.simulate_line import LineSpec, LineVideoSource, labelled_images, render
-from agent.sources import Captured
+from agent.runtime.parts import PresenceSelector
+from agent.commands.simulate_line import LineSpec, LineVideoSource, labelled_images, render
+from agent.runtime.sources import Captured
 from agent.types import Box
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,8 @@ def _truth_region(truth, q, t_s, sprite_shape):
 
 
 def test_inspector_gets_the_part_crop_from_a_decoded_line(tmp_path):
-    from agent.inspector import Inspector
-    from agent.pipeline import Pipeline
+    from agent.runtime.inspector import Inspector
+    from agent.runtime.pipeline import Pipeline
 
     video = str(tmp_path / "line.avi")
     imgs = labelled_images(IMAGES)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from agent.config import ConfigError, parse_config, summary
-from agent.parts import (MISSED_TRIGGER, NO_FRAME_FOR_TRIGGER, PART_NOT_JUDGED, PART_STOPPED,
+from agent.runtime.parts import (MISSED_TRIGGER, NO_FRAME_FOR_TRIGGER, PART_NOT_JUDGED, PART_STOPPED,
                          TOUCHING, ExternalSelector, PresenceSelector, make_selector)
-from agent.simulate_line import LineSpec, LineVideoSource, labelled_images, render
-from agent.sources import Captured
+from agent.commands.simulate_line import LineSpec, LineVideoSource, labelled_images, render
+from agent.runtime.sources import Captured
 
 IMAGES = Path(__file__).resolve().parents[1] / "agent" / "demo_data" / "images"
 BUNDLE = Path(__file__).resolve().parents[1] / "agent" / "demo_data" / "bundle"
@@ -261,8 +261,8 @@ def test_worst_mode_hands_over_more_frames_of_the_part():
 
 # -- the pipeline ------------------------------------------------------------------------
 def test_pipeline_presence_one_inspection_per_part_on_a_live_replay(tmp_path):
-    from agent.inspector import Inspector
-    from agent.pipeline import Pipeline
+    from agent.runtime.inspector import Inspector
+    from agent.runtime.pipeline import Pipeline
 
     video = str(tmp_path / "line.avi")
     truth = render(LineSpec(rate=5, parts=8, lead_s=0.6, seed=3), labelled_images(IMAGES),
@@ -284,8 +284,8 @@ def test_pipeline_presence_one_inspection_per_part_on_a_live_replay(tmp_path):
 
 
 def test_pipeline_external_failsafe_for_trigger_without_frame(tmp_path):
-    from agent.inspector import Inspector
-    from agent.pipeline import Pipeline
+    from agent.runtime.inspector import Inspector
+    from agent.runtime.pipeline import Pipeline
 
     class Stalled:                       # a camera that gives nothing
         live, name = True, "stalled"
@@ -295,7 +295,7 @@ def test_pipeline_external_failsafe_for_trigger_without_frame(tmp_path):
 
         def read(self):
             time.sleep(0.05)
-            raise __import__("agent.sources", fromlist=["SourceError"]).SourceError("no frame")
+            raise __import__("agent.runtime.sources", fromlist=["SourceError"]).SourceError("no frame")
 
         def close(self):
             pass

@@ -7,9 +7,9 @@ from __future__ import annotations
 import threading
 import time
 
-from agent.daemon import Agent
-from agent.simulate_line import LineSpec, LineVideoSource, drive_triggers, labelled_images, render
-from agent.trigger_sources import ModbusTrigger, MqttTrigger
+from agent.commands.daemon import Agent
+from agent.commands.simulate_line import LineSpec, LineVideoSource, drive_triggers, labelled_images, render
+from agent.runtime.trigger_sources import ModbusTrigger, MqttTrigger
 from firmware_io import protocol as P
 from tests.support import agent_cfg, wait_for
 from test_e2e_agent import rig  # noqa: F401 - the gate simulator on a pty
@@ -88,7 +88,7 @@ def test_simulate_line_drive_trg_serves_the_gate_and_sends_trg_on_the_truths_clo
     import select
     import tty
 
-    from agent.simulate_line import main
+    from agent.commands.simulate_line import main
 
     master, slave = os.openpty()
     tty.setraw(master)

@@ -1,4 +1,4 @@
-"""The pipeline's stages one by one (agent/capture.py, actuator.py, stats.py, types.py):
+"""The pipeline's stages one by one (agent/runtime/capture.py, actuator.py, stats.py, types.py):
 a real folder source that vanishes and comes back, the null gate and a gate that raises,
 the tiny int8 bundle on real PNG files."""
 
@@ -10,14 +10,14 @@ import time
 
 from prometheus_client import generate_latest
 
-from agent.actuator import Actuator
-from agent.capture import ReconnectingSource, SourceState
-from agent.inspector import Inspector
-from agent.pipeline import Pipeline
-from agent.prom import PromMetrics
-from agent.reporter import event_payload
-from agent.sources import FolderSource, open_source
-from agent.stats import PipelineStats
+from agent.runtime.actuator import Actuator
+from agent.runtime.capture import ReconnectingSource, SourceState
+from agent.runtime.inspector import Inspector
+from agent.runtime.pipeline import Pipeline
+from agent.report.prom import PromMetrics
+from agent.report.reporter import event_payload
+from agent.runtime.sources import FolderSource, open_source
+from agent.runtime.stats import PipelineStats
 from agent.types import Action, FailsafeReason, Verdict
 from firmware_io.gates import NoneGateConfig, create_gate
 from tests.support import make_folder, tiny_bundle

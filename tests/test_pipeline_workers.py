@@ -5,10 +5,10 @@ import threading
 import pytest
 
 from agent.config import ConfigError, load_config
-from agent.engines import EnginePool
-from agent.inspector import Inspector
-from agent.pipeline import IMAGE_BACKLOG, Pipeline
-from agent.sources import open_source
+from agent.runtime.engines import EnginePool
+from agent.runtime.inspector import Inspector
+from agent.runtime.pipeline import IMAGE_BACKLOG, Pipeline
+from agent.runtime.sources import open_source
 from agent.types import Verdict
 from firmware_io.gates import NoneGateConfig, create_gate
 from tests.helpers import wait_until

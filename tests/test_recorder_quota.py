@@ -8,7 +8,7 @@ import os
 import cv2
 import numpy as np
 
-from agent.recorder import Recorder
+from agent.report.recorder import Recorder
 
 
 def _noise(i: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from agent.daemon import Agent
+from agent.commands.daemon import Agent
 from tests.helpers import run_agent
 from agent.types import Verdict
 from firmware_io import protocol as P

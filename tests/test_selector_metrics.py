@@ -11,8 +11,8 @@ import time
 import paho.mqtt.client as mqtt
 from prometheus_client import generate_latest
 
-from agent.daemon import Agent
-from agent.simulate_line import LineSpec, LineVideoSource, labelled_images, render
+from agent.commands.daemon import Agent
+from agent.commands.simulate_line import LineSpec, LineVideoSource, labelled_images, render
 from tests.support import agent_cfg, wait_for
 from test_parts import IMAGES
 

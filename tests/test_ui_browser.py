@@ -116,7 +116,7 @@ def test_a_reject_shows_where_in_chromium(browser, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     from agent.config import parse_config
-    from agent.daemon import Agent
+    from agent.commands.daemon import Agent
     from convert.synthetic import make_synthetic_dataset, train_tiny_bundle
     from ui_support import Client, _NoNotify, line_config
 

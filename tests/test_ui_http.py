@@ -14,8 +14,8 @@ import pytest
 
 from agent.config import ConfigError, check_environment, parse_config
 from agent.types import Inspection, Verdict
-from agent.ui import overlay
-from agent.ui.state import UiState
+from agent.report.ui import overlay
+from agent.report.ui.state import UiState
 from tests.helpers import wait_until
 from tests.support import PY, ROOT
 from ui_support import Client, start_line
@@ -266,8 +266,8 @@ def test_presence_live_view_shows_the_belt_and_the_tracked_part(tmp_path):
     """In presence mode the live picture is the whole belt frame with the ROI, the reference
     line and a box round each tracked part (decoded from a real simulated line video)."""
     import cv2
-    from agent.daemon import Agent
-    from agent.simulate_line import LineSpec, labelled_images, render
+    from agent.commands.daemon import Agent
+    from agent.commands.simulate_line import LineSpec, labelled_images, render
     from ui_support import DEMO_DATA, _NoNotify, line_config
     video = str(tmp_path / "line.avi")
     truth = render(LineSpec(rate=2.0, parts=6, part_px=160, speed=600.0),

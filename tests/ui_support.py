@@ -9,8 +9,8 @@ import http.client
 from pathlib import Path
 
 from agent.config import parse_config
-from agent.daemon import Agent
-from agent.demo import DEMO_DATA
+from agent.commands.daemon import Agent
+from agent.commands.demo import DEMO_DATA
 
 
 class _NoNotify:
