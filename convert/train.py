@@ -146,7 +146,11 @@ def evaluate(ts: TrainingSet, fitted: Fitted, scorer: Scorer, eng8, choice: Choi
     mk, _ = scorer.metrics(Pk, truth_h)
     agreement = float(np.mean(np.argmax(P8.reshape(-1, len(labels)), 1) ==
                               np.argmax(Pf.reshape(-1, len(labels)), 1)))
-    verdict_agreement = float(np.mean([(a == GOOD) == (b == GOOD) for a, b in zip(pred8, predf)]))
+    def right(preds):
+        return [(p == GOOD) == (t == GOOD) for p, t in zip(preds, truth_h)]
+    parity = parity_verdict(right(pred8), right(predf), opts.parity_margin)
+    # two good/defect verdicts differ exactly when one of them is right
+    verdict_agreement = 1.0 - (parity["int8_only_wrong"] + parity["float_only_wrong"]) / max(len(Xh), 1)
     by_views = _by_views(ts, scorer, choice, P8, truth_h, held, opts)
     rep = edgetpu_report(out_dir / INT8_MODEL)
     print(format_edgetpu_report(rep), file=sys.stderr)
@@ -182,9 +186,6 @@ def evaluate(ts: TrainingSet, fitted: Fitted, scorer: Scorer, eng8, choice: Choi
              "%.2f%%, escape %.2f%%, false reject %.2f%%", held, len(Xh), 100 * m8["accuracy"],
              100 * mf["accuracy"], 100 * mk["accuracy"], 100 * agreement, 100 * m8["escape_rate"],
              100 * m8["false_reject_rate"])
-    def right(preds):
-        return [(p == GOOD) == (t == GOOD) for p, t in zip(preds, truth_h)]
-    parity = parity_verdict(right(pred8), right(predf), opts.parity_margin)
     metrics["parity"] = parity
     if parity["refused"]:
         (out_dir / "metrics_failed.json").write_text(json.dumps(metrics, indent=2))
