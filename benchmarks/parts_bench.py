@@ -14,6 +14,10 @@ a pty (os.openpty) and, in external mode, sending TRG at the truth's sensor time
 FIRED pulse (a rejected or FAILSAFE part) is matched to its truth part by the inspection's
 reference time; the error is the simulator's fire time minus the truth's gate time
 (t0 + t_gate_s, t0 the camera's first frame). Real time: 200 parts take 100 s at 2/s.
+The gate simulator runs in its own process, on the last core where there are two or more
+(a gate controller is its own hardware: in the agent's process and on its core, the
+simulator's scheduler thread queued behind the agent's and its lateness was the tail);
+CLOCK_MONOTONIC is system-wide, so its fire times compare with the agent's.
 """
 
 from __future__ import annotations
@@ -58,6 +62,59 @@ def score(parts, truth) -> dict:
             "t_err_ms_p99": round(float(np.percentile(err, 99)), 2) if len(err) else None}
 
 
+class SimProcess:
+    """firmware_io's GateSimulator on the pty's master end, in a forked child process pinned
+    to the last core; the parent asks it for its fired count, TRG drives and, at the end,
+    its fired events."""
+
+    def __init__(self, master_fd: int):
+        import multiprocessing as mp
+
+        self.conn, child = mp.Pipe()
+        self.proc = mp.get_context("fork").Process(target=self._serve, args=(master_fd, child),
+                                                   daemon=True)
+        self.proc.start()
+
+    @staticmethod
+    def _serve(fd: int, conn) -> None:
+        import os
+
+        from firmware_io import protocol as P
+        from firmware_io.gate_sim import GateSimulator
+        from agent.commands.simulate_line import drive_triggers
+
+        if (os.cpu_count() or 1) > 1:
+            try:
+                os.sched_setaffinity(0, {os.cpu_count() - 1})
+            except OSError:         # a cpuset without that core: stay where we are
+                pass
+        sim = GateSimulator(fd=fd, hb_timeout_ms=5000).start()
+        while True:
+            cmd, *arg = conn.recv()
+            if cmd == "count":
+                conn.send(len(sim.fired))
+            elif cmd == "triggers":
+                truth, t0_ns = arg
+                drive_triggers(lambda name, t: sim.send(P.Trigger(name, 0)), truth, t0_ns)
+            else:
+                sim.stop()
+                conn.send([(e.part, e.scheduled_ns, e.actual_ns) for e in sim.fired])
+                return
+
+    def fired_count(self) -> int:
+        self.conn.send(("count",))
+        return self.conn.recv()
+
+    def drive_triggers(self, truth: dict, t0_ns: int) -> None:
+        self.conn.send(("triggers", truth, t0_ns))
+
+    def stop(self) -> list[tuple[str, int, int]]:
+        self.conn.send(("stop",))
+        fired = self.conn.recv()
+        self.proc.join(5)
+        return fired
+
+
 def gate_run(mode: str, rate: float, parts: int, imgs, seed: int, tmp: str) -> dict:
     """One line through the whole agent and the gate simulator; FIRED vs truth gate time."""
     import os
@@ -66,9 +123,7 @@ def gate_run(mode: str, rate: float, parts: int, imgs, seed: int, tmp: str) -> d
 
     from agent.config import parse_config
     from agent.commands.daemon import Agent
-    from agent.commands.simulate_line import LineVideoSource, drive_triggers
-    from firmware_io import protocol as P
-    from firmware_io.gate_sim import GateSimulator
+    from agent.commands.simulate_line import LineVideoSource
 
     root = Path(__file__).resolve().parents[1]
     video = f"{tmp}/gate-{mode}-{rate:g}.avi"
@@ -78,7 +133,8 @@ def gate_run(mode: str, rate: float, parts: int, imgs, seed: int, tmp: str) -> d
     master, slave = os.openpty()
     tty.setraw(master)
     tty.setraw(slave)
-    sim = GateSimulator(fd=master, hb_timeout_ms=5000).start()
+    sim = SimProcess(master)
+    fired = []
     trig = ({"mode": "presence"} if mode == "presence" else
             {"mode": "external", "offset_ms": off, "window_ms": 20})
     # presence counts the gate delay from the line crossing, external from the trigger
@@ -103,32 +159,32 @@ def gate_run(mode: str, rate: float, parts: int, imgs, seed: int, tmp: str) -> d
         while src.t0_ns is None:
             time.sleep(0.001)
         if mode == "external":
-            drive_triggers(lambda name, t: sim.send(P.Trigger(name, 0)), truth, src.t0_ns)
+            sim.drive_triggers(truth, src.t0_ns)
         th.join(truth["frames"] / truth["fps"] + 60)
         acted = [g for g in got if g.rejected]
         t_end = time.monotonic() + 5
-        while len(sim.fired) < len(acted) and time.monotonic() < t_end:
+        while sim.fired_count() < len(acted) and time.monotonic() < t_end:
             time.sleep(0.05)
     finally:
         agent.close()
-        sim.stop()
+        fired = sim.stop()
         os.close(slave)
     tl = np.array([p["t_line_s"] for p in truth["parts"]])
     by_id = {g.part_id: g for g in got}
     err, sched, late, unmatched = [], [], [], 0
-    for ev in sim.fired:
-        g = by_id.get(ev.part)
+    for part, scheduled_ns, actual_ns in fired:
+        g = by_id.get(part)
         if g is None:
             unmatched += 1
             continue
         # the inspection's reference: line crossing (presence), trigger (external)
         t_ref = (g.t_capture_ns - src.t0_ns) / 1e9 + (off / 1e3 if mode == "external" else 0)
         q = truth["parts"][int(np.argmin(np.abs(tl - t_ref)))]
-        err.append((ev.actual_ns - src.t0_ns) / 1e6 - q["t_gate_s"] * 1e3)
+        err.append((actual_ns - src.t0_ns) / 1e6 - q["t_gate_s"] * 1e3)
         # split: where the host's command put the pulse (selector's reference time, the
         # d<ms> rounding, host-to-controller transit) and how late the simulator fired it
-        sched.append((ev.scheduled_ns - src.t0_ns) / 1e6 - q["t_gate_s"] * 1e3)
-        late.append(ev.error_ms)
+        sched.append((scheduled_ns - src.t0_ns) / 1e6 - q["t_gate_s"] * 1e3)
+        late.append((actual_ns - scheduled_ns) / 1e6)
     e = np.array(err)
     verdicts = {"good": [0, 0], "defect": [0, 0]}      # label -> [passed, rejected]
     for g in got:
@@ -140,7 +196,7 @@ def gate_run(mode: str, rate: float, parts: int, imgs, seed: int, tmp: str) -> d
             "inspected": len(got), "rejected": len(acted),
             "good_rejected": verdicts["good"][1], "defect_passed": verdicts["defect"][0],
             "failsafe": sum(g.verdict.value == "FAILSAFE" for g in got),
-            "fired": len(sim.fired), "unmatched": unmatched,
+            "fired": len(fired), "unmatched": unmatched,
             "err_ms_p50": pct(50), "err_ms_p99": pct(99),
             "abs_err_ms_max": round(float(np.abs(e).max()), 2) if len(e) else None,
             "scheduled_err_ms_p99": round(float(np.percentile(sched, 99)), 2) if sched else None,
