@@ -134,8 +134,10 @@ def test_modbus_pulse_on_then_off_at_host_scheduled_time(modbus_rig, target, fc)
         assert a_on == a_off == 3
         assert bool(v_on[0]) is True and bool(v_off[0]) is False       # on, then off
         on_err_ms = (t_on - (t_cap + 150 * MS)) / MS
-        assert -1 < on_err_ms < 30, on_err_ms                          # on at the target
-        assert 35 <= (t_off - t_on) / MS < 90                          # a 40 ms pulse
+        # never early, never short; the upper bounds only catch a gross error (not a
+        # timing benchmark: a loaded CI box delays a thread's wake-up by tens of ms)
+        assert -1 < on_err_ms < 100, on_err_ms                         # on at the target
+        assert 35 <= (t_off - t_on) / MS < 250                         # a 40 ms pulse
         assert fired and fired[0][:2] == ("M1", 1)
         assert g.counters()["fired"] == 1 and g.fire_error_quantiles()["n"] == 1
     finally:
