@@ -1,0 +1,112 @@
+"""One variant of the Lite0 classifier's training recipe on a train/ + test/ data set: the
+ranking it gives, fast (no out-of-fold refits, no export), so recipes compare side by side.
+
+    python benchmarks/lite0_variants.py base 0 ../shared/datasets/magnetic-tile
+    python benchmarks/lite0_variants.py tuned_from=11 0 ../shared/datasets/magnetic-tile
+    python benchmarks/lite0_variants.py epochs=15,scale=1.5 1 ../shared/datasets/magnetic-tile
+
+VARIANT is `base` or comma-separated key=value changes to the defaults:
+  epochs=N         fine-tuning epochs (the default is convert.fit.EPOCHS_LITE0)
+  tuned_from=B     first fine-tuned Lite0 block (default convert.model.LITE0_TUNED_FROM)
+  scale=F          input side x F against the auto size (more pixels per defect)
+  good_weight=F    good's total loss weight = F x all defect classes' (default: balanced)
+  lr_factor=F      fine-tuning rate = --lr x F (default convert.finetune.TUNE_LR_FACTOR)
+
+Prints one JSON line: validation AUC (what the trainer selects on), test ROC AUC of the float
+model over the bundle's 4 mirror views, and the test false-reject rate at the best test
+threshold for 1/2/3/5 % escape (the ranking's cost, apart from any threshold policy). Seeded
+and deterministic like `edge-inspect train` (convert.fit.fit_backbone). Accuracy at the
+bundle's own threshold needs the whole trainer: `edge-inspect train` + `evaluate --json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import convert.finetune as FT  # noqa: E402
+import convert.fit as FIT  # noqa: E402
+import convert.model as M  # noqa: E402
+from convert.data import load_split, scan_dataset  # noqa: E402
+from convert.monitor import roc_auc  # noqa: E402
+from convert.options import TrainOptions  # noqa: E402
+from convert.train_data import load_training_set, prepare  # noqa: E402
+
+
+def weights_with_good(f: float):
+    def weights(y, tr_i, n_labels):
+        cw = len(tr_i) / (n_labels * np.maximum(np.bincount(y[tr_i], minlength=n_labels), 1.0))
+        cw[0] *= f * (n_labels - 1)                 # good is label 0 (convert.train_data)
+        cw *= len(tr_i) / cw[y[tr_i]].sum()
+        return cw[y].astype(np.float32)
+    return weights
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    variant, seed, data = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    opts = TrainOptions(seed=seed, folds=0)
+    epochs, tuned_from, scale = FIT.EPOCHS_LITE0, M.LITE0_TUNED_FROM, None
+    weights = FIT.balanced_weights
+    for part in filter(None, variant.replace("base", "").split(",")):
+        k, _, v = part.partition("=")
+        if k == "epochs":
+            epochs = int(v)
+        elif k == "tuned_from":
+            tuned_from = int(v)
+        elif k == "scale":
+            scale = float(v)
+        elif k == "good_weight":
+            weights = weights_with_good(float(v))
+        elif k == "lr_factor":
+            FT.TUNE_LR_FACTOR = float(v)
+        else:
+            raise SystemExit(f"unknown variant key {k!r}")
+    import keras
+    import tensorflow as tf
+
+    t0 = time.perf_counter()
+    ts = load_training_set(data / "train", opts)
+    if scale:
+        w, h = (int(round(s * scale / 16) * 16) for s in (ts.spec.width, ts.spec.height))
+        ts = load_training_set(data / "train", dataclasses.replace(opts, input_size=(w, h)))
+    spec = ts.spec
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    from convert.lite0 import pretrained_layers
+    clf = M.Lite0Classifier(spec.height, spec.width, spec.channels, len(ts.labels), pretrained_layers(),
+                            n_tiles=spec.n_tiles, good_idx=ts.good_idx, tuned_from=tuned_from)
+    res = FT.fit_lite0(clf, ts.X, ts.y, weights(ts.y, ts.tr_i, len(ts.labels)), ts.tr_i, ts.va_i,
+                       epochs=epochs, batch_size=opts.batch_size, learning_rate=opts.learning_rate,
+                       patience=opts.patience, seed=seed, verbose=False, flips=True,
+                       good_idx=ts.good_idx)
+    fit_s = time.perf_counter() - t0
+    _, te_cls, te_imgs, _ = load_split(scan_dataset(data / "test")[0], "test")
+    X = prepare(te_imgs, spec)
+    F = FT.cache_features(FT.FrozenRunner(clf, X.shape[2:]), X, FT.VIEWS_CACHED)[0]
+    n, V, T = F.shape[:3]
+    p = clf.tile_model.predict(F.reshape((n * V * T,) + F.shape[3:]).astype(np.float32),
+                               batch_size=64, verbose=0).reshape(n, V, T, -1).mean(1)
+    s = (1.0 - p[..., ts.good_idx]).max(1)          # agent.decide: mean over views, worst tile
+    d = np.array([c != "good" for c in te_cls])
+    out = {"variant": variant, "seed": seed, "size": [spec.width, spec.height],
+           "val_auc": round(res.progress.best_auc, 4), "best_epoch": res.progress.best_epoch,
+           "test_auc": round(roc_auc(s, d), 4), "fit_s": round(fit_s)}
+    sd, sg = np.sort(s[d]), s[~d]
+    for e in (0.01, 0.02, 0.03, 0.05):
+        thr = sd[int(np.floor(e * d.sum()))]       # at most that share of defects below it
+        out[f"test_fr_at_{e:g}_escape"] = round(float((sg >= thr).mean()), 4)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
