@@ -22,7 +22,7 @@ from .options import TrainOptions
 log = logging.getLogger("convert.train")
 
 EPOCHS_CROPS, EPOCHS_WHOLE = 20, 12
-EPOCHS_LITE0 = 25           # fine-tuning epochs after the warm-up (cached features: cheap)
+EPOCHS_LITE0 = 15           # fine-tuning epochs after the warm-up (cached features: cheap)
 
 
 def _mil_model(tile_model, n_tiles: int, spec: InputSpec, good_idx: int):

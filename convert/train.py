@@ -265,7 +265,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
     p.add_argument("--epochs", type=int, default=None,
                    help="max epochs (early stopping); default 20 with crop training, 12 on whole "
-                        "frames, 25 fine-tuning epochs for the lite0 backbone")
+                        "frames, 15 fine-tuning epochs for the lite0 backbone")
     p.add_argument("--input-size", type=parse_size, default=None, metavar="N|WxH",
                    help="model input (per tile); default: about 320x320 pixels (640x640 when "
                         "every defect image has boxes: crop training), keeping the images' "
