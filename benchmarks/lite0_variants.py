@@ -11,6 +11,8 @@ VARIANT is `base` or comma-separated key=value changes to the defaults:
   scale=F          input side x F against the auto size (more pixels per defect)
   good_weight=F    good's total loss weight = F x all defect classes' (default: balanced)
   lr_factor=F      fine-tuning rate = --lr x F (default convert.finetune.TUNE_LR_FACTOR)
+  margin=F         reflect-pad every image by F x its side on each edge before preprocessing
+                   (train and test alike): more cells around a defect at the border
 
 Prints one JSON line: validation AUC (what the trainer selects on), test ROC AUC of the float
 model over the bundle's 4 mirror views, and the test false-reject rate at the best test
@@ -38,7 +40,8 @@ import convert.model as M  # noqa: E402
 from convert.data import load_split, scan_dataset  # noqa: E402
 from convert.monitor import roc_auc  # noqa: E402
 from convert.options import TrainOptions  # noqa: E402
-from convert.train_data import load_training_set, prepare  # noqa: E402
+import convert.train_data as TD  # noqa: E402
+from convert.train_data import load_training_set  # noqa: E402
 
 
 def weights_with_good(f: float):
@@ -48,6 +51,19 @@ def weights_with_good(f: float):
         cw *= len(tr_i) / cw[y[tr_i]].sum()
         return cw[y].astype(np.float32)
     return weights
+
+
+def with_margin(f: float):
+    import cv2
+    prepare = TD.prepare
+
+    def padded(imgs, spec):
+        out = []
+        for im in imgs:
+            dy, dx = int(round(im.shape[0] * f)), int(round(im.shape[1] * f))
+            out.append(cv2.copyMakeBorder(im, dy, dy, dx, dx, cv2.BORDER_REFLECT_101))
+        return prepare(out, spec)
+    return padded
 
 
 def main() -> int:
@@ -66,6 +82,8 @@ def main() -> int:
             scale = float(v)
         elif k == "good_weight":
             weights = weights_with_good(float(v))
+        elif k == "margin":
+            TD.prepare = with_margin(float(v))
         elif k == "lr_factor":
             FT.TUNE_LR_FACTOR = float(v)
         else:
@@ -90,7 +108,7 @@ def main() -> int:
                        good_idx=ts.good_idx)
     fit_s = time.perf_counter() - t0
     _, te_cls, te_imgs, _ = load_split(scan_dataset(data / "test")[0], "test")
-    X = prepare(te_imgs, spec)
+    X = TD.prepare(te_imgs, spec)
     F = FT.cache_features(FT.FrozenRunner(clf, X.shape[2:]), X, FT.VIEWS_CACHED)[0]
     n, V, T = F.shape[:3]
     p = clf.tile_model.predict(F.reshape((n * V * T,) + F.shape[3:]).astype(np.float32),
