@@ -74,6 +74,9 @@ class SimProcess:
         self.proc = mp.get_context("fork").Process(target=self._serve, args=(master_fd, child),
                                                    daemon=True)
         self.proc.start()
+        # the agent's first heartbeat must find the simulator serving, or its ack times out
+        if not self.conn.poll(30) or self.conn.recv() != "ready":
+            raise RuntimeError("gate simulator process did not start within 30 s")
 
     @staticmethod
     def _serve(fd: int, conn) -> None:
@@ -83,12 +86,11 @@ class SimProcess:
         from firmware_io.gate_sim import GateSimulator
         from agent.commands.simulate_line import drive_triggers
 
-        if (os.cpu_count() or 1) > 1:
-            try:
-                os.sched_setaffinity(0, {os.cpu_count() - 1})
-            except OSError:         # a cpuset without that core: stay where we are
-                pass
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) > 1:
+            os.sched_setaffinity(0, {cores[-1]})
         sim = GateSimulator(fd=fd, hb_timeout_ms=5000).start()
+        conn.send("ready")
         while True:
             cmd, *arg = conn.recv()
             if cmd == "count":
@@ -126,6 +128,7 @@ def gate_run(mode: str, rate: float, parts: int, imgs, seed: int, tmp: str) -> d
     from agent.commands.simulate_line import LineVideoSource
 
     root = Path(__file__).resolve().parents[1]
+    Path(tmp).mkdir(parents=True, exist_ok=True)
     video = f"{tmp}/gate-{mode}-{rate:g}.avi"
     spec = LineSpec(rate=rate, parts=parts, seed=seed)
     truth = render(spec, imgs, video)
@@ -196,6 +199,7 @@ def gate_run(mode: str, rate: float, parts: int, imgs, seed: int, tmp: str) -> d
             "inspected": len(got), "rejected": len(acted),
             "good_rejected": verdicts["good"][1], "defect_passed": verdicts["defect"][0],
             "failsafe": sum(g.verdict.value == "FAILSAFE" for g in got),
+            "failsafe_reasons": sorted({g.reason for g in got if g.verdict.value == "FAILSAFE"}),
             "fired": len(fired), "unmatched": unmatched,
             "err_ms_p50": pct(50), "err_ms_p99": pct(99),
             "abs_err_ms_max": round(float(np.abs(e).max()), 2) if len(e) else None,

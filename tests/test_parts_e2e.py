@@ -140,7 +140,13 @@ def test_parts_bench_gate_run_measures_fired_against_the_truth(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for mode in ("presence", "external"):
-        r = bench.gate_run(mode, 5.0, 8, labelled_images(IMAGES), 4, str(tmp_path))
+        # a real-time run: a stall of the whole (shared) machine makes parts FAILSAFE by
+        # design, so one retry is allowed; a systematic miss fails both tries
+        for attempt in range(2):
+            r = bench.gate_run(mode, 5.0, 8, labelled_images(IMAGES), 4,
+                               str(tmp_path / f"{mode}-{attempt}"))
+            if r["failsafe"] == 0:
+                break
         assert r["truth"] == r["inspected"] == 8 and r["failsafe"] == 0, (mode, r)
         assert r["fired"] == r["rejected"] > 0 and r["unmatched"] == 0, (mode, r)
         assert -5 < r["err_ms_p50"] < 30 and r["abs_err_ms_max"] < 60, (mode, r)
