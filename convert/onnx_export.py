@@ -11,8 +11,13 @@ and per-channel int8 weights: TensorRT compiles Q/DQ pairs to int8 only when the
 0, and the int8 TFLite's own asymmetric uint8 activations (tf2onnx's direct route, kept as
 `--int8-from tflite`) would leave TensorRT running those layers in float. Either way the int8
 ONNX is checked against the int8 TFLite (the model the trainer measured) through the agent's
-own engines: top-1 agreement and the largest score difference, refused when they disagree on
-more than the bundle's parity margin.
+own engines: per input (top-1, the largest score difference) and per image as the line
+decides (verdict and label), refused when the images' decisions disagree on more than the
+bundle's parity margin. Per image, because that is what a plant gets: on a magnetic-tile
+bundle the int8 logits tensor has 0.32-logit steps, and ORT's integer kernels round one step
+differently on most inputs; that flips top-1 only on mirror views whose two best classes the
+TFLite itself holds (near) tied (all 21 flips of 1616 inputs), and the mean over views
+absorbs most of them (404 images: labels 99.26 %, verdicts 99.50 % agree; benchmarks/README.md).
 
 Needs tf2onnx, onnx and onnxruntime (`pip install 'edge-inspect[onnx-export]'`); the edge box
 needs only onnxruntime (or a Jetson's onnxruntime-gpu).
@@ -155,10 +160,13 @@ def quantize_qdq(float_path: Path, out_path: Path, images: np.ndarray) -> dict:
 
 
 def parity(onnx_path: Path, tflite_path: Path, bundle: Bundle, images: np.ndarray,
-           threads: int = 2) -> dict:
+           threads: int = 2, per_image: bool = False) -> dict:
     """The ONNX model against the int8 TFLite through the agent's own engines, on model
     inputs (N, H, W, C): top-1 agreement, the largest probability difference, and the
-    largest defect-score difference (agent.decide's score, per input)."""
+    largest defect-score difference (agent.decide's score, per input). With per_image (the
+    inputs laid out image by image, tiles x views each, as images_from_data and the trainer
+    give them), also what the line gets: each image decided as agent.decide does (views
+    averaged, worst tile, the bundle's threshold), its verdict and label compared."""
     from agent.decide import defect_score
     from agent.runtime.engines import create_engine
 
@@ -177,14 +185,53 @@ def parity(onnx_path: Path, tflite_path: Path, bundle: Bundle, images: np.ndarra
     # a uint8 output has 1/256 steps: where the TFLite's own top two are within two steps, a
     # one-step rounding difference flips top-1 without either model being wrong
     gap = pt[differ, pt[differ].argmax(1)] - pt[differ, po[differ].argmax(1)]
-    return {"n": int(len(images)),
-            "top1_agreement": float(np.mean(po.argmax(1) == pt.argmax(1))),
-            "disagreements": int(len(differ)),
-            "disagreements_within_2_steps": int(np.sum(gap <= 2 / 256 + 1e-6)),
-            "max_prob_diff": float(np.abs(po - pt).max()),
-            "max_score_diff": float(np.abs(so - st).max()),
-            "mean_score_diff": float(np.abs(so - st).mean()),
-            "onnx_cpu_ms_per_input": round(1000 * t_onnx / max(1, len(images)), 3)}
+    out = {"n": int(len(images)),
+           "top1_agreement": float(np.mean(po.argmax(1) == pt.argmax(1))),
+           "disagreements": int(len(differ)),
+           "disagreements_within_2_steps": int(np.sum(gap <= 2 / 256 + 1e-6)),
+           "max_prob_diff": float(np.abs(po - pt).max()),
+           "max_score_diff": float(np.abs(so - st).max()),
+           "mean_score_diff": float(np.abs(so - st).mean()),
+           "onnx_cpu_ms_per_input": round(1000 * t_onnx / max(1, len(images)), 3)}
+    k = bundle.input.views * bundle.input.tiles[0] * bundle.input.tiles[1]
+    if per_image and len(images) % k == 0:
+        out["images"] = _image_parity(po.reshape(-1, k, n), pt.reshape(-1, k, n), bundle)
+    return out
+
+
+def _image_parity(po: np.ndarray, pt: np.ndarray, bundle: Bundle) -> dict:
+    from agent.decide import defect_score
+
+    def decide(p):
+        score, label = defect_score(p, bundle)
+        return score, (label if score >= bundle.threshold else bundle.good_label)
+
+    o, t = [decide(p) for p in po], [decide(p) for p in pt]
+    good = bundle.good_label
+    return {"n": len(o),
+            "label_agreement": float(np.mean([a[1] == b[1] for a, b in zip(o, t)])),
+            "verdict_agreement": float(np.mean([(a[1] == good) == (b[1] == good) for a, b in zip(o, t)])),
+            "max_score_diff": float(max(abs(a[0] - b[0]) for a, b in zip(o, t)))}
+
+
+def parity_disagreement(p: dict) -> tuple[float, str]:
+    """What the parity margin is held against: per image where the check had whole images
+    (the line decides per image: a one-step rounding tie on one mirror view averages out),
+    else per input. The worse of label and verdict disagreement."""
+    if "images" in p:
+        im = p["images"]
+        return 1.0 - min(im["label_agreement"], im["verdict_agreement"]), f"{im['n']} images"
+    return 1.0 - p["top1_agreement"], f"{p['n']} inputs"
+
+
+def parity_summary(p: dict) -> str:
+    head = ""
+    if "images" in p:
+        im = p["images"]
+        head = (f"per image label {100 * im['label_agreement']:.2f}%, verdict "
+                f"{100 * im['verdict_agreement']:.2f}% on {im['n']} images; ")
+    return (f"{head}per input top-1 {100 * p['top1_agreement']:.2f}% on {p['n']} inputs, max "
+            f"score difference {p['max_score_diff']:.4f}")
 
 
 def _as_inputs(images, bundle: Bundle) -> np.ndarray:
@@ -226,8 +273,11 @@ def add_onnx(bundle_dir, representative_uint8_images, *, parity_images=None,
     (N, H, W, C) uint8 from agent.preprocess, calibration for the int8 model; at most
     REPRESENTATIVE are used, plus a 0..255 ramp as the TFLite calibration has. `parity_images`
     (default: the representative ones) are the inputs the int8 ONNX is compared on with the
-    int8 TFLite; beyond `margin` top-1 disagreement (default: the bundle's parity_margin, as
-    the trainer's int8-vs-float check) nothing is written and OnnxExportError says why.
+    int8 TFLite, image by image (tiles x views inputs each, as images_from_data gives them):
+    beyond `margin` disagreement (default: the bundle's parity_margin, as the trainer's
+    int8-vs-float check) on the images' verdicts or labels as agent.decide makes them (per
+    input for the representative images, which are not whole images), nothing is written and
+    OnnxExportError says why.
     `float_model`: a Keras model or a float .tflite path instead of the bundle's float TFLite.
     Returns the report."""
     _tools()
@@ -268,22 +318,23 @@ def add_onnx(bundle_dir, representative_uint8_images, *, parity_images=None,
                 how = {"method": "tf2onnx from the int8 TFLite (its own asymmetric int8 scales; "
                                  "TensorRT runs these layers in float)"}
             onnx.checker.check_model(onnx.load(str(qpath)))
-            tried[route] = {**how, "parity": parity(qpath, bundle.model_path, bundle, check)}
-            if 1.0 - tried[route]["parity"]["top1_agreement"] <= margin:
+            tried[route] = {**how, "parity": parity(qpath, bundle.model_path, bundle, check,
+                                                    per_image=parity_images is not None)}
+            off, on = parity_disagreement(tried[route]["parity"])
+            if off <= margin:
                 break
-            log.info("int8 route %s: top-1 agreement %.2f%% is beyond the margin", route,
-                     100 * tried[route]["parity"]["top1_agreement"])
+            log.info("int8 route %s: %.2f%% disagreement on %s is beyond the margin", route,
+                     100 * off, on)
         p_int8 = tried[route]["parity"]
         qmodel = onnx.load(str(qpath))
         opsets = {o.domain or "ai.onnx": o.version for o in qmodel.opset_import}
-        disagree = 1.0 - p_int8["top1_agreement"]
+        disagree, on = parity_disagreement(p_int8)
         if disagree > margin:
-            figs = "; ".join(f"{r}: {100 * t['parity']['top1_agreement']:.2f}%, max score "
-                             f"difference {t['parity']['max_score_diff']:.4f}" for r, t in tried.items())
+            figs = "; ".join(f"{r}: {parity_summary(t['parity'])}" for r, t in tried.items())
             raise OnnxExportError(
-                f"ONNX int8 parity check failed: top-1 agreement with the int8 TFLite on "
-                f"{p_int8['n']} inputs ({figs}) is beyond the allowed disagreement of "
-                f"{100 * margin:.2f}%; no ONNX added to {bundle.path}")
+                f"ONNX int8 parity check failed: against the int8 TFLite on {on} ({figs}), "
+                f"beyond the allowed disagreement of {100 * margin:.2f}%; no ONNX added to "
+                f"{bundle.path}")
         # the float ONNX against the float TFLite it came from: the conversion alone
         p_float = parity(fpath, src, bundle, check)
         report = {
@@ -296,6 +347,7 @@ def add_onnx(bundle_dir, representative_uint8_images, *, parity_images=None,
             "tflite_sha256": bundle.model_sha256,
             "parity_on": "representative images" if parity_images is None else "parity images",
             "parity_margin": margin,
+            "parity_judged_on": on,
             "parity": p_int8,
             "float_parity_vs_float_tflite": p_float,
             "float_bytes": fpath.stat().st_size,
@@ -309,9 +361,8 @@ def add_onnx(bundle_dir, representative_uint8_images, *, parity_images=None,
         os.replace(qpath, bundle.path / ONNX_MODEL)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     add_files(bundle.path, (ONNX_FLOAT_MODEL, ONNX_MODEL), metrics={"onnx": report})
-    log.info("ONNX added to %s: int8 (%s) top-1 agreement with the int8 TFLite %.2f%% on %d "
-             "inputs, max score difference %.4f; float ONNX vs float TFLite %.2f%%  [%.0fs]", bundle.path, route,
-             100 * p_int8["top1_agreement"], p_int8["n"], p_int8["max_score_diff"],
+    log.info("ONNX added to %s: int8 (%s) against the int8 TFLite: %s; float ONNX vs float "
+             "TFLite %.2f%%  [%.0fs]", bundle.path, route, parity_summary(p_int8),
              100 * p_float["top1_agreement"], report["seconds"])
     return report
 
@@ -396,10 +447,8 @@ def main(argv: list[str]) -> int:
         import json
         print(json.dumps(rep))
     else:
-        q = rep["parity"]
         print(f"{ONNX_MODEL} (int8, {rep['int8_from']}) and {ONNX_FLOAT_MODEL} added to {a.bundle}: "
-              f"top-1 agreement with {INT8_MODEL} {100 * q['top1_agreement']:.2f}% on {q['n']} "
-              f"inputs, max score difference {q['max_score_diff']:.4f}; opset {rep['opset']}")
+              f"against {INT8_MODEL}: {parity_summary(rep['parity'])}; opset {rep['opset']}")
     return 0
 
 

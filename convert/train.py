@@ -226,16 +226,15 @@ def _add_onnx(ts: TrainingSet, fitted: Fitted, out_dir: Path, opts: TrainOptions
     ONNX files, not the bundle: it stays as written, and says so."""
     from agent.preprocess import add_views
     try:
-        from .onnx_export import OnnxExportError, add_onnx
+        from .onnx_export import OnnxExportError, add_onnx, parity_summary
         Xh = ts.held_back().X
         hwc = (ts.spec.height, ts.spec.width, ts.spec.channels)
         rep = add_onnx(out_dir, ts.X[ts.tr_i].reshape((-1,) + hwc),
                        parity_images=np.concatenate([add_views(x, ts.views) for x in Xh]),
                        margin=opts.parity_margin,
                        float_model=None if opts.keep_float else fitted.model)
-        q = rep["parity"]
-        log.info("model.onnx (int8 from %s) added: top-1 agreement with the int8 TFLite %.2f%%, max "
-                 "score difference %.4f", rep["int8_from"], 100 * q["top1_agreement"], q["max_score_diff"])
+        log.info("model.onnx (int8 from %s) added; against the int8 TFLite: %s", rep["int8_from"],
+                 parity_summary(rep["parity"]))
     except ImportError as e:
         log.warning("--onnx: %s (pip install 'edge-inspect[onnx-export]'); the bundle has no model.onnx", e)
     except OnnxExportError as e:

@@ -75,6 +75,8 @@ def test_convert_bundle_lists_hashed_onnx_and_its_parity(converted):
     assert rep["tflite_sha256"] == bundle.model_sha256
     # parity was measured on the test images (40 images x 2 views), not the calibration ones
     assert rep["parity_on"] == "parity images" and rep["parity"]["n"] == 80
+    # and judged per image, as the line decides (40 images)
+    assert rep["parity_judged_on"] == "40 images" and rep["parity"]["images"]["n"] == 40
     assert rep["parity"]["top1_agreement"] >= 1 - rep["parity_margin"]
     assert rep["float_parity_vs_float_tflite"]["top1_agreement"] == 1.0
     assert rep["float_parity_vs_float_tflite"]["max_prob_diff"] < 1e-3
@@ -96,16 +98,24 @@ def test_onnx_cpu_engine_agrees_with_tflite_through_the_inspector(converted):
     tfl_i = Inspector.load(b, delegate="cpu")
     assert "onnx-cpu" in onnx_i.describe() and "CPU" in onnx_i.describe()
     files = sorted((root / "test").rglob("*.*"))
-    same, diffs = 0, []
+    same, verdicts, labels, diffs = 0, 0, 0, []
     for f in files:
         img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
         px = onnx_i.preprocess(img)
         assert px.shape == (2, 48, 48, 3)                    # both views in one invoke
         po, pt = onnx_i.infer(px), tfl_i.infer(px)
         assert po.shape == pt.shape == (2, 2) and po.dtype == np.float32
-        same += onnx_i.decide(po)[0] == tfl_i.decide(pt)[0]
-        diffs.append(abs(onnx_i.decide(po)[1] - tfl_i.decide(pt)[1]))
+        (vo, so, lo), (vt, st, lt) = onnx_i.decide(po), tfl_i.decide(pt)
+        same += vo == vt
+        labels += lo == lt
+        diffs.append(abs(so - st))
     assert same >= 0.95 * len(files), (same, len(files))
+    # the export's per-image parity is this comparison: the same images, the same decisions
+    im = load_bundle(b).metrics["onnx"]["parity"]["images"]
+    assert im["n"] == len(files)
+    assert im["verdict_agreement"] == pytest.approx(same / len(files))
+    assert im["label_agreement"] == pytest.approx(labels / len(files))
+    assert im["max_score_diff"] == pytest.approx(max(diffs), abs=1e-6)
     assert max(diffs) < 0.2
 
 
