@@ -193,7 +193,7 @@ def parity(onnx_path: Path, tflite_path: Path, bundle: Bundle, images: np.ndarra
            "max_score_diff": float(np.abs(so - st).max()),
            "mean_score_diff": float(np.abs(so - st).mean()),
            "onnx_cpu_ms_per_input": round(1000 * t_onnx / max(1, len(images)), 3)}
-    k = bundle.input.views * bundle.input.tiles[0] * bundle.input.tiles[1]
+    k = bundle.input.batch
     if per_image and len(images) % k == 0:
         out["images"] = _image_parity(po.reshape(-1, k, n), pt.reshape(-1, k, n), bundle)
     return out

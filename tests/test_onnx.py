@@ -98,7 +98,7 @@ def test_onnx_cpu_engine_agrees_with_tflite_through_the_inspector(converted):
     tfl_i = Inspector.load(b, delegate="cpu")
     assert "onnx-cpu" in onnx_i.describe() and "CPU" in onnx_i.describe()
     files = sorted((root / "test").rglob("*.*"))
-    same, verdicts, labels, diffs = 0, 0, 0, []
+    same, labels, diffs = 0, 0, []
     for f in files:
         img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
         px = onnx_i.preprocess(img)
