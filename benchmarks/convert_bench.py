@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle import load_bundle  # noqa: E402
-from agent.decide import defect_score  # noqa: E402
+from agent.decide import decide  # noqa: E402
 from agent.runtime.engines import create_engine  # noqa: E402
 from agent.preprocess import preprocess  # noqa: E402
 from convert.data import read_image, scan_eval  # noqa: E402
@@ -54,8 +54,7 @@ def main() -> int:
     rows = {}
 
     def record(name, probs, ms, size):
-        preds = [lbl if s >= b.threshold else b.good_label
-                 for s, lbl in (defect_score(p, b) for p in probs)]
+        preds = [decide(p, b, b.threshold)[1] for p in probs]
         m = verdict_metrics(truth, preds, b.good_label, b.labels)
         rows[name] = {"ms_per_image": ms, "accuracy": m["accuracy"], "escape_rate": m["escape_rate"],
                       "false_reject_rate": m["false_reject_rate"], "bytes": size}

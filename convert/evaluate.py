@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.bundle import BundleError, load_bundle
-from agent.decide import defect_score
+from agent.decide import decide
 from agent.preprocess import VIEWS, preprocess
 
 from .data import GOOD, DataError, load_split, scan_eval
@@ -66,9 +66,9 @@ def run_engine(engine, bundle, images) -> tuple[list[float], list[str], float]:
     t0 = time.perf_counter()
     for img in images:
         px = preprocess(img, bundle.input, out=buf)
-        s, lbl = defect_score(engine.invoke(px), bundle)
+        s, lbl = decide(engine.invoke(px), bundle, bundle.threshold)
         scores.append(s)
-        preds.append(lbl if s >= bundle.threshold else bundle.good_label)
+        preds.append(lbl)
     ms = (time.perf_counter() - t0) * 1000.0 / max(1, len(images))
     return scores, preds, ms
 

@@ -200,13 +200,9 @@ def parity(onnx_path: Path, tflite_path: Path, bundle: Bundle, images: np.ndarra
 
 
 def _image_parity(po: np.ndarray, pt: np.ndarray, bundle: Bundle) -> dict:
-    from agent.decide import defect_score
+    from agent.decide import decide
 
-    def decide(p):
-        score, label = defect_score(p, bundle)
-        return score, (label if score >= bundle.threshold else bundle.good_label)
-
-    o, t = [decide(p) for p in po], [decide(p) for p in pt]
+    o, t = ([decide(p, bundle, bundle.threshold) for p in ps] for ps in (po, pt))
     good = bundle.good_label
     return {"n": len(o),
             "label_agreement": float(np.mean([a[1] == b[1] for a, b in zip(o, t)])),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.bundle import Bundle
-from agent.decide import defect_score
+from agent.decide import decide, defect_score
 from agent.preprocess import add_views
 
 from .data import GOOD
@@ -45,8 +45,7 @@ class Scorer:
         return np.array([defect_score(p, dec or self.dec)[0] for p in P])
 
     def verdict(self, p) -> str:
-        s, lbl = defect_score(p, self.dec)
-        return lbl if s >= self.dec.threshold else GOOD
+        return decide(p, self.dec, self.dec.threshold)[1]
 
     def metrics(self, P, truth) -> tuple[dict, list[str]]:
         from .evaluate import verdict_metrics

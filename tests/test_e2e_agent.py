@@ -10,6 +10,7 @@ import time
 import tty
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.commands.daemon import Agent
@@ -188,6 +189,40 @@ def test_inference_error_and_corrupt_image_are_failsafe(tmp_path):
     # the none gate was told to reject every FAILSAFE part
     assert {o.part_id for o in agent.gate.records} == {i.part_id for i in got
                                                       if i.verdict is Verdict.FAILSAFE}
+
+
+class NotFinite(WrappedEngine):
+    """Every other output carries a NaN or an inf where P(good) is: a float engine's overflow,
+    a broken model. Clamping NaN to [0, 1] once scored such a part 0.0, a silent pass."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.n, self.poisoned = 0, 0
+
+    def invoke(self, pixels):
+        self.n += 1
+        out = np.array(self.inner.invoke(pixels), dtype=np.float32)
+        if self.n % 2 == 0:
+            out[..., 0] = np.nan if self.n % 4 == 0 else np.inf
+            self.poisoned += 1
+        return out
+
+
+def test_a_model_output_that_is_not_finite_is_failsafe_never_a_pass(tmp_path):
+    make_folder(tmp_path / "imgs", "g" * 8)            # all good: only FAILSAFE can reject
+    got, eng = [], {}
+
+    def wrap(e):
+        eng["e"] = NotFinite(e)
+        return eng["e"]
+
+    agent = Agent(agent_cfg(tmp_path, tmp_path / "imgs"), engine_wrap=wrap, sinks=(got.append,))
+    run_agent(agent).join(20)
+    assert len(got) == 8
+    bad = [i for i in got if i.verdict is not Verdict.PASS]
+    assert len(bad) == eng["e"].poisoned >= 3 and all(i.verdict is Verdict.FAILSAFE for i in bad)
+    assert all(i.reason.startswith("inference_error") and "not finite" in i.reason for i in bad)
+    assert agent.pipeline.failsafes["inference_error"] == len(bad)
 
 
 def test_pause_resume_threshold_over_mqtt(tmp_path, mqtt_broker):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agent.bundle import BundleError, load_bundle, write_manifest
-from agent.decide import defect_score
+from agent.decide import decide, defect_score
 from agent.preprocess import InputSpec, add_views, preprocess, to_input_tensor
 
 
@@ -70,6 +70,20 @@ def test_decision_averages_views_then_takes_the_worst_tile():
     assert score == pytest.approx(0.5) and label == "b"        # now tile 1 is the worst
     with pytest.raises(ValueError, match="views must be one of"):
         InputSpec(8, 8, views=3)
+
+
+def test_the_threshold_rule_and_an_output_that_cannot_be_judged():
+    class B:
+        labels, good_label, defect_indices, input = ["good", "a", "b"], "good", [1, 2], \
+            InputSpec(8, 8, tiles=(1, 2))
+    probs = np.array([[0.9, 0.1, 0.0], [0.4, 0.0, 0.6]], np.float32)   # worst tile: 0.6 "b"
+    assert decide(probs, B, 0.6) == (pytest.approx(0.6), "b")         # >= rejects
+    assert decide(probs, B, 0.61) == (pytest.approx(0.6), "good")
+    for bad in (np.nan, np.inf):
+        p = probs.copy()
+        p[0, 0] = bad               # the harmless tile: the worst is still judged on tile 1
+        with pytest.raises(ValueError, match="not finite"):
+            defect_score(p, B)
 
 
 def test_roi_letterbox_and_center_crop():

@@ -12,7 +12,6 @@ threshold), so a part is always judged by one consistent model + threshold.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,7 @@ import numpy as np
 from firmware_io.commands import is_threshold
 
 from agent.bundle import Bundle, BundleError, load_bundle
-from agent.decide import defect_score
+from agent.decide import decide
 from agent.runtime.engines import Engine, EngineError, EnginePool, create_engine
 from agent.preprocess import preprocess
 from agent.types import Verdict
@@ -151,12 +150,8 @@ class Inspector:
         return self.engine.invoke(pixels)
 
     def decide(self, probs: np.ndarray) -> tuple[Verdict, float, str]:
-        score, label = defect_score(probs, self.bundle)
-        if math.isnan(score):
-            raise ValueError("model output is NaN")
-        if score >= self.threshold:
-            return Verdict.REJECT, score, label
-        return Verdict.PASS, score, self.good_label
+        score, label = decide(probs, self.bundle, self.threshold)
+        return (Verdict.PASS if label == self.good_label else Verdict.REJECT), score, label
 
     def defect_map(self, pixels: np.ndarray) -> np.ndarray | None:
         """The (h, w) patch map of a part's pixels, or None when the engine gives none. It runs
