@@ -38,7 +38,7 @@ import convert.finetune as FT  # noqa: E402
 import convert.fit as FIT  # noqa: E402
 import convert.model as M  # noqa: E402
 from convert.data import load_split, scan_dataset  # noqa: E402
-from convert.monitor import roc_auc  # noqa: E402
+from convert.threshold import roc_auc  # noqa: E402
 from convert.options import TrainOptions  # noqa: E402
 import convert.train_data as TD  # noqa: E402
 from convert.train_data import load_training_set  # noqa: E402

@@ -212,19 +212,10 @@ def threshold_for_false_reject(good_scores, target: float) -> float:
 
 
 def auroc(scores, is_defect) -> float | None:
-    """Area under the ROC curve (Mann-Whitney, ties counted half); None without both kinds."""
-    s = np.asarray(scores, np.float64)
-    d = np.asarray(is_defect, bool)
-    if d.all() or not d.any():
-        return None
-    # average ranks (ties share their mean rank) in numpy: evaluate runs on boxes without scipy
-    order = np.argsort(s, kind="mergesort")
-    r = np.empty(s.size)
-    r[order] = np.arange(1, s.size + 1)
-    uniq, inv = np.unique(s, return_inverse=True)
-    r = (np.bincount(inv, weights=r) / np.bincount(inv))[inv]
-    n1, n0 = int(d.sum()), int((~d).sum())
-    return float((r[d].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    """convert.threshold.roc_auc as the bundle's JSON records it: None without both kinds."""
+    from .threshold import roc_auc
+    auc = roc_auc(scores, is_defect)
+    return None if np.isnan(auc) else auc
 
 
 def defect_report(norm_good, norm_defect, threshold: float) -> dict:

@@ -24,8 +24,7 @@ from agent.decide import decide
 from agent.preprocess import VIEWS, preprocess
 
 from .data import GOOD, DataError, load_split, scan_eval
-from .monitor import roc_auc
-from .threshold import OPERATING_POINTS, operating_points, rate_upper_bound
+from .threshold import OPERATING_POINTS, operating_points, rate_upper_bound, roc_auc
 
 log = logging.getLogger("convert.evaluate")
 
@@ -193,10 +192,9 @@ def main(argv: list[str]) -> int:
     scores, preds, ms = run_engine(engine, bundle, images)
     good = bundle.good_label if bundle.good_label in split.files or GOOD not in split.files else GOOD
     m = verdict_metrics(truth, preds, good, bundle.labels)
-    from .anomaly import auroc
-    m.update(auroc=auroc(scores, [t != good for t in truth]), kind=bundle.kind, ms_per_image=ms, unreadable=len(bad), threshold=bundle.threshold, views=bundle.input.views,
-             bundle=str(bundle.path), data=str(split.root), model_sha256=bundle.model_sha256,
-             engine=engine.describe())
+    m.update(kind=bundle.kind, ms_per_image=ms, unreadable=len(bad), threshold=bundle.threshold,
+             views=bundle.input.views, bundle=str(bundle.path), data=str(split.root),
+             model_sha256=bundle.model_sha256, engine=engine.describe())
     is_def = [t != good for t in truth]
     auc = roc_auc(scores, is_def)
     m.update(roc_auc=None if np.isnan(auc) else auc,

@@ -288,7 +288,7 @@ class _Averaged:
 
 
 def _auc(clf: Lite0Classifier, F_va, y_va, good_idx: int) -> float:
-    from .monitor import roc_auc
+    from .threshold import roc_auc
 
     p_va = clf.train_model.predict(F_va.astype(np.float32), verbose=0, batch_size=64)
     return float(roc_auc(1.0 - p_va[:, good_idx], y_va != good_idx))

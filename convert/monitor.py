@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from .threshold import roc_auc
+
 # A validation loss gain under this is noise, not progress: without it a model that has
 # already separated its validation set (loss ~0.01, falling by 1e-4 an epoch) trains on to
 # the last epoch for nothing.
@@ -19,16 +21,6 @@ CONVERGED = 0.01
 # stayed at ~0.5 for 3 epochs before it rose to 0.92; patience 5 from epoch 1 had stopped
 # the default run at chance.
 LEARNING_AUC = 0.6
-
-
-def roc_auc(scores, positive) -> float:
-    """ROC AUC of scores for a boolean truth (ties count half)."""
-    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
-    p, n = scores[positive], scores[~positive]
-    if not p.size or not n.size:
-        return float("nan")
-    return float(((p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum())
-                 / (p.size * n.size))
 
 
 class WeightAverage:

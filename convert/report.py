@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .monitor import roc_auc
-from .threshold import OPERATING_POINTS, operating_points, rates_at
+from .threshold import OPERATING_POINTS, operating_points, rates_at, roc_auc
 
 GALLERY = 8          # images per gallery
 THUMB = 224          # longest side of a gallery thumbnail, pixels

@@ -16,6 +16,22 @@ import numpy as np
 OPERATING_POINTS = (0.005, 0.01, 0.02, 0.05)     # escape targets tabulated in the bundle
 
 
+def roc_auc(scores, positive) -> float:
+    """ROC AUC of scores for a boolean truth, ties counted half (Mann-Whitney from average
+    ranks: O(n log n), numpy only, since evaluate runs on boxes without scipy); NaN without
+    both kinds."""
+    s, d = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    n1, n0 = int(d.sum()), int((~d).sum())
+    if not n1 or not n0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    r = np.empty(s.size)
+    r[order] = np.arange(1, s.size + 1)
+    _, inv = np.unique(s, return_inverse=True)
+    r = (np.bincount(inv, weights=r) / np.bincount(inv))[inv]
+    return float((r[d].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def allowed_escapes(n_defects: int, max_escape: float) -> int:
     """How many of n validation defects may score below the threshold: floor(max_escape * n)."""
     return int(math.floor(max_escape * n_defects + 1e-9))

@@ -135,7 +135,7 @@ def test_evaluate_reports_auroc_escape_false_reject(bundle, data, capsys):
     assert main(["edge-inspect evaluate", str(bundle), str(data), "--json"]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert m["kind"] == "anomaly" and m["n_defect"] == 16 and m["n_good"] == 16
-    assert m.get("auroc", m.get("roc_auc")) >= 0.9
+    assert m["roc_auc"] >= 0.9
     assert m["escape_rate"] <= 0.25 and m["false_reject_rate"] <= 0.25
     assert 0 < m["escape_rate_upper_95"] <= 1
 

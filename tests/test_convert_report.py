@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from convert import evaluate as ev
-from convert.monitor import roc_auc
+from convert.threshold import roc_auc
 from convert.report import FIGURES, ScoredSet, gallery_indices, write_report
 from convert.threshold import OPERATING_POINTS, operating_points
 
