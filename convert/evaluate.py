@@ -189,7 +189,11 @@ def main(argv: list[str]) -> int:
     if not images:
         print(f"{prog}: no readable images under {split.root}", file=sys.stderr)
         return 2
-    scores, preds, ms = run_engine(engine, bundle, images)
+    try:
+        scores, preds, ms = run_engine(engine, bundle, images)
+    except ValueError as e:            # agent.decide: an output that cannot be judged
+        print(f"{prog}: {bundle.path}: {e}; this model cannot be evaluated (or deployed)", file=sys.stderr)
+        return 2
     good = bundle.good_label if bundle.good_label in split.files or GOOD not in split.files else GOOD
     m = verdict_metrics(truth, preds, good, bundle.labels)
     m.update(kind=bundle.kind, ms_per_image=ms, unreadable=len(bad), threshold=bundle.threshold,
