@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from convert import evaluate as ev
-from convert.threshold import roc_auc
 from convert.report import FIGURES, ScoredSet, gallery_indices, write_report
-from convert.threshold import OPERATING_POINTS, operating_points
+from convert.threshold import OPERATING_POINTS, operating_points, roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "agent" / "demo_data"
@@ -281,3 +280,27 @@ def test_evaluate_report_via_the_console_script(noisy_demo, tmp_path):
     r = subprocess.run([exe, "evaluate", str(BUNDLE), str(noisy_demo), "--threads", "1",
                         "--report", str(blocker)], capture_output=True, text=True, timeout=240)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "report" in r.stderr, r.stderr
+
+
+def test_policy_table_scores_each_recorded_threshold_as_evaluate_does(noisy_demo, tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from policy_table import policy_rows
+
+    b = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, b)
+    m = json.loads((b / "bundle.json").read_text())
+    t0 = m["threshold"]
+    m["metrics"]["threshold_selection"] = {"on": "hand-set", "operating_points": [
+        {"max_escape": 0.01, "threshold": 0.05, "false_reject_rate": 0.5},
+        {"max_escape": 0.05, "threshold": t0, "false_reject_rate": 0.1}]}
+    (b / "bundle.json").write_text(json.dumps(m))
+    r = policy_rows(b, noisy_demo, threads=1)
+    assert [q["threshold"] for q in r["rows"]] == [0.05, t0]
+    for q in r["rows"]:
+        assert ev.main(["edge-inspect evaluate", str(b), str(noisy_demo), "--json", "--threads", "1",
+                        "--threshold", str(q["threshold"])]) == 0
+        e = json.loads(capsys.readouterr().out)
+        assert (q["accuracy"], q["escape_rate"], q["false_reject_rate"]) == \
+            (pytest.approx(e["accuracy"]), pytest.approx(e["escape_rate"]), pytest.approx(e["false_reject_rate"]))
+    assert r["rows"][0]["false_reject_rate"] > r["rows"][1]["false_reject_rate"]   # a lower threshold rejects more
