@@ -32,7 +32,7 @@ from agent.decide import anomaly_probs
 from agent.preprocess import InputSpec, preprocess
 
 from .data import GOOD, DataError, fingerprint, load_split, scan_classes
-from .threshold import rate_upper_bound
+from .threshold import rate_upper_bound, roc_auc_or_none
 
 log = logging.getLogger("convert.anomaly")
 
@@ -191,7 +191,7 @@ def choose_memory(f_mem, f_held, f_def, grid, model_sha256: str, opts: AnomalyOp
         for s in smooths:
             g = np.array([blur_max(m, s) for m in held_maps])
             d = np.array([blur_max(m, s) for m in def_maps])
-            auc = auroc(np.r_[g, d], np.r_[np.zeros(len(g), bool), np.ones(len(d), bool)]) if len(d) else None
+            auc = roc_auc_or_none(np.r_[g, d], np.r_[np.zeros(len(g), bool), np.ones(len(d), bool)]) if len(d) else None
             table.append({"method": method, "smooth": s, "validation_auroc": auc})
             log.info("memory %s, blur %.1f: validation AUROC %s", method, s,
                      "n/a (no defects)" if auc is None else f"{auc:.4f}")
@@ -211,13 +211,6 @@ def threshold_for_false_reject(good_scores, target: float) -> float:
     return float((g[k] + above) / 2.0) if above > g[k] else float(g[k] * (1 + 1e-6) + 1e-12)
 
 
-def auroc(scores, is_defect) -> float | None:
-    """convert.threshold.roc_auc as the bundle's JSON records it: None without both kinds."""
-    from .threshold import roc_auc
-    auc = roc_auc(scores, is_defect)
-    return None if np.isnan(auc) else auc
-
-
 def defect_report(norm_good, norm_defect, threshold: float) -> dict:
     """Escape and false reject at `threshold` (normalised scores), with the escape rate's
     one-sided 95 % bound; AUROC of good vs defect."""
@@ -229,7 +222,7 @@ def defect_report(norm_good, norm_defect, threshold: float) -> dict:
     if d.size:
         out.update(escape_rate=escapes / d.size, escapes=escapes,
                    escape_rate_upper_95=rate_upper_bound(escapes, int(d.size)),
-                   auroc=auroc(np.r_[g, d], np.r_[np.zeros(g.size, bool), np.ones(d.size, bool)]))
+                   auroc=roc_auc_or_none(np.r_[g, d], np.r_[np.zeros(g.size, bool), np.ones(d.size, bool)]))
     return out
 
 

@@ -24,7 +24,7 @@ from agent.decide import decide
 from agent.preprocess import VIEWS, preprocess
 
 from .data import GOOD, DataError, load_split, scan_eval
-from .threshold import OPERATING_POINTS, operating_points, rate_upper_bound, roc_auc
+from .threshold import OPERATING_POINTS, operating_points, rate_upper_bound, roc_auc_or_none
 
 log = logging.getLogger("convert.evaluate")
 
@@ -200,8 +200,7 @@ def main(argv: list[str]) -> int:
              views=bundle.input.views, bundle=str(bundle.path), data=str(split.root),
              model_sha256=bundle.model_sha256, engine=engine.describe())
     is_def = [t != good for t in truth]
-    auc = roc_auc(scores, is_def)
-    m.update(roc_auc=None if np.isnan(auc) else auc,
+    m.update(roc_auc=roc_auc_or_none(scores, is_def),
              operating_points=operating_points(scores, is_def, OPERATING_POINTS) if any(is_def) else [])
     if args.report is not None:
         # the escape target the threshold was chosen for; none when --threshold overrides it

@@ -32,6 +32,12 @@ def roc_auc(scores, positive) -> float:
     return float((r[d].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
+def roc_auc_or_none(scores, positive) -> float | None:
+    """roc_auc as bundle.json and evaluate --json record it: None (null) without both kinds."""
+    auc = roc_auc(scores, positive)
+    return None if math.isnan(auc) else auc
+
+
 def allowed_escapes(n_defects: int, max_escape: float) -> int:
     """How many of n validation defects may score below the threshold: floor(max_escape * n)."""
     return int(math.floor(max_escape * n_defects + 1e-9))

@@ -261,7 +261,7 @@ def test_anomaly_probs_is_monotone_with_half_at_scale():
 
 
 def test_auroc_matches_pairwise_count():
-    from convert.anomaly import auroc
+    from convert.threshold import roc_auc_or_none as auroc
     rng = np.random.default_rng(0)
     s = rng.integers(0, 6, 300).astype(float)
     d = rng.random(300) < 0.3

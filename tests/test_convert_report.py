@@ -213,20 +213,15 @@ def test_evaluate_json_roc_auc_and_operating_points(noisy_demo, capsys):
 
 def test_evaluate_refuses_a_model_whose_output_is_not_finite(noisy_demo, capsys, monkeypatch):
     import agent.runtime.engines as engines
+    from agent.runtime.inspector import WrappedEngine
 
     real = engines.create_engine
 
-    class NaNs:
-        def __init__(self, inner):
-            self.inner = inner
-
+    class NaNs(WrappedEngine):
         def invoke(self, px):
             out = np.array(self.inner.invoke(px), np.float32)
             out[..., 0] = np.nan
             return out
-
-        def describe(self):
-            return self.inner.describe()
 
     monkeypatch.setattr(engines, "create_engine", lambda *a, **k: NaNs(real(*a, **k)))
     assert ev.main(["edge-inspect evaluate", str(BUNDLE), str(noisy_demo), "--json", "--threads", "1"]) == 2
