@@ -22,7 +22,9 @@ class TrainOptions:
     batch_size: int = 16
     learning_rate: float = 1e-3
     patience: int = 5
-    max_escape: float = 0.01
+    # 2 %, not 1 %: measured on both data sets (benchmarks/README.md, 2026-12-04 policy
+    # tables), 1 % cost 10-29 % false rejects for test escapes that 2 % kept <= 2.0 %
+    max_escape: float = 0.02
     parity_margin: float = 0.01                     # max int8 accuracy drop (fraction)
     weights: Path | None = None
     edgetpu: bool = False

@@ -43,7 +43,7 @@ def allowed_escapes(n_defects: int, max_escape: float) -> int:
     return int(math.floor(max_escape * n_defects + 1e-9))
 
 
-def select_threshold(scores, is_defect, max_escape: float = 0.01) -> float:
+def select_threshold(scores, is_defect, max_escape: float) -> float:
     """The decision threshold (defect if score >= threshold) for a target escape rate.
 
     Lets at most floor(max_escape * n_defects) validation defects score below it and sits in

@@ -292,8 +292,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
     p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
-    p.add_argument("--max-escape", type=float, default=0.01,
-                   help="target max escape rate (defects passed as good) for the threshold; default 0.01")
+    p.add_argument("--max-escape", type=float, default=TrainOptions.max_escape,
+                   help="target max escape rate (defects passed as good) for the threshold; "
+                        f"default {TrainOptions.max_escape:g}")
     p.add_argument("--parity-margin", type=float, default=1.0,
                    help="max int8 accuracy drop vs float, in points, beyond chance (default 1.0)")
     p.add_argument("--weights", type=Path, default=None,
