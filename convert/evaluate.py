@@ -72,6 +72,37 @@ def run_engine(engine, bundle, images) -> tuple[list[float], list[str], float]:
     return scores, preds, ms
 
 
+def _float_engine(bundle, engine: str, threads: int):
+    """The bundle's float32 TFLite model on the LiteRT CPU engine (EngineError if it has none)."""
+    from agent.bundle import FLOAT_MODEL
+    from agent.runtime.engines import EngineError, create_engine
+
+    if bundle.kind == "anomaly":
+        raise EngineError("an anomaly bundle has no float model to compare")
+    if engine != "cpu":
+        raise EngineError(f"the float model runs on the cpu engine; drop --engine {engine}")
+    path = bundle.file(FLOAT_MODEL)
+    if path is None:
+        raise EngineError(f"bundle {bundle.path} carries no {FLOAT_MODEL} (trained with --no-float)")
+    return create_engine("cpu", path, bundle.input, len(bundle.labels), threads=threads)
+
+
+def float_comparison(engine, bundle, images, truth, good: str, scores8, preds8) -> dict:
+    """The float model on the same images at the same threshold, and how often int8 and float
+    give a part a different verdict: int8's own cost, apart from the model and the threshold
+    policy (the trainer checks it on validation, metrics.parity; this is the test set)."""
+    scores, preds, ms = run_engine(engine, bundle, images)
+    m = verdict_metrics(truth, preds, good, bundle.labels)
+    is_def = [t != good for t in truth]
+    s8, sf = np.asarray(scores8), np.asarray(scores)
+    return {"accuracy": m["accuracy"], "escape_rate": m["escape_rate"],
+            "false_reject_rate": m["false_reject_rate"], "roc_auc": roc_auc_or_none(scores, is_def),
+            "ms_per_image": ms,
+            "verdict_agreement": float(np.mean([(a == good) == (b == good) for a, b in zip(preds8, preds)])),
+            "score_difference_mean": float(np.mean(np.abs(s8 - sf))),
+            "score_difference_p99": float(np.percentile(np.abs(s8 - sf), 99))}
+
+
 def _format_text(m: dict, bundle) -> str:
     lines = [f"bundle {bundle.path}  (threshold {bundle.threshold:.4f}, {bundle.input.views} view(s), "
              f"model {bundle.model_sha256[:12]}, engine {m.get('engine', 'cpu')})",
@@ -85,6 +116,13 @@ def _format_text(m: dict, bundle) -> str:
              "ROC AUC:           " + ("undefined (needs good and defect images)" if m.get("roc_auc") is None
                                         else f"{m['roc_auc']:.4f}"),
              f"mean time:         {m['ms_per_image']:.2f} ms per image (decode excluded; preprocess + int8 inference)"]
+    f = m.get("float")
+    if f:
+        auc = "undefined" if f["roc_auc"] is None else f"{f['roc_auc']:.4f}"
+        lines += [f"float32 model:     accuracy {100 * f['accuracy']:.2f} %, escape {100 * f['escape_rate']:.2f} %, "
+                  f"false reject {100 * f['false_reject_rate']:.2f} %, ROC AUC {auc}; same verdict as int8 "
+                  f"for {100 * f['verdict_agreement']:.1f} % of parts (score difference mean "
+                  f"{f['score_difference_mean']:.4f}, p99 {f['score_difference_p99']:.4f})"]
     if m.get("operating_points"):
         lines += ["operating points on this set (the threshold each escape target picks on these very "
                   "scores: the model, apart from the threshold policy):",
@@ -145,6 +183,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--views", type=int, choices=VIEWS, default=None,
                    help="mirror views per tile, at most the bundle's (default: the bundle's); "
                         "decides at the bundle's threshold for that many unless --threshold")
+    p.add_argument("--float", action="store_true", dest="with_float",
+                   help="also score the bundle's float32 model (model_float.tflite) on the same "
+                        "images: what int8 costs, apart from the model and the threshold")
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="also draw the pictures (ROC, escape vs false reject, confusion, galleries) "
                         "into DIR/report/ with an index.html; needs matplotlib (the train extra)")
@@ -185,6 +226,13 @@ def main(argv: list[str]) -> int:
     except EngineError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    float_engine = None
+    if args.with_float:
+        try:
+            float_engine = _float_engine(bundle, args.engine, args.threads)
+        except EngineError as e:
+            print(f"{prog}: --float: {e}", file=sys.stderr)
+            return 2
     paths, truth, images, bad = load_split(split, "evaluation")
     if not images:
         print(f"{prog}: no readable images under {split.root}", file=sys.stderr)
@@ -202,6 +250,12 @@ def main(argv: list[str]) -> int:
     is_def = [t != good for t in truth]
     m.update(roc_auc=roc_auc_or_none(scores, is_def),
              operating_points=operating_points(scores, is_def, OPERATING_POINTS) if any(is_def) else [])
+    if float_engine is not None:
+        try:
+            m["float"] = float_comparison(float_engine, bundle, images, truth, good, scores, preds)
+        except ValueError as e:
+            print(f"{prog}: {bundle.path}: float model: {e}", file=sys.stderr)
+            return 2
     if args.report is not None:
         # the escape target the threshold was chosen for; none when --threshold overrides it
         max_escape = None if args.threshold is not None else \

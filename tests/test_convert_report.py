@@ -211,6 +211,42 @@ def test_evaluate_json_roc_auc_and_operating_points(noisy_demo, capsys):
     assert "report" not in m
 
 
+def test_evaluate_float_shows_what_int8_costs(noisy_demo, capsys, tmp_path):
+    from agent.bundle import FLOAT_MODEL, load_bundle
+    from agent.runtime.engines import create_engine
+    from convert.data import load_split, scan_eval
+
+    assert ev.main(["edge-inspect evaluate", str(BUNDLE), str(noisy_demo), "--json", "--threads", "1",
+                    "--float"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    b = load_bundle(BUNDLE)
+    _, truth, images, _ = load_split(scan_eval(noisy_demo), "test")
+    s8, p8, _ = ev.run_engine(create_engine("cpu", b.model_path, b.input, len(b.labels), threads=1), b, images)
+    sf, pf, _ = ev.run_engine(create_engine("cpu", b.file(FLOAT_MODEL), b.input, len(b.labels), threads=1),
+                              b, images)
+    s8, sf = np.array(s8), np.array(sf)
+    assert not np.array_equal(s8, sf)                  # two models, not one scored twice
+    f = m["float"]
+    d = np.array([t != "good" for t in truth])
+    assert f["accuracy"] == pytest.approx(np.mean((sf >= b.threshold) == d))
+    assert f["roc_auc"] == pytest.approx(roc_auc(sf, d))
+    assert f["verdict_agreement"] == pytest.approx(np.mean((s8 >= b.threshold) == (sf >= b.threshold)))
+    assert f["score_difference_mean"] == pytest.approx(np.mean(np.abs(s8 - sf)), abs=1e-6)
+    assert m["accuracy"] == pytest.approx(np.mean((s8 >= b.threshold) == d))     # int8 unchanged
+    # text mode says it in one line
+    assert ev.main(["edge-inspect evaluate", str(BUNDLE), str(noisy_demo), "--threads", "1", "--float"]) == 0
+    assert "float32 model:" in capsys.readouterr().out
+    # a bundle without the float model: one line, exit 2
+    bare = tmp_path / "bare"
+    shutil.copytree(BUNDLE, bare)
+    meta = json.loads((bare / "bundle.json").read_text())
+    (bare / FLOAT_MODEL).unlink()
+    meta["files"] = {k: v for k, v in meta.get("files", {}).items() if k != FLOAT_MODEL}
+    (bare / "bundle.json").write_text(json.dumps(meta))
+    assert ev.main(["edge-inspect evaluate", str(bare), str(noisy_demo), "--float"]) == 2
+    assert "carries no model_float.tflite" in capsys.readouterr().err
+
+
 def test_evaluate_refuses_a_model_whose_output_is_not_finite(noisy_demo, capsys, monkeypatch):
     import agent.runtime.engines as engines
     from agent.runtime.inspector import WrappedEngine
