@@ -40,11 +40,14 @@ class ExportError(Exception):
     pass
 
 
-def to_tflite(model, shape: tuple[int, int, int], representative=None) -> bytes:
+def to_tflite(model, shape: tuple[int, int, int], representative=None,
+              calibrate_only: bool = False) -> bytes:
     """Convert with a FIXED [1, H, W, C] signature (batch 1, static shapes).
 
     With `representative` (an iterable of float32 (1,H,W,C) raw-pixel arrays): full-integer
-    int8 ops with uint8 input and output. Without: a float32 model.
+    int8 ops with uint8 input and output. Without: a float32 model. calibrate_only: the float
+    model with the calibrated min/max of every tensor, before quantization (for studies of
+    the ranges, benchmarks/int8_noise.py).
     """
     import tensorflow as tf
 
@@ -71,6 +74,7 @@ def to_tflite(model, shape: tuple[int, int, int], representative=None) -> bytes:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = tf.uint8
         conv.inference_output_type = tf.uint8
+        conv._experimental_calibrate_only = calibrate_only
     return conv.convert()
 
 
