@@ -31,7 +31,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle import FLOAT_MODEL, load_bundle  # noqa: E402
-from agent.decide import defect_score  # noqa: E402
 from agent.preprocess import preprocess  # noqa: E402
 from convert.threshold import roc_auc  # noqa: E402
 
@@ -171,23 +170,20 @@ def ranges(args) -> None:
 
     test = _images(args.test, b.good_label)
     truth = np.array([y for _, y in test])
-    pix = [preprocess(im, b.input) for im, _ in test]
 
     def scores(content):
-        from ai_edge_litert.interpreter import Interpreter
+        """The test set's defect scores of a converted model, through the agent's engine and
+        decision rule (convert.evaluate.run_engine), as evaluate scores a bundle."""
+        import tempfile
 
-        it = Interpreter(model_content=content, num_threads=2)
-        it.allocate_tensors()
-        i, o = it.get_input_details()[0], it.get_output_details()[0]
-        out = []
-        for px in pix:
-            ps = []
-            for v in px:
-                it.set_tensor(i["index"], v[None].astype(i["dtype"]))
-                it.invoke()
-                ps.append(_dequantized(it, o)[0])
-            out.append(defect_score(np.array(ps), b)[0])
-        return np.array(out)
+        from agent.runtime.engines import create_engine
+        from convert.evaluate import run_engine
+
+        with tempfile.NamedTemporaryFile(suffix=".tflite") as f:
+            f.write(content)
+            f.flush()
+            engine = create_engine("cpu", Path(f.name), b.input, len(b.labels), threads=2)
+            return np.array(run_engine(engine, b, [im for im, _ in test])[0])
 
     ref = scores(to_tflite(model, hwc))
     print(f"{args.keras} (centred as {b.path}), {len(truth)} test images, {len(linear)} linear feature maps")
