@@ -193,21 +193,13 @@ def fit_lite0(clf: Lite0Classifier, X: np.ndarray, y: np.ndarray, sample_weight:
     ep = _Epochs(F_tr, yt, wt, batch_size, seed)
     _compile(clf, learning_rate, epochs * ep.steps)
     prog = Progress(epochs, verbose, ds_va, good_idx, None, patience, ema_decay=1.0 - 1.0 / ep.steps)
-    # The warm-up is epoch 0: fine-tuning must validate better to replace it. On full sets it
-    # does by far (magnetic tiles 0.93-0.96 -> 0.97-0.99); on 50 images a class it ended below
-    # (0.950 -> 0.942 at best), and the warm-up head on frozen features is then the model.
-    prog.start_from(clf.train_model)
     tf0 = time.perf_counter()
     clf.train_model.fit(ep.data, epochs=epochs, callbacks=[prog.callback], verbose=0)
     epoch_s = (time.perf_counter() - tf0) / max(1, prog.epochs_run)
-    if prog.best_epoch == 0:
-        log.warning("fine-tuning never validated better than the frozen warm-up (AUC %.4f): the "
-                    "bundle keeps the warm-up's softmax on frozen ImageNet features (more images "
-                    "per class let fine-tuning help)", prog.best_auc)
     oof = None
     if folds:
         oof = _out_of_fold(clf, run, X, y, sample_weight, tr_i, va_i, F_tr, P_tr, start,
-                           folds=folds, epochs=epochs, best_epoch=prog.best_epoch,
+                           folds=folds, epochs=epochs, best_epoch=max(1, prog.best_epoch),
                            epoch_seconds=epoch_s, budget=fold_seconds, batch_size=batch_size,
                            learning_rate=learning_rate, seed=seed, flips=flips,
                            score_views=score_views, good_idx=good_idx)
@@ -251,11 +243,10 @@ def _out_of_fold(clf, run, X, y, sample_weight, tr_i, va_i, F_tr, P_tr, start, *
         clf.train_model.set_weights(start)
         clf.set_tuning(False)
         warm_start(clf, Pf, yf, wf)
-        if best_epoch:          # 0: the exported model is the warm-up, so is the fold's
-            ep = _Epochs(Ff, yf, wf, batch_size, seed + 1 + f)
-            _compile(clf, learning_rate, epochs * ep.steps)
-            avg = _Averaged(1.0 - 1.0 / ep.steps)
-            clf.train_model.fit(ep.data, epochs=best_epoch, callbacks=[avg], verbose=0)
+        ep = _Epochs(Ff, yf, wf, batch_size, seed + 1 + f)
+        _compile(clf, learning_rate, epochs * ep.steps)
+        avg = _Averaged(1.0 - 1.0 / ep.steps)
+        clf.train_model.fit(ep.data, epochs=best_epoch, callbacks=[avg], verbose=0)
         del Ff, Pf
         Fh = cache_features(run, X[held], score_views)[0]        # (n, V, T, h, w, C)
         n, V, T = Fh.shape[:3]

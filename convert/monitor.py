@@ -113,8 +113,6 @@ class Progress:
             vl = float(np.concatenate(losses).sum() / max(np.concatenate(weights).sum(), 1e-9))
             return vl, roc_auc(sc, tr), float(np.mean((sc >= 0.5) == tr))
 
-        self._validate = validate
-
         class CB(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
                 outer.t0 = time.perf_counter()
@@ -133,8 +131,13 @@ class Progress:
                 logs.update(val_loss=vl, val_auc=auc, val_accuracy=acc)
                 outer.history.append({"epoch": epoch + 1, "loss": logs.get("loss"), "val_loss": vl,
                                       "val_auc": auc})
-                if outer._better(auc, vl):
-                    outer._keep(epoch + 1, auc, vl, self.model.get_weights())
+                # AUC first; a loss gain under MIN_DELTA is noise (it ends training on data
+                # the model has already separated, loss ~0.01 and falling 1e-4 an epoch)
+                key = auc - 0.001 * vl
+                if key > outer.best + 0.001 * MIN_DELTA:
+                    outer.best, outer.best_epoch = key, epoch + 1
+                    outer.best_auc, outer.best_loss = auc, vl
+                    outer.best_weights = self.model.get_weights()
                 self.avg.swap()     # back to the live weights to train on
                 if out_of_patience(outer.best_auc, epoch + 1, outer.best_epoch, patience):
                     self.model.stop_training = True
@@ -158,20 +161,3 @@ class Progress:
                     self.model.set_weights(outer.best_weights)
 
         self.callback = CB()
-
-    def _better(self, auc: float, loss: float) -> bool:
-        # AUC first; a loss gain under MIN_DELTA is noise (it ends training on data the
-        # model has already separated, loss ~0.01 and falling 1e-4 an epoch)
-        return auc - 0.001 * loss > self.best + 0.001 * MIN_DELTA
-
-    def _keep(self, epoch: int, auc: float, loss: float, weights) -> None:
-        self.best, self.best_epoch = auc - 0.001 * loss, epoch
-        self.best_auc, self.best_loss, self.best_weights = auc, loss, weights
-
-    def start_from(self, model) -> tuple[float, float]:
-        """Validate the model as it stands before training and count it as epoch 0: training
-        keeps it unless an epoch validates better (on a small set, fine-tuning can end below
-        the frozen warm-up it started from). Returns its (AUC, loss)."""
-        vl, auc, _ = self._validate(model)
-        self._keep(0, auc, vl, model.get_weights())
-        return auc, vl

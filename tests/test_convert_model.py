@@ -102,34 +102,6 @@ def test_weight_average_tracks_swaps_and_restores():
     np.testing.assert_allclose(avg.average[0].numpy(), a, rtol=1e-6)
 
 
-def test_training_keeps_the_start_when_no_epoch_validates_better():
-    """Progress.start_from: the model as training found it is epoch 0 (the Lite0 warm-up);
-    epochs that validate worse never replace it, and it is what training ends with."""
-    import keras
-
-    from convert.monitor import Progress
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, 2)).astype("float32")
-    y = (x[:, 0] > 0).astype("int32")               # label 1 = defect, 0 = good
-    inp = keras.Input((2,))
-    dense = keras.layers.Dense(2)
-    model = keras.Model(inp, keras.layers.Softmax()(dense(inp)))
-    dense.set_weights([np.array([[-3.0, 3.0], [0.0, 0.0]], "float32"), np.zeros(2, "float32")])
-    start = [w.copy() for w in model.get_weights()]
-    val = [(x[100:], y[100:], np.ones(100, "float32"))]
-    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="sparse_categorical_crossentropy")
-    prog = Progress(3, False, val, 0, None, patience=5, ema_decay=0.5)
-    auc0, _ = prog.start_from(model)
-    assert auc0 == pytest.approx(1.0)               # the start separates validation perfectly
-    model.fit(x[:100], 1 - y[:100], epochs=3, batch_size=20, callbacks=[prog.callback], verbose=0)
-    aucs = [h["val_auc"] for h in prog.history]
-    assert len(aucs) == 3 and max(aucs) < auc0 and aucs[-1] < 0.5     # every epoch worse
-    assert prog.best_epoch == 0 and prog.best_auc == pytest.approx(1.0)
-    for w, w0 in zip(model.get_weights(), start):
-        np.testing.assert_array_equal(w, w0)
-
-
 def test_centre_head_puts_the_threshold_at_one_half_and_keeps_the_order():
     _, model = build_model(32, 32, 1, 3)              # two defect classes share the shift
     dm = model.get_layer("defect_map")                # spread the untrained logits apart
