@@ -87,18 +87,18 @@ def _float_engine(bundle, engine: str, threads: int):
     return create_engine("cpu", path, bundle.input, len(bundle.labels), threads=threads)
 
 
-def float_comparison(engine, bundle, images, truth, good: str, scores8, preds8) -> dict:
+def float_comparison(engine, bundle, images, truth, good: str, scores8) -> dict:
     """The float model on the same images at the same threshold, and how often int8 and float
     give a part a different verdict: int8's own cost, apart from the model and the threshold
     policy (the trainer checks it on validation, metrics.parity; this is the test set)."""
     scores, preds, ms = run_engine(engine, bundle, images)
     m = verdict_metrics(truth, preds, good, bundle.labels)
     is_def = [t != good for t in truth]
-    s8, sf = np.asarray(scores8), np.asarray(scores)
+    s8, sf, t = np.asarray(scores8), np.asarray(scores), bundle.threshold
     return {"accuracy": m["accuracy"], "escape_rate": m["escape_rate"],
             "false_reject_rate": m["false_reject_rate"], "roc_auc": roc_auc_or_none(scores, is_def),
             "ms_per_image": ms,
-            "verdict_agreement": float(np.mean([(a == good) == (b == good) for a, b in zip(preds8, preds)])),
+            "verdict_agreement": float(np.mean((s8 >= t) == (sf >= t))),
             "score_difference_mean": float(np.mean(np.abs(s8 - sf))),
             "score_difference_p99": float(np.percentile(np.abs(s8 - sf), 99))}
 
@@ -252,7 +252,7 @@ def main(argv: list[str]) -> int:
              operating_points=operating_points(scores, is_def, OPERATING_POINTS) if any(is_def) else [])
     if float_engine is not None:
         try:
-            m["float"] = float_comparison(float_engine, bundle, images, truth, good, scores, preds)
+            m["float"] = float_comparison(float_engine, bundle, images, truth, good, scores)
         except ValueError as e:
             print(f"{prog}: {bundle.path}: float model: {e}", file=sys.stderr)
             return 2

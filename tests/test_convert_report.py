@@ -221,8 +221,8 @@ def test_evaluate_float_shows_what_int8_costs(noisy_demo, capsys, tmp_path):
     m = json.loads(capsys.readouterr().out)
     b = load_bundle(BUNDLE)
     _, truth, images, _ = load_split(scan_eval(noisy_demo), "test")
-    s8, p8, _ = ev.run_engine(create_engine("cpu", b.model_path, b.input, len(b.labels), threads=1), b, images)
-    sf, pf, _ = ev.run_engine(create_engine("cpu", b.file(FLOAT_MODEL), b.input, len(b.labels), threads=1),
+    s8, _, _ = ev.run_engine(create_engine("cpu", b.model_path, b.input, len(b.labels), threads=1), b, images)
+    sf, _, _ = ev.run_engine(create_engine("cpu", b.file(FLOAT_MODEL), b.input, len(b.labels), threads=1),
                               b, images)
     s8, sf = np.array(s8), np.array(sf)
     assert not np.array_equal(s8, sf)                  # two models, not one scored twice
