@@ -25,24 +25,20 @@ import argparse
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle import FLOAT_MODEL, load_bundle  # noqa: E402
 from agent.preprocess import preprocess  # noqa: E402
+from convert.data import load_split, scan_eval  # noqa: E402
 from convert.threshold import roc_auc  # noqa: E402
 
 
 def _images(data: Path, good: str, every: int = 1):
-    files = [(f, d.name != good) for d in sorted(data.iterdir()) if d.is_dir() for f in sorted(d.iterdir())]
-    out = []
-    for f, y in files[::every]:
-        im = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
-        if im is not None:
-            out.append((im, y))
-    return out
+    """[(image, is_defect)] of a class-folder directory, every Nth (convert.data's reader)."""
+    _, classes, images, _ = load_split(scan_eval(data), "study")
+    return [(im, c != good) for im, c in zip(images, classes)][::every]
 
 
 def _reference(content=None, path=None):

@@ -24,7 +24,7 @@ from agent.decide import decide
 from agent.preprocess import VIEWS, preprocess
 
 from .data import GOOD, DataError, load_split, scan_eval
-from .threshold import OPERATING_POINTS, operating_points, rate_upper_bound, roc_auc_or_none
+from .threshold import OPERATING_POINTS, operating_points, rate_upper_bound, rates_at, roc_auc_or_none
 
 log = logging.getLogger("convert.evaluate")
 
@@ -87,17 +87,13 @@ def _float_engine(bundle, engine: str, threads: int):
     return create_engine("cpu", path, bundle.input, len(bundle.labels), threads=threads)
 
 
-def float_comparison(engine, bundle, images, truth, good: str, scores8) -> dict:
+def float_comparison(engine, bundle, images, is_def, scores8) -> dict:
     """The float model on the same images at the same threshold, and how often int8 and float
     give a part a different verdict: int8's own cost, apart from the model and the threshold
     policy (the trainer checks it on validation, metrics.parity; this is the test set)."""
-    scores, preds, ms = run_engine(engine, bundle, images)
-    m = verdict_metrics(truth, preds, good, bundle.labels)
-    is_def = [t != good for t in truth]
+    scores, _, ms = run_engine(engine, bundle, images)
     s8, sf, t = np.asarray(scores8), np.asarray(scores), bundle.threshold
-    return {"accuracy": m["accuracy"], "escape_rate": m["escape_rate"],
-            "false_reject_rate": m["false_reject_rate"], "roc_auc": roc_auc_or_none(scores, is_def),
-            "ms_per_image": ms,
+    return {**rates_at(sf, is_def, t), "roc_auc": roc_auc_or_none(sf, is_def), "ms_per_image": ms,
             "verdict_agreement": float(np.mean((s8 >= t) == (sf >= t))),
             "score_difference_mean": float(np.mean(np.abs(s8 - sf))),
             "score_difference_p99": float(np.percentile(np.abs(s8 - sf), 99))}
@@ -252,7 +248,7 @@ def main(argv: list[str]) -> int:
              operating_points=operating_points(scores, is_def, OPERATING_POINTS) if any(is_def) else [])
     if float_engine is not None:
         try:
-            m["float"] = float_comparison(float_engine, bundle, images, truth, good, scores)
+            m["float"] = float_comparison(float_engine, bundle, images, is_def, scores)
         except ValueError as e:
             print(f"{prog}: {bundle.path}: float model: {e}", file=sys.stderr)
             return 2
