@@ -68,7 +68,16 @@ def write_bundle(ts: TrainingSet, fitted: Fitted, choice: Choice, metrics: dict,
     _write_report(out_dir, fitted.progress.history, choice.scores, [labels[i] for i in y[sel]],
                   [ts.rel(i) for i in sel], [ts.tr_imgs[i] for i in sel], choice.threshold,
                   opts.max_escape, labels, choice.held.where,
-                  _gallery_maps(ts, fitted, choice) if fitted.map_model is not None else None)
+                  _gallery_maps(ts, fitted, choice) if fitted.map_model is not None else None,
+                  _sources(ts, sel))
+
+
+def _sources(ts: TrainingSet, sel) -> list[str]:
+    """Where each held-out score came from: the exported model on validation, or the refit
+    that left the image's fold out (scores.csv, so a policy study can tell them apart)."""
+    fold_of = {int(i): f + 1 for f, held in enumerate(ts.folds or []) for i in held}
+    va = {int(i) for i in ts.va_i}
+    return ["validation" if int(i) in va else f"out-of-fold {fold_of.get(int(i), '?')}" for i in sel]
 
 
 def _gallery_maps(ts: TrainingSet, fitted: Fitted, choice: Choice) -> list | None:
@@ -91,13 +100,14 @@ def _gallery_maps(ts: TrainingSet, fitted: Fitted, choice: Choice) -> list | Non
 
 
 def _write_report(out_dir, history, scores, truth, files, images, threshold, max_escape, labels,
-                  where, maps=None):
+                  where, maps=None, sources=None):
     """The bundle's pictures (report/index.html) on the held-out scores that set the
     threshold. Not part of the verified files: the agent never reads them."""
     try:
         from .report import ScoredSet, write_report
         page = write_report(out_dir, title=f"edge-inspect train: {out_dir.name} ({where})",
-                            history=history, scored=ScoredSet(np.asarray(scores), truth, files, images, maps),
+                            history=history, scored=ScoredSet(np.asarray(scores), truth, files, images, maps,
+                                             sources),
                             threshold=threshold, max_escape=max_escape, labels=labels, good=GOOD)
         log.info("report: %s", page)
     except ImportError as e:

@@ -154,7 +154,8 @@ def _write_report(out_dir: Path, engine, bundle, split, paths, truth, images, sc
         buf = np.empty(spec.shape, dtype=np.uint8)
         for i in low + high:
             maps[i] = np.asarray(engine.maps(preprocess(images[i], spec, out=buf))[0], np.float32)
-    scored = ScoredSet(np.asarray(scores), list(truth), [str(q) for q in paths], images, maps)
+    scored = ScoredSet(np.asarray(scores), list(truth), [str(q) for q in paths], images, maps,
+                       [f"{Path(split.root).name} (the bundle's int8 model)"] * len(images))
     title = f"{bundle.name or Path(bundle.path).name} on {split.root}"
     return write_report(out_dir, title=title, history=None, scored=scored,
                         threshold=bundle.threshold, max_escape=max_escape, labels=list(bundle.labels),

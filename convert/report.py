@@ -8,6 +8,8 @@
 - `confusion.png`  truth class (good and each defect class) x verdict (passed / rejected)
 - `gallery_threshold.png`      the lowest-scoring defects: the images that set the threshold
 - `gallery_false_rejects.png`  the highest-scoring good images: the worst false rejects
+- `scores.csv`     every image's file, truth, score, verdict at the threshold and where its
+  score came from: the raw material to study another threshold policy offline
 - `index.html`     the key figures as text and every PNG, embedded (the page stands alone when
   copied) and linked to its file
 
@@ -19,6 +21,7 @@ without pyplot (no global state, no display); the agent never imports this modul
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import math
 from dataclasses import dataclass
@@ -47,6 +50,8 @@ class ScoredSet:
     maps:   optional per-image float defect map (h, w) at any resolution, overlaid as a heat
             map stretched over the image; None (or a None entry) for no overlay. Values within
             [0, 1] are drawn on that fixed scale, others from the map's own min to max.
+    sources: optional per-image origin of the score (train: "validation", "out-of-fold 2"),
+            written to scores.csv.
     """
 
     scores: np.ndarray
@@ -54,6 +59,7 @@ class ScoredSet:
     files: list[str]
     images: list[np.ndarray]
     maps: list[np.ndarray | None] | None = None
+    sources: list[str] | None = None
 
     def __post_init__(self):
         self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
@@ -61,8 +67,9 @@ class ScoredSet:
         if n == 0:
             raise ValueError("ScoredSet: no images")
         lens = {"truth": len(self.truth), "files": len(self.files), "images": len(self.images)}
-        if self.maps is not None:
-            lens["maps"] = len(self.maps)
+        for k in ("maps", "sources"):
+            if getattr(self, k) is not None:
+                lens[k] = len(getattr(self, k))
         bad = {k: v for k, v in lens.items() if v != n}
         if bad:
             raise ValueError(f"ScoredSet: {n} scores but " + ", ".join(f"{v} {k}" for k, v in bad.items()))
@@ -300,6 +307,17 @@ def _plot_gallery(scored: ScoredSet, idx: list[int], threshold: float, good: str
     return with_map
 
 
+def _write_scores(scored: ScoredSet, threshold: float, good: str, path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "truth", "defect", "score", "verdict", "source"])
+        for i, (file, truth) in enumerate(zip(scored.files, scored.truth)):
+            sc = float(scored.scores[i])
+            w.writerow([file, truth, int(truth != good), repr(sc),
+                        "reject" if sc >= threshold else "pass",
+                        scored.sources[i] if scored.sources is not None else ""])
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f} %"
 
@@ -352,6 +370,7 @@ def write_report(out_dir: Path, *, title: str, history: list[dict] | None, score
     figures.append(("gallery_false_rejects.png", "The highest-scoring good images: those at or "
                     "over the threshold are rejected." + (" Defect map overlaid." if m2 else "")))
 
+    _write_scores(scored, threshold, good, out / "scores.csv")
     esc_n = int((s[is_def] < threshold).sum())
     fr_n = int((s[~is_def] >= threshold).sum())
     key = [("images", f"{s.size} ({n_good} good, {n_def} defect)"),
@@ -385,6 +404,7 @@ def write_report(out_dir: Path, *, title: str, history: list[dict] | None, score
               "<table id='confusion'><tr><th>truth</th><th>passed</th><th>rejected</th></tr>"]
     parts += [f"<tr><td>{e(c)}</td><td>{a}</td><td>{b}</td></tr>" for c, (a, b) in zip(rows, counts)]
     parts.append("</table>")
+    parts.append("<p>Every image's score and verdict: <a href='scores.csv'>scores.csv</a>.</p>")
     for name, caption in figures:
         data = base64.b64encode((out / name).read_bytes()).decode("ascii")
         parts.append(f"<figure><a href='{name}'><img src='data:image/png;base64,{data}' alt='{name}'></a>"

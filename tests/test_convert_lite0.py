@@ -202,6 +202,19 @@ def test_lite0_bundle_end_to_end(lite0_bundle):
     assert abs(m["int8_accuracy"] - m["float_accuracy"]) <= 0.02
     # the pictures and the frame-check statistics come with the bundle
     assert (out / "report" / "index.html").is_file()
+    # scores.csv: every held-out image once, its source, and the threshold's own verdicts
+    import csv
+    with (out / "report" / "scores.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len({r["file"] for r in rows}) == sel["images"]["n"]
+    src = [r["source"] for r in rows]
+    assert src.count("validation") == m["validation"]["n"]
+    assert {x for x in src if x != "validation"} == {f"out-of-fold {k}" for k in range(1, 5)}
+    rejected = [r for r in rows if r["verdict"] == "reject"]
+    assert all(float(r["score"]) >= b.threshold for r in rejected)
+    defects = [r for r in rows if r["defect"] == "1"]
+    assert abs(sum(r["verdict"] == "pass" for r in defects) / len(defects)
+               - sel["images"]["escape_rate"]) < 1e-9
     assert "input_stats" in json.loads((out / "bundle.json").read_text())
     # --onnx: the Jetson path's model.onnx, listed and parity-checked against the int8 TFLite
     pytest.importorskip("tf2onnx")

@@ -4,6 +4,7 @@ through LiteRT."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -91,6 +92,21 @@ def test_report_files_html_and_key_figures(tmp_path):
     assert [r[0] for r in rows] == ["good", "hole", "scratch"]
     assert int(rows[0][2]) == int((sc.scores[~is_def] >= 0.5).sum())
     assert sum(int(a) + int(b) for _, a, b in rows) == len(sc.truth)
+
+
+def test_scores_csv_holds_every_image_as_scored(tmp_path):
+    sc = _scored()
+    sc.sources = ["validation"] * 20 + ["out-of-fold 1"] * 40
+    page = write_report(tmp_path, title="t", history=None, scored=sc, threshold=0.5,
+                        max_escape=0.02, labels=["good", "hole", "scratch"], good="good")
+    assert "href='scores.csv'" in page.read_text()
+    with (tmp_path / "report" / "scores.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == sc.files
+    assert np.allclose([float(r["score"]) for r in rows], sc.scores, atol=1e-6)
+    assert [r["defect"] == "1" for r in rows] == [t != "good" for t in sc.truth]
+    assert [r["verdict"] for r in rows] == ["reject" if v >= 0.5 else "pass" for v in sc.scores]
+    assert [r["source"] for r in rows] == sc.sources
 
 
 def test_no_history_no_history_figure_and_a_second_run_replaces(tmp_path):
