@@ -13,6 +13,15 @@ VARIANT is `base` or comma-separated key=value changes to the defaults:
   lr_factor=F      fine-tuning rate = --lr x F (default convert.finetune.TUNE_LR_FACTOR)
   margin=F         reflect-pad every image by F x its side on each edge before preprocessing
                    (train and test alike): more cells around a defect at the border
+  full=1           after the fit, refit from the same start on training AND validation
+                   images for the best epoch's count (as the out-of-fold refits do) and
+                   report that model's test figures too, under "full_*": the pair is one run;
+                   full=2: the same, its cosine schedule compressed to the best epoch's count
+                   (the rate anneals to its floor by the refit's last epoch)
+  members=N        fit N models on the same split (the seed's, then seeds +1000, +2000...:
+                   another jitter, draw order and dropout) and report each one's test
+                   figures and their ensemble's (probabilities averaged), under "ens_*";
+                   the members' test probabilities go to /tmp/ens_SEED.npz
 
 Prints one JSON line: validation AUC (what the trainer selects on), test ROC AUC of the float
 model over the bundle's 4 mirror views, and the test false-reject rate at the best test
@@ -70,7 +79,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     variant, seed, data = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     opts = TrainOptions(seed=seed, folds=0)
-    epochs, tuned_from, scale = FIT.EPOCHS_LITE0, M.LITE0_TUNED_FROM, None
+    epochs, tuned_from, scale, full, members = FIT.EPOCHS_LITE0, M.LITE0_TUNED_FROM, None, 0, 1
     weights = FIT.balanced_weights
     for part in filter(None, variant.replace("base", "").split(",")):
         k, _, v = part.partition("=")
@@ -84,6 +93,10 @@ def main() -> int:
             weights = weights_with_good(float(v))
         elif k == "margin":
             TD.prepare = with_margin(float(v))
+        elif k == "members":
+            members = int(v)
+        elif k == "full":
+            full = int(v)
         elif k == "lr_factor":
             FT.TUNE_LR_FACTOR = float(v)
         else:
@@ -102,6 +115,8 @@ def main() -> int:
     from convert.lite0 import pretrained_layers
     clf = M.Lite0Classifier(spec.height, spec.width, spec.channels, len(ts.labels), pretrained_layers(),
                             n_tiles=spec.n_tiles, good_idx=ts.good_idx, tuned_from=tuned_from)
+    start = clf.train_model.get_weights()
+    w_all = weights(ts.y, ts.tr_i, len(ts.labels))
     res = FT.fit_lite0(clf, ts.X, ts.y, weights(ts.y, ts.tr_i, len(ts.labels)), ts.tr_i, ts.va_i,
                        epochs=epochs, batch_size=opts.batch_size, learning_rate=opts.learning_rate,
                        patience=opts.patience, seed=seed, verbose=False, flips=True,
@@ -109,19 +124,60 @@ def main() -> int:
     fit_s = time.perf_counter() - t0
     _, te_cls, te_imgs, _ = load_split(scan_dataset(data / "test")[0], "test")
     X = TD.prepare(te_imgs, spec)
-    F = FT.cache_features(FT.FrozenRunner(clf, X.shape[2:]), X, FT.VIEWS_CACHED)[0]
+    run = FT.FrozenRunner(clf, X.shape[2:])
+    F = FT.cache_features(run, X, FT.VIEWS_CACHED)[0]
     n, V, T = F.shape[:3]
-    p = clf.tile_model.predict(F.reshape((n * V * T,) + F.shape[3:]).astype(np.float32),
-                               batch_size=64, verbose=0).reshape(n, V, T, -1).mean(1)
-    s = (1.0 - p[..., ts.good_idx]).max(1)          # agent.decide: mean over views, worst tile
+    F = F.reshape((n * V * T,) + F.shape[3:]).astype(np.float32)
     d = np.array([c != "good" for c in te_cls])
     out = {"variant": variant, "seed": seed, "size": [spec.width, spec.height],
            "val_auc": round(res.progress.best_auc, 4), "best_epoch": res.progress.best_epoch,
-           "test_auc": round(roc_auc(s, d), 4), "fit_s": round(fit_s)}
-    sd, sg = np.sort(s[d]), s[~d]
-    for e in (0.01, 0.02, 0.03, 0.05):
-        thr = sd[int(np.floor(e * d.sum()))]       # at most that share of defects below it
-        out[f"test_fr_at_{e:g}_escape"] = round(float((sg >= thr).mean()), 4)
+           "fit_s": round(fit_s)}
+
+    def test_figures(prefix, p=None):
+        if p is None:
+            p = clf.tile_model.predict(F, batch_size=64, verbose=0).reshape(n, V, T, -1)
+        raw = p
+        p = p.mean(1)
+        s = (1.0 - p[..., ts.good_idx]).max(1)      # agent.decide: mean over views, worst tile
+        out[f"{prefix}test_auc"] = round(roc_auc(s, d), 4)
+        sd, sg = np.sort(s[d]), s[~d]
+        for e in (0.01, 0.02, 0.03, 0.05):
+            thr = sd[int(np.floor(e * d.sum()))]   # at most that share of defects below it
+            out[f"{prefix}test_fr_at_{e:g}_escape"] = round(float((sg >= thr).mean()), 4)
+        return raw
+
+    P = [test_figures("")]
+    for m in range(1, members):
+        keras.utils.set_random_seed(seed + 1000 * m)
+        clf.train_model.set_weights(start)
+        clf.set_tuning(False)
+        r = FT.fit_lite0(clf, ts.X, ts.y, w_all, ts.tr_i, ts.va_i, epochs=epochs,
+                         batch_size=opts.batch_size, learning_rate=opts.learning_rate,
+                         patience=opts.patience, seed=seed + 1000 * m, verbose=False, flips=True,
+                         good_idx=ts.good_idx)
+        out[f"m{m}_val_auc"] = round(r.progress.best_auc, 4)
+        out[f"m{m}_best_epoch"] = r.progress.best_epoch
+        P.append(test_figures(f"m{m}_"))
+        test_figures(f"ens{m + 1}_", np.mean(P, axis=0))
+    if members > 1:
+        np.savez(f"/tmp/ens_{seed}.npz", probs=np.array(P), defect=d, good_idx=ts.good_idx)
+    if full:
+        # the trainer's refit recipe (convert.finetune._out_of_fold) with nothing held out
+        tf0 = time.perf_counter()
+        F_tr, P_tr = FT.cache_features(run, ts.X[ts.tr_i], FT.VIEWS_CACHED, jitter_seed=seed)
+        F_vj, P_vj = FT.cache_features(run, ts.X[ts.va_i], FT.VIEWS_CACHED, jitter_seed=seed + 1)
+        idx = np.concatenate([ts.tr_i, ts.va_i])
+        yf, wf = ts.y[idx].astype(np.int32), w_all[idx].astype(np.float32)
+        clf.train_model.set_weights(start)
+        clf.set_tuning(False)
+        FT.warm_start(clf, np.concatenate([P_tr, P_vj]), yf, wf)
+        ep = FT._Epochs(np.concatenate([F_tr, F_vj]), yf, wf, opts.batch_size, seed + 1)
+        n_ep = max(1, res.progress.best_epoch)
+        FT._compile(clf, opts.learning_rate, (n_ep if full == 2 else epochs) * ep.steps)
+        clf.train_model.fit(ep.data, epochs=n_ep,
+                            callbacks=[FT._Averaged(1.0 - 1.0 / ep.steps)], verbose=0)
+        out["full_fit_s"] = round(time.perf_counter() - tf0)
+        test_figures("full_")
     print(json.dumps(out))
     return 0
 
