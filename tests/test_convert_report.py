@@ -351,3 +351,33 @@ def test_policy_table_scores_each_recorded_threshold_as_evaluate_does(noisy_demo
         assert (q["accuracy"], q["escape_rate"], q["false_reject_rate"]) == \
             (pytest.approx(e["accuracy"]), pytest.approx(e["escape_rate"]), pytest.approx(e["false_reject_rate"]))
     assert r["rows"][0]["false_reject_rate"] > r["rows"][1]["false_reject_rate"]   # a lower threshold rejects more
+
+
+def test_policy_table_pools_rechoose_each_threshold_on_its_own_rows(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from convert.threshold import select_threshold
+    from policy_table import POOL_TARGETS, held_out_pools, pool_rows
+
+    rng = np.random.default_rng(0)
+    rows = [("validation", rng.uniform(0, 0.4, 30), rng.uniform(0.5, 1.0, 10)),
+            ("out-of-fold 1", rng.uniform(0, 0.6, 60), rng.uniform(0.3, 1.0, 20))]
+    f = tmp_path / "scores.csv"
+    with f.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "truth", "defect", "score", "verdict", "source"])
+        for src, good, bad in rows:
+            w.writerows([f"g{k}.png", "good", 0, repr(float(s)), "pass", src] for k, s in enumerate(good))
+            w.writerows([f"d{k}.png", "crack", 1, repr(float(s)), "reject", src] for k, s in enumerate(bad))
+    pools = held_out_pools(f)
+    assert {k: len(v[0]) for k, v in pools.items()} == {"validation": 40, "out-of-fold": 80, "both": 120}
+    test_s, test_d = np.r_[rng.uniform(0, 0.5, 50), rng.uniform(0.4, 1.0, 50)], np.r_[[False] * 50, [True] * 50]
+    out = pool_rows(pools, test_s, test_d)
+    assert len(out) == 3 * len(POOL_TARGETS)
+    for q in out:
+        s, d = pools[q["pool"]]
+        t = select_threshold(s, d, q["max_escape"])
+        assert q["threshold"] == t
+        assert q["escape_rate"] == pytest.approx(float((test_s[test_d] < t).mean()))
+    # the validation rows separate cleanly, the out-of-fold rows overlap: their thresholds differ
+    at2 = {q["pool"]: q["threshold"] for q in out if q["max_escape"] == 0.02}
+    assert at2["out-of-fold"] < at2["validation"]
