@@ -20,7 +20,8 @@ VARIANT is `base` or comma-separated key=value changes to the defaults:
                    (the rate anneals to its floor by the refit's last epoch)
   members=N        fit N models on the same split (the seed's, then seeds +1000, +2000...:
                    another jitter, draw order and dropout) and report each one's test
-                   figures and their ensemble's (probabilities averaged), under "ens_*";
+                   figures ("mK_*") and the first K+1 members' ensemble's (probabilities averaged,
+                   "ensK+1_*");
                    the members' test probabilities go to /tmp/ens_SEED.npz
 
 Prints one JSON line: validation AUC (what the trainer selects on), test ROC AUC of the float
@@ -117,7 +118,7 @@ def main() -> int:
                             n_tiles=spec.n_tiles, good_idx=ts.good_idx, tuned_from=tuned_from)
     start = clf.train_model.get_weights()
     w_all = weights(ts.y, ts.tr_i, len(ts.labels))
-    res = FT.fit_lite0(clf, ts.X, ts.y, weights(ts.y, ts.tr_i, len(ts.labels)), ts.tr_i, ts.va_i,
+    res = FT.fit_lite0(clf, ts.X, ts.y, w_all, ts.tr_i, ts.va_i,
                        epochs=epochs, batch_size=opts.batch_size, learning_rate=opts.learning_rate,
                        patience=opts.patience, seed=seed, verbose=False, flips=True,
                        good_idx=ts.good_idx)
