@@ -163,20 +163,16 @@ def main() -> int:
     if members > 1:
         np.savez(f"/tmp/ens_{seed}.npz", probs=np.array(P), defect=d, good_idx=ts.good_idx)
     if full:
-        # the trainer's refit recipe (convert.finetune._out_of_fold) with nothing held out
+        # the out-of-fold refit (convert.finetune.refit) with nothing held out
         tf0 = time.perf_counter()
         F_tr, P_tr = FT.cache_features(run, ts.X[ts.tr_i], FT.VIEWS_CACHED, jitter_seed=seed)
         F_vj, P_vj = FT.cache_features(run, ts.X[ts.va_i], FT.VIEWS_CACHED, jitter_seed=seed + 1)
         idx = np.concatenate([ts.tr_i, ts.va_i])
-        yf, wf = ts.y[idx].astype(np.int32), w_all[idx].astype(np.float32)
-        clf.train_model.set_weights(start)
-        clf.set_tuning(False)
-        FT.warm_start(clf, np.concatenate([P_tr, P_vj]), yf, wf)
-        ep = FT._Epochs(np.concatenate([F_tr, F_vj]), yf, wf, opts.batch_size, seed + 1)
         n_ep = max(1, res.progress.best_epoch)
-        FT._compile(clf, opts.learning_rate, (n_ep if full == 2 else epochs) * ep.steps)
-        clf.train_model.fit(ep.data, epochs=n_ep,
-                            callbacks=[FT._Averaged(1.0 - 1.0 / ep.steps)], verbose=0)
+        FT.refit(clf, start, np.concatenate([F_tr, F_vj]), np.concatenate([P_tr, P_vj]),
+                 ts.y[idx].astype(np.int32), w_all[idx].astype(np.float32), epochs=n_ep,
+                 schedule_epochs=n_ep if full == 2 else epochs, batch_size=opts.batch_size,
+                 learning_rate=opts.learning_rate, seed=seed + 1)
         out["full_fit_s"] = round(time.perf_counter() - tf0)
         test_figures("full_")
     print(json.dumps(out))

@@ -23,6 +23,7 @@ Lite0 training's time, earn their minutes.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -42,8 +43,6 @@ POOL_TARGETS = tuple(sorted(set(OPERATING_POINTS) | {0.03}))
 
 def held_out_pools(scores_csv: Path) -> dict:
     """{pool: (scores, is_defect)} from a bundle's report/scores.csv, by its source column."""
-    import csv
-
     with scores_csv.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -75,17 +74,17 @@ def policy_rows(bundle_dir: Path, data: Path, threads: int = 2, pools: bool = Fa
     b = load_bundle(bundle_dir)
     sel = b.metrics.get("threshold_selection") or {}
     points = sel.get("operating_points") or []
-    if not points:
+    if not points and not pools:
         raise SystemExit(f"{bundle_dir}: bundle.json records no operating points")
+    held = held_out_pools(bundle_dir / "report" / "scores.csv") if pools else None
     eng = create_engine("cpu", b.model_path, b.input, len(b.labels), threads=threads)
     _, truth, images, _ = load_split(scan_eval(data), "test")
     scores, _, _ = run_engine(eng, b, images)
     is_def = [t != b.good_label for t in truth]
-    rows = [{"max_escape": p["max_escape"], "threshold": p["threshold"],
-             "held_out_false_reject": p["false_reject_rate"],
-             **rates_at(scores, is_def, p["threshold"])} for p in points]
-    if pools:
-        rows = pool_rows(held_out_pools(bundle_dir / "report" / "scores.csv"), scores, is_def)
+    rows = pool_rows(held, scores, is_def) if pools else [
+        {"max_escape": p["max_escape"], "threshold": p["threshold"],
+         "held_out_false_reject": p["false_reject_rate"],
+         **rates_at(scores, is_def, p["threshold"])} for p in points]
     return {"bundle": str(bundle_dir), "on": sel.get("on"), "bundle_threshold": b.threshold,
             "n": len(truth), "n_defect": int(sum(is_def)), "roc_auc": roc_auc(scores, is_def),
             "rows": rows}
@@ -104,8 +103,9 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(r))
         return 0
+    head = f"{r['bundle']}: {r['n']} test images ({r['n_defect']} defects), ROC AUC {r['roc_auc']:.4f}"
     if a.pools:
-        print(f"{r['bundle']}: {r['n']} test images ({r['n_defect']} defects), ROC AUC {r['roc_auc']:.4f}")
+        print(head)
         print(f"  {'pool':>11}  {'images':>11}  {'target':>6}  {'threshold':>9}  {'held-out FR':>11}  "
               f"{'accuracy':>8}  {'escape':>7}  {'false reject':>12}")
         for q in r["rows"]:
@@ -114,8 +114,7 @@ def main(argv=None) -> int:
                   f"  {100 * q['accuracy']:>6.2f} %  {100 * q['escape_rate']:>5.2f} %"
                   f"  {100 * q['false_reject_rate']:>10.2f} %")
         return 0
-    print(f"{r['bundle']}: {r['n']} test images ({r['n_defect']} defects), ROC AUC {r['roc_auc']:.4f}; "
-          f"thresholds chosen on {r['on']}")
+    print(f"{head}; thresholds chosen on {r['on']}")
     print(f"  {'escape target':>13}  {'threshold':>9}  {'accuracy':>8}  {'escape':>7}  {'false reject':>12}")
     for q in r["rows"]:
         mark = "  <- the bundle's" if abs(q["threshold"] - r["bundle_threshold"]) < 1e-9 else ""

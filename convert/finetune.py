@@ -240,13 +240,8 @@ def _out_of_fold(clf, run, X, y, sample_weight, tr_i, va_i, F_tr, P_tr, start, *
         Pf = np.concatenate([P_tr[keep], P_vj])
         yf = np.concatenate([y[tr_i][keep], y[va_i]]).astype(np.int32)
         wf = np.concatenate([sample_weight[tr_i][keep], sample_weight[va_i]]).astype(np.float32)
-        clf.train_model.set_weights(start)
-        clf.set_tuning(False)
-        warm_start(clf, Pf, yf, wf)
-        ep = _Epochs(Ff, yf, wf, batch_size, seed + 1 + f)
-        _compile(clf, learning_rate, epochs * ep.steps)
-        avg = _Averaged(1.0 - 1.0 / ep.steps)
-        clf.train_model.fit(ep.data, epochs=best_epoch, callbacks=[avg], verbose=0)
+        refit(clf, start, Ff, Pf, yf, wf, epochs=best_epoch, schedule_epochs=epochs,
+              batch_size=batch_size, learning_rate=learning_rate, seed=seed + 1 + f)
         del Ff, Pf
         Fh = cache_features(run, X[held], score_views)[0]        # (n, V, T, h, w, C)
         n, V, T = Fh.shape[:3]
@@ -263,6 +258,19 @@ def _out_of_fold(clf, run, X, y, sample_weight, tr_i, va_i, F_tr, P_tr, start, *
                      probs=np.concatenate(probs) if probs else np.zeros((0, 1, K), np.float32),
                      folds=done, planned=len(folds), seconds=round(time.perf_counter() - t0, 1),
                      note=note)
+
+
+def refit(clf: Lite0Classifier, start, F, P, y, w, *, epochs: int, schedule_epochs: int,
+          batch_size: int, learning_rate: float, seed: int) -> None:
+    """Fit clf from the weights `start` on cached features F / pooled P for a fixed count of
+    epochs, no model selection: the warm-up, then fine-tuning on the cosine schedule of
+    schedule_epochs, keeping the weight average (what an out-of-fold refit is)."""
+    clf.train_model.set_weights(start)
+    clf.set_tuning(False)
+    warm_start(clf, P, y, w)
+    ep = _Epochs(F, y, w, batch_size, seed)
+    _compile(clf, learning_rate, schedule_epochs * ep.steps)
+    clf.train_model.fit(ep.data, epochs=epochs, callbacks=[_Averaged(1.0 - 1.0 / ep.steps)], verbose=0)
 
 
 class _Averaged:
