@@ -10,6 +10,8 @@ VARIANT is `base` or comma-separated key=value changes to the defaults:
   tuned_from=B     first fine-tuned Lite0 block (default convert.model.LITE0_TUNED_FROM)
   scale=F          input side x F against the auto size (more pixels per defect)
   good_weight=F    good's total loss weight = F x all defect classes' (default: balanced)
+  average=E        window of the validated weight average in epochs (default
+                   convert.finetune.AVERAGE_EPOCHS)
   lr_factor=F      fine-tuning rate = --lr x F (default convert.finetune.TUNE_LR_FACTOR)
   margin=F         reflect-pad every image by F x its side on each edge before preprocessing
                    (train and test alike): more cells around a defect at the border
@@ -98,6 +100,8 @@ def main() -> int:
             members = int(v)
         elif k == "full":
             full = int(v)
+        elif k == "average":
+            FT.AVERAGE_EPOCHS = float(v)
         elif k == "lr_factor":
             FT.TUNE_LR_FACTOR = float(v)
         else:

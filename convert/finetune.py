@@ -28,6 +28,7 @@ log = logging.getLogger("convert.finetune")
 
 VIEWS_CACHED = 4
 TUNE_LR_FACTOR = 0.25       # fine-tuning rate = --lr x this (1e-3 -> 2.5e-4)
+AVERAGE_EPOCHS = 1.0        # window of the weight average (convert.monitor.Progress), in epochs
 
 
 # Photometric jitter of the cached training views (as convert.crops.augmenter gives the
@@ -192,7 +193,7 @@ def fit_lite0(clf: Lite0Classifier, X: np.ndarray, y: np.ndarray, sample_weight:
              warm["seconds"])
     ep = _Epochs(F_tr, yt, wt, batch_size, seed)
     _compile(clf, learning_rate, epochs * ep.steps)
-    prog = Progress(epochs, verbose, ds_va, good_idx, None, patience, ema_decay=1.0 - 1.0 / ep.steps)
+    prog = Progress(epochs, verbose, ds_va, good_idx, None, patience, ema_decay=_decay(ep.steps))
     tf0 = time.perf_counter()
     clf.train_model.fit(ep.data, epochs=epochs, callbacks=[prog.callback], verbose=0)
     epoch_s = (time.perf_counter() - tf0) / max(1, prog.epochs_run)
@@ -270,7 +271,11 @@ def refit(clf: Lite0Classifier, start, F, P, y, w, *, epochs: int, schedule_epoc
     warm_start(clf, P, y, w)
     ep = _Epochs(F, y, w, batch_size, seed)
     _compile(clf, learning_rate, schedule_epochs * ep.steps)
-    clf.train_model.fit(ep.data, epochs=epochs, callbacks=[_Averaged(1.0 - 1.0 / ep.steps)], verbose=0)
+    clf.train_model.fit(ep.data, epochs=epochs, callbacks=[_Averaged(_decay(ep.steps))], verbose=0)
+
+
+def _decay(steps_per_epoch: int) -> float:
+    return 1.0 - 1.0 / (AVERAGE_EPOCHS * steps_per_epoch)
 
 
 class _Averaged:
