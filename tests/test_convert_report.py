@@ -214,7 +214,7 @@ def test_evaluate_json_roc_auc_and_operating_points(noisy_demo, capsys):
     assert m["roc_auc"] == pytest.approx(pairs / (d.sum() * (~d).sum()))
     assert m["roc_auc"] < 1.0                          # the mislabelled copies score as defects
     pts = m["operating_points"]
-    assert [p["max_escape"] for p in pts] == sorted(OPERATING_POINTS) == [0.005, 0.01, 0.02, 0.05]
+    assert [p["max_escape"] for p in pts] == sorted(OPERATING_POINTS) == [0.005, 0.01, 0.02, 0.03, 0.05]
     assert pts == operating_points(s, d, OPERATING_POINTS)
     for a, b in zip(pts, pts[1:]):                   # a looser escape target never costs more
         assert a["threshold"] <= b["threshold"]
@@ -287,7 +287,7 @@ def test_evaluate_text_prints_auc_and_table(noisy_demo, capsys):
     auc = re.search(r"ROC AUC:\s+([0-9.]+)", out)
     assert auc and 0.0 < float(auc.group(1)) < 1.0
     rows = re.findall(r"^\s+(\d+\.\d) %\s+([0-9.]+)\s+([0-9.]+) %\s+([0-9.]+) %$", out, re.M)
-    assert [r[0] for r in rows] == ["0.5", "1.0", "2.0", "5.0"], out
+    assert [r[0] for r in rows] == ["0.5", "1.0", "2.0", "3.0", "5.0"], out
 
 
 def test_evaluate_without_report_never_imports_matplotlib(noisy_demo):

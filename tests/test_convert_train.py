@@ -73,7 +73,7 @@ def test_bundle_loads_and_records_everything(trained):
     assert low[0]["score"] <= low[1]["score"] and b.threshold <= low[0]["score"]
     # the operating-point table holds the chosen one, and looser targets never raise rejects
     pts = m["threshold_selection"]["operating_points"]
-    assert [p["max_escape"] for p in pts] == [0.005, 0.01, 0.02, 0.05]
+    assert [p["max_escape"] for p in pts] == [0.005, 0.01, 0.02, 0.03, 0.05]
     assert m["threshold_selection"]["max_escape"] == 0.02            # the default
     assert [p for p in pts if p["max_escape"] == 0.02][0]["threshold"] == b.threshold
     assert all(a["threshold"] <= b_["threshold"] and a["false_reject_rate"] >= b_["false_reject_rate"]
