@@ -143,20 +143,48 @@ def quantize_qdq(float_path: Path, out_path: Path, images: np.ndarray) -> dict:
             x = next(self._it, None)
             return None if x is None else {name: x[None].astype(np.float32)}
 
-    root = logging.getLogger()
-    quiet = _Drop("pre-process")           # its advice to run a shape pre-pass, twice per call
-    root.addFilter(quiet)
-    try:
-        quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        per_channel=True, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=prologue,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    finally:
-        root.removeFilter(quiet)
+    def quantize(path: Path, per_channel: bool) -> None:
+        root = logging.getLogger()
+        quiet = _Drop("pre-process")           # its advice to run a shape pre-pass, twice per call
+        root.addFilter(quiet)
+        try:
+            quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=prologue,
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        finally:
+            root.removeFilter(quiet)
+
+    # Per-channel weight scales are the rule (a depthwise filter's range is its own), but they
+    # are not always the closer: on a small from-scratch FCN, onnxruntime 1.32's per-channel
+    # QDQ model agreed with the float one on 62 % of top-1 labels, per-tensor on 99 %. Both
+    # are made and the one nearer the float ONNX model on the calibration inputs is kept.
+    quantize(out_path, per_channel=True)
+    per_tensor = out_path.with_name(out_path.stem + ".per-tensor.onnx")
+    quantize(per_tensor, per_channel=False)
+    ref = _run_onnx(float_path, images)
+    err = {pc: float(np.abs(_run_onnx(p, images) - ref).mean())
+           for pc, p in ((True, out_path), (False, per_tensor))}
+    per_channel = err[True] <= err[False]
+    if per_channel:
+        per_tensor.unlink()
+    else:
+        per_tensor.replace(out_path)
     return {"method": "onnxruntime quantize_static, MinMax, QDQ, int8 activations (symmetric) "
-                      "and per-channel int8 weights", "float_prologue": len(prologue),
-            "calibration_images": int(len(images))}
+                      f"and {'per-channel' if per_channel else 'per-tensor'} int8 weights",
+            "weights": "per-channel" if per_channel else "per-tensor",
+            "mean_output_diff_vs_float": {"per-channel": round(err[True], 5),
+                                          "per-tensor": round(err[False], 5)},
+            "float_prologue": len(prologue), "calibration_images": int(len(images))}
+
+
+def _run_onnx(path: Path, inputs: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[None].astype(np.float32)})[0] for x in inputs])
 
 
 def parity(onnx_path: Path, tflite_path: Path, bundle: Bundle, images: np.ndarray,

@@ -72,6 +72,9 @@ def test_convert_bundle_lists_hashed_onnx_and_its_parity(converted):
     assert onnx_meta == rep
     assert rep["opset"] == 17 and rep["int8_from"] == "qdq" and rep["tensorrt_int8"] is True
     assert set(rep["int8_routes_tried"]) == {"qdq"}        # auto: qdq passed, no fallback
+    # the weight scales kept are the ones nearer the float model on the calibration inputs
+    err = rep["int8"]["mean_output_diff_vs_float"]
+    assert rep["int8"]["weights"] == min(err, key=lambda k: (err[k], k != "per-channel"))
     assert rep["tflite_sha256"] == bundle.model_sha256
     # parity was measured on the test images (40 images x 2 views), not the calibration ones
     assert rep["parity_on"] == "parity images" and rep["parity"]["n"] == 80
