@@ -28,7 +28,9 @@ log = logging.getLogger("convert.finetune")
 
 VIEWS_CACHED = 4
 TUNE_LR_FACTOR = 0.25       # fine-tuning rate = --lr x this (1e-3 -> 2.5e-4)
-AVERAGE_EPOCHS = 1.0        # window of the weight average (convert.monitor.Progress), in epochs
+# Window of the weight average (convert.monitor.Progress, refit), in epochs. 3 was measured
+# worse (benchmarks/README.md, 2026-12-06): a refit of 4 epochs then exports mostly its first.
+AVERAGE_EPOCHS = 1.0
 
 
 # Photometric jitter of the cached training views (as convert.crops.augmenter gives the
