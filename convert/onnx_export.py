@@ -118,7 +118,7 @@ class _Drop(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def quantize_qdq(float_path: Path, out_path: Path, images: np.ndarray) -> dict:
+def quantize_qdq(float_path: Path, out_path: Path, images: np.ndarray, bundle: Bundle) -> dict:
     """ONNX Runtime static quantization (MinMax) to QDQ, TensorRT's form: int8 activations
     with zero point 0, per-channel int8 weights. The ops before the first convolution (the
     pixel normalisation, gray-to-RGB) stay float, as their input is the raw 0..255 image: one
@@ -163,8 +163,8 @@ def quantize_qdq(float_path: Path, out_path: Path, images: np.ndarray) -> dict:
     quantize(out_path, per_channel=True)
     per_tensor = out_path.with_name(out_path.stem + ".per-tensor.onnx")
     quantize(per_tensor, per_channel=False)
-    ref = _run_onnx(float_path, images)
-    err = {pc: float(np.abs(_run_onnx(p, images) - ref).mean())
+    ref = _outputs("onnx-cpu", float_path, bundle, images)[0]
+    err = {pc: float(np.abs(_outputs("onnx-cpu", p, bundle, images)[0] - ref).mean())
            for pc, p in ((True, out_path), (False, per_tensor))}
     per_channel = err[True] <= err[False]
     if per_channel:
@@ -179,12 +179,17 @@ def quantize_qdq(float_path: Path, out_path: Path, images: np.ndarray) -> dict:
             "float_prologue": len(prologue), "calibration_images": int(len(images))}
 
 
-def _run_onnx(path: Path, inputs: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+def _outputs(engine: str, path: Path, bundle: Bundle, inputs: np.ndarray,
+             threads: int = 2) -> tuple[np.ndarray, float]:
+    """The model's outputs on model inputs (N, H, W, C), one at a time, through the agent's
+    engine, and the seconds the invokes took."""
+    from agent.runtime.engines import create_engine
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[None].astype(np.float32)})[0] for x in inputs])
+    spec1 = dataclasses.replace(bundle.input, views=1, tiles=(1, 1))
+    eng = create_engine(engine, path, spec1, len(bundle.labels), threads=threads)
+    t0 = time.perf_counter()
+    out = np.concatenate([eng.invoke(x[None]) for x in inputs])
+    return out, time.perf_counter() - t0
 
 
 def parity(onnx_path: Path, tflite_path: Path, bundle: Bundle, images: np.ndarray,
@@ -196,17 +201,11 @@ def parity(onnx_path: Path, tflite_path: Path, bundle: Bundle, images: np.ndarra
     give them), also what the line gets: each image decided as agent.decide does (views
     averaged, worst tile, the bundle's threshold), its verdict and label compared."""
     from agent.decide import defect_score
-    from agent.runtime.engines import create_engine
 
-    spec1 = dataclasses.replace(bundle.input, views=1, tiles=(1, 1))
+    po, t_onnx = _outputs("onnx-cpu", onnx_path, bundle, images, threads)
+    pt = _outputs("cpu", tflite_path, bundle, images, threads)[0]
     n = len(bundle.labels)
-    onnx_eng = create_engine("onnx-cpu", onnx_path, spec1, n, threads=threads)
-    tfl_eng = create_engine("cpu", tflite_path, spec1, n, threads=threads)
-    t0 = time.perf_counter()
-    po = np.concatenate([onnx_eng.invoke(x[None]) for x in images])
-    t_onnx = time.perf_counter() - t0
-    pt = np.concatenate([tfl_eng.invoke(x[None]) for x in images])
-    one = dataclasses.replace(bundle, input=spec1)
+    one = dataclasses.replace(bundle, input=dataclasses.replace(bundle.input, views=1, tiles=(1, 1)))
     so = np.array([defect_score(p[None], one)[0] for p in po])
     st = np.array([defect_score(p[None], one)[0] for p in pt])
     differ = np.nonzero(po.argmax(1) != pt.argmax(1))[0]
@@ -336,7 +335,7 @@ def add_onnx(bundle_dir, representative_uint8_images, *, parity_images=None,
         for route in (INT8_ROUTES if int8_from == "auto" else (int8_from,)):
             qpath = tmp / f"{route}.onnx"
             if route == "qdq":
-                how = quantize_qdq(fpath, qpath, cal)
+                how = quantize_qdq(fpath, qpath, cal, bundle)
             else:
                 onnx.save(tflite_to_onnx(bundle.model_path, opset), str(qpath))
                 how = {"method": "tf2onnx from the int8 TFLite (its own asymmetric int8 scales; "
