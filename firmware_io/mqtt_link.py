@@ -111,14 +111,16 @@ class MqttLink:
         return "down" if self._problem else "connecting"
 
     def _trouble(self, reason: str) -> None:
-        """Record why we are not connected; log it when it is new, else once a minute."""
-        self._problem = self.last_error = reason
+        """Record why we are not connected; log it when it is new, else once a minute.
+        The line is logged before the state shows "down", so whoever sees the state can
+        already find the reason in the log."""
         now = time.monotonic()
         last, at = self._logged
         if reason != last or now - at > 60:
             self._logged = (reason, now)
             log.warning("mqtt: %s:%s: %s; retrying", self.settings.host, self.settings.port,
                         reason)
+        self._problem = self.last_error = reason
 
     def outbox_depth(self) -> int:
         return self._outbox.depth() if self._outbox else 0
@@ -223,10 +225,10 @@ class MqttLink:
     # ------------------------------------------------------------------ paho callbacks
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            self._refused = True
             self._count("connect_refused")
             self._trouble(f"the broker refused the connection: {reason_code} (check "
                           "mqtt.username and password_file)")
+            self._refused = True
             return
         self._count("connects")
         log.info("mqtt: connected to %s:%s", self.settings.host, self.settings.port)
