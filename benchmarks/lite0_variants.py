@@ -12,6 +12,8 @@ VARIANT is `base` or comma-separated key=value changes to the defaults:
   good_weight=F    good's total loss weight = F x all defect classes' (default: balanced)
   average=E        window of the validated weight average in epochs (default
                    convert.finetune.AVERAGE_EPOCHS)
+  last=1           export the last epoch's weight average, no best-epoch selection (and no
+                   early stop): convert.finetune.KEEP_LAST
   lr_factor=F      fine-tuning rate = --lr x F (default convert.finetune.TUNE_LR_FACTOR)
   margin=F         reflect-pad every image by F x its side on each edge before preprocessing
                    (train and test alike): more cells around a defect at the border
@@ -102,6 +104,8 @@ def main() -> int:
             full = int(v)
         elif k == "average":
             FT.AVERAGE_EPOCHS = float(v)
+        elif k == "last":
+            FT.KEEP_LAST = bool(int(v))
         elif k == "lr_factor":
             FT.TUNE_LR_FACTOR = float(v)
         else:

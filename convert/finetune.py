@@ -31,6 +31,9 @@ TUNE_LR_FACTOR = 0.25       # fine-tuning rate = --lr x this (1e-3 -> 2.5e-4)
 # Window of the weight average (convert.monitor.Progress, refit), in epochs. 3 was measured
 # worse (benchmarks/README.md, 2026-12-06): a refit of 4 epochs then exports mostly its first.
 AVERAGE_EPOCHS = 1.0
+# Export the last epoch's weight average instead of the best-validated epoch's (and refit the
+# folds for the whole schedule).
+KEEP_LAST = False
 
 
 # Photometric jitter of the cached training views (as convert.crops.augmenter gives the
@@ -195,7 +198,8 @@ def fit_lite0(clf: Lite0Classifier, X: np.ndarray, y: np.ndarray, sample_weight:
              warm["seconds"])
     ep = _Epochs(F_tr, yt, wt, batch_size, seed)
     _compile(clf, learning_rate, epochs * ep.steps)
-    prog = Progress(epochs, verbose, ds_va, good_idx, None, patience, ema_decay=_decay(ep.steps))
+    prog = Progress(epochs, verbose, ds_va, good_idx, None, patience, ema_decay=_decay(ep.steps),
+                    keep_last=KEEP_LAST)
     tf0 = time.perf_counter()
     clf.train_model.fit(ep.data, epochs=epochs, callbacks=[prog.callback], verbose=0)
     epoch_s = (time.perf_counter() - tf0) / max(1, prog.epochs_run)

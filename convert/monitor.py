@@ -81,7 +81,7 @@ class Progress:
     more cells on a whole frame than in training) and picked poor epochs."""
 
     def __init__(self, epochs: int, verbose: bool, val_batches, good_idx: int, loss, patience: int,
-                 ema_decay: float):
+                 ema_decay: float, keep_last: bool = False):
         import keras
 
         outer = self
@@ -134,7 +134,8 @@ class Progress:
                 # AUC first; a loss gain under MIN_DELTA is noise (it ends training on data
                 # the model has already separated, loss ~0.01 and falling 1e-4 an epoch)
                 key = auc - 0.001 * vl
-                if key > outer.best + 0.001 * MIN_DELTA:
+                # keep_last: the whole schedule, no selection (the last epoch is "best")
+                if keep_last or key > outer.best + 0.001 * MIN_DELTA:
                     outer.best, outer.best_epoch = key, epoch + 1
                     outer.best_auc, outer.best_loss = auc, vl
                     outer.best_weights = self.model.get_weights()
