@@ -19,7 +19,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle import load_bundle  # noqa: E402
-from convert.onnx_export import images_from_data, tflite_to_onnx  # noqa: E402
+from agent.runtime.engines.onnxrt import session_options  # noqa: E402
+from convert.onnx_export import _save, images_from_data, tflite_to_onnx  # noqa: E402
 
 
 def main() -> int:
@@ -37,8 +38,9 @@ def main() -> int:
     m = tflite_to_onnx(b.model_path)
     m.graph.output.append(onnx.ValueInfoProto(name=name))
     with tempfile.TemporaryDirectory() as td:
-        onnx.save(m, f"{td}/m.onnx")
-        s = ort.InferenceSession(f"{td}/m.onnx", providers=["CPUExecutionProvider"])
+        _save(m, Path(td) / "m.onnx")
+        s = ort.InferenceSession(f"{td}/m.onnx", session_options(ort, 2),
+                                 providers=["CPUExecutionProvider"])
     outs = [o.name for o in s.get_outputs()]
     steps, gaps = [], []
     for x in par:

@@ -105,6 +105,32 @@ def _float_output(model) -> None:
     onnx.checker.check_model(model)
 
 
+def _save(model, path: Path) -> None:
+    """Check and write an ONNX model, every constant owned by one node. onnxruntime's exact
+    int8 mode (session.x64quantprecision, which agent.runtime.engines.onnxrt sets) rewrites
+    each int8 node's constants in place and fails to load a graph where two nodes share one
+    ("Attempt to replace the existing tensor", ORT 1.32): tf2onnx shares zero points and
+    scales between the Q/DQ pairs it writes."""
+    import copy
+
+    import onnx
+
+    g = model.graph
+    consts = {t.name: t for t in g.initializer}
+    seen: dict[str, int] = {}
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name in consts:
+                seen[name] = seen.get(name, 0) + 1
+                if seen[name] > 1:
+                    t = copy.deepcopy(consts[name])
+                    t.name = f"{name}__{seen[name]}"
+                    g.initializer.append(t)
+                    node.input[k] = t.name
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def _ramp(h: int, w: int, c: int) -> np.ndarray:
     return np.tile(np.linspace(0, 255, w)[None, :, None], (h, 1, c)).round().astype(np.uint8)
 
@@ -118,7 +144,7 @@ class _Drop(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def quantize_qdq(float_path: Path, out_path: Path, images: np.ndarray, bundle: Bundle) -> dict:
+def quantize_qdq(float_path: Path, out_path: Path, images: np.ndarray) -> dict:
     """ONNX Runtime static quantization (MinMax) to QDQ, TensorRT's form: int8 activations
     with zero point 0, per-channel int8 weights. The ops before the first convolution (the
     pixel normalisation, gray-to-RGB) stay float, as their input is the raw 0..255 image: one
@@ -143,40 +169,20 @@ def quantize_qdq(float_path: Path, out_path: Path, images: np.ndarray, bundle: B
             x = next(self._it, None)
             return None if x is None else {name: x[None].astype(np.float32)}
 
-    def quantize(path: Path, per_channel: bool) -> None:
-        root = logging.getLogger()
-        quiet = _Drop("pre-process")           # its advice to run a shape pre-pass, twice per call
-        root.addFilter(quiet)
-        try:
-            quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax,
-                            nodes_to_exclude=prologue,
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-        finally:
-            root.removeFilter(quiet)
-
-    # Per-channel weight scales are the rule (a depthwise filter's range is its own), but they
-    # are not always the closer: on a small from-scratch FCN, onnxruntime 1.32's per-channel
-    # QDQ model agreed with the float one on 62 % of top-1 labels, per-tensor on 99 %. Both
-    # are made and the one nearer the float ONNX model on the calibration inputs is kept.
-    quantize(out_path, per_channel=True)
-    per_tensor = out_path.with_name(out_path.stem + ".per-tensor.onnx")
-    quantize(per_tensor, per_channel=False)
-    ref = _outputs("onnx-cpu", float_path, bundle, images)[0]
-    err = {pc: float(np.abs(_outputs("onnx-cpu", p, bundle, images)[0] - ref).mean())
-           for pc, p in ((True, out_path), (False, per_tensor))}
-    per_channel = err[True] <= err[False]
-    if per_channel:
-        per_tensor.unlink()
-    else:
-        per_tensor.replace(out_path)
+    root = logging.getLogger()
+    quiet = _Drop("pre-process")           # its advice to run a shape pre-pass, twice per call
+    root.addFilter(quiet)
+    try:
+        quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=prologue,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    finally:
+        root.removeFilter(quiet)
     return {"method": "onnxruntime quantize_static, MinMax, QDQ, int8 activations (symmetric) "
-                      f"and {'per-channel' if per_channel else 'per-tensor'} int8 weights",
-            "weights": "per-channel" if per_channel else "per-tensor",
-            "mean_output_diff_vs_float": {"per-channel": round(err[True], 5),
-                                          "per-tensor": round(err[False], 5)},
-            "float_prologue": len(prologue), "calibration_images": int(len(images))}
+                      "and per-channel int8 weights", "float_prologue": len(prologue),
+            "calibration_images": int(len(images))}
 
 
 def _outputs(engine: str, path: Path, bundle: Bundle, inputs: np.ndarray,
@@ -328,19 +334,18 @@ def add_onnx(bundle_dir, representative_uint8_images, *, parity_images=None,
     with tempfile.TemporaryDirectory(prefix=".onnx-", dir=bundle.path) as td:
         tmp = Path(td)
         src, src_name = _float_source(bundle, float_model, tmp)
-        fmodel = tflite_to_onnx(src, opset)
         fpath = tmp / ONNX_FLOAT_MODEL
-        onnx.save(fmodel, str(fpath))
+        _save(tflite_to_onnx(src, opset), fpath)
         tried = {}
         for route in (INT8_ROUTES if int8_from == "auto" else (int8_from,)):
             qpath = tmp / f"{route}.onnx"
             if route == "qdq":
-                how = quantize_qdq(fpath, qpath, cal, bundle)
+                how = quantize_qdq(fpath, qpath, cal)
+                _save(onnx.load(str(qpath)), qpath)
             else:
-                onnx.save(tflite_to_onnx(bundle.model_path, opset), str(qpath))
+                _save(tflite_to_onnx(bundle.model_path, opset), qpath)
                 how = {"method": "tf2onnx from the int8 TFLite (its own asymmetric int8 scales; "
                                  "TensorRT runs these layers in float)"}
-            onnx.checker.check_model(onnx.load(str(qpath)))
             tried[route] = {**how, "parity": parity(qpath, bundle.model_path, bundle, check,
                                                     per_image=parity_images is not None)}
             off, on = parity_disagreement(tried[route]["parity"])

@@ -164,11 +164,30 @@ def _device_id(device: str | None) -> int:
     return int(tail)
 
 
+SHARED_CONSTANTS = "Attempt to replace the existing tensor"
+
+
+def session_options(ort, threads: int, exact: bool = True):
+    """The engine's ORT session options. exact: on x86-64 without VNNI (AVX2, e.g. this
+    project's AMD EPYC dev box and most fanless Celeron/Atom line PCs) ORT's fast int8 kernels
+    multiply u8 x s8 pairs with VPMADDUBSW, whose 16-bit sums saturate: a QDQ model's top-1
+    agreed with its own float simulation on 60 % of DeepPCB inputs there, 100 % in the exact
+    mode (benchmarks/README.md, ONNX, 2026-12-07). VNNI and ARM CPUs ignore the setting."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3      # ORT's own provider-fallback warning is said better below
+    if exact:
+        so.add_session_config_entry("session.x64quantprecision", "1")
+    return so
+
+
 class OnnxRuntimeEngine(Engine):
     """One ONNX Runtime session; subclasses say which provider leads."""
 
     name = "onnx"
     delegate = "onnx-cpu"
+    exact_int8 = True
 
     @classmethod
     def available(cls):
@@ -184,11 +203,7 @@ class OnnxRuntimeEngine(Engine):
         if self.delegate == "tensorrt":
             self.cache_dir = model_cache_dir(Path(cache_dir) if cache_dir else cache_root(),
                                              self.sha256)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3      # ORT's own provider-fallback warning is said better below
-        self.session = self._session(ort, so, spec)
+        self.session = self._session(ort, threads)
         inp, out = self.session.get_inputs(), self.session.get_outputs()
         if len(inp) != 1 or len(out) != 1:
             raise EngineError(f"{self.path}: expected 1 input and 1 output, got {len(inp)} and {len(out)}")
@@ -223,12 +238,22 @@ class OnnxRuntimeEngine(Engine):
                  "cuda": [("CUDAExecutionProvider", cuda)], "onnx-cpu": []}[self.delegate]
         return chain + ["CPUExecutionProvider"]
 
-    def _session(self, ort, so, spec: InputSpec):
+    def _session(self, ort, threads: int):
         try:
-            sess = ort.InferenceSession(str(self.path), so, providers=self._provider_list())
+            sess = ort.InferenceSession(str(self.path), session_options(ort, threads),
+                                        providers=self._provider_list())
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise EngineError(f"cannot load {self.path} on {self.delegate}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            if SHARED_CONSTANTS not in str(e):
+                raise EngineError(f"cannot load {self.path} on {self.delegate}: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            # an ONNX exported before 2026-12-07: it runs, but not in the exact int8 mode
+            log.warning("%s shares int8 constants between nodes, which onnxruntime's exact int8 "
+                        "mode cannot load: running it on the fast int8 kernels, which saturate "
+                        "on x86-64 CPUs without VNNI and can flip verdicts there. Re-export it: "
+                        "edge-inspect convert-bundle BUNDLE --data DATA", self.path)
+            self.exact_int8 = False
+            sess = ort.InferenceSession(str(self.path), session_options(ort, threads, exact=False),
+                                        providers=self._provider_list())
         want = PROVIDERS[self.delegate]
         got = sess.get_providers()
         if want not in got:
@@ -257,6 +282,7 @@ class OnnxRuntimeEngine(Engine):
     def describe(self) -> str:
         provs = "+".join(p.removesuffix("ExecutionProvider") for p in self.session.get_providers())
         extra = f", engine cache {self.cache_dir}" if self.cache_dir else ""
+        extra += "" if self.exact_int8 else ", fast int8 kernels (re-export: see the log)"
         return f"{self.name} (onnxruntime {provs}, threads={self.threads}{extra})"
 
 
