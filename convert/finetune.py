@@ -28,8 +28,9 @@ log = logging.getLogger("convert.finetune")
 
 VIEWS_CACHED = 4
 TUNE_LR_FACTOR = 0.25       # fine-tuning rate = --lr x this (1e-3 -> 2.5e-4)
-# Window of the weight average (convert.monitor.Progress, refit), in epochs. 3 was measured
-# worse (benchmarks/README.md, 2026-12-06): a refit of 4 epochs then exports mostly its first.
+# Window of the weight average (convert.monitor.Progress, refit), in epochs; the bias-corrected
+# start (WeightAverage) centres it about a tenth of the steps back until epoch 9 x this.
+# 3 was measured worse through the whole trainer (benchmarks/README.md, 2026-12-06).
 AVERAGE_EPOCHS = 1.0
 # Export the last epoch's weight average instead of the best-validated epoch's (and refit the
 # folds for the whole schedule).
