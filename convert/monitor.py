@@ -71,8 +71,9 @@ class Progress:
     The average (centred about a tenth of the steps back, its window at most about one
     epoch) is what gets validated and exported: averaged weights sit in a flatter minimum,
     which is what carries to parts and boards the training set never showed (weight
-    averaging for domain generalisation, Cha et al., SWAD, 2021). On DeepPCB it raised test AUC 0.9952 -> 0.9958 over the raw weights of the
-    same run, and validation AUC is steadier from epoch to epoch.
+    averaging for domain generalisation, Cha et al., SWAD, 2021). On DeepPCB it raised test
+    AUC 0.9952 -> 0.9958 over the raw weights of the same run, and validation AUC is
+    steadier from epoch to epoch.
 
     "Best" is ranked by validation ROC AUC of the defect score, then loss: the threshold is
     chosen afterwards for the escape target, so what the model must get right is the
