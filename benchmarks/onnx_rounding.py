@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle import load_bundle  # noqa: E402
 from agent.runtime.engines.onnxrt import session_options  # noqa: E402
-from convert.onnx_export import _save, images_from_data, tflite_to_onnx  # noqa: E402
+from convert.onnx_export import save_model, images_from_data, tflite_to_onnx  # noqa: E402
 
 
 def main() -> int:
@@ -38,7 +38,7 @@ def main() -> int:
     m = tflite_to_onnx(b.model_path)
     m.graph.output.append(onnx.ValueInfoProto(name=name))
     with tempfile.TemporaryDirectory() as td:
-        _save(m, Path(td) / "m.onnx")
+        save_model(m, Path(td) / "m.onnx")
         s = ort.InferenceSession(f"{td}/m.onnx", session_options(ort, 2),
                                  providers=["CPUExecutionProvider"])
     outs = [o.name for o in s.get_outputs()]

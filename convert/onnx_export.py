@@ -105,7 +105,7 @@ def _float_output(model) -> None:
     onnx.checker.check_model(model)
 
 
-def _save(model, path: Path) -> None:
+def save_model(model, path: Path) -> None:
     """Check and write an ONNX model, every constant owned by one node. onnxruntime's exact
     int8 mode (session.x64quantprecision, which agent.runtime.engines.onnxrt sets) rewrites
     each int8 node's constants in place and fails to load a graph where two nodes share one
@@ -185,14 +185,20 @@ def quantize_qdq(float_path: Path, out_path: Path, images: np.ndarray) -> dict:
             "calibration_images": int(len(images))}
 
 
+def _one_input(bundle: Bundle) -> Bundle:
+    """The bundle as one model input sees it: one view, one tile."""
+    return dataclasses.replace(bundle, input=dataclasses.replace(bundle.input, views=1,
+                                                                 tiles=(1, 1)))
+
+
 def _outputs(engine: str, path: Path, bundle: Bundle, inputs: np.ndarray,
              threads: int = 2) -> tuple[np.ndarray, float]:
     """The model's outputs on model inputs (N, H, W, C), one at a time, through the agent's
     engine, and the seconds the invokes took."""
     from agent.runtime.engines import create_engine
 
-    spec1 = dataclasses.replace(bundle.input, views=1, tiles=(1, 1))
-    eng = create_engine(engine, path, spec1, len(bundle.labels), threads=threads)
+    eng = create_engine(engine, path, _one_input(bundle).input, len(bundle.labels),
+                        threads=threads)
     t0 = time.perf_counter()
     out = np.concatenate([eng.invoke(x[None]) for x in inputs])
     return out, time.perf_counter() - t0
@@ -211,7 +217,7 @@ def parity(onnx_path: Path, tflite_path: Path, bundle: Bundle, images: np.ndarra
     po, t_onnx = _outputs("onnx-cpu", onnx_path, bundle, images, threads)
     pt = _outputs("cpu", tflite_path, bundle, images, threads)[0]
     n = len(bundle.labels)
-    one = dataclasses.replace(bundle, input=dataclasses.replace(bundle.input, views=1, tiles=(1, 1)))
+    one = _one_input(bundle)
     so = np.array([defect_score(p[None], one)[0] for p in po])
     st = np.array([defect_score(p[None], one)[0] for p in pt])
     differ = np.nonzero(po.argmax(1) != pt.argmax(1))[0]
@@ -335,15 +341,15 @@ def add_onnx(bundle_dir, representative_uint8_images, *, parity_images=None,
         tmp = Path(td)
         src, src_name = _float_source(bundle, float_model, tmp)
         fpath = tmp / ONNX_FLOAT_MODEL
-        _save(tflite_to_onnx(src, opset), fpath)
+        save_model(tflite_to_onnx(src, opset), fpath)
         tried = {}
         for route in (INT8_ROUTES if int8_from == "auto" else (int8_from,)):
             qpath = tmp / f"{route}.onnx"
             if route == "qdq":
                 how = quantize_qdq(fpath, qpath, cal)
-                _save(onnx.load(str(qpath)), qpath)
+                save_model(onnx.load(str(qpath)), qpath)
             else:
-                _save(tflite_to_onnx(bundle.model_path, opset), qpath)
+                save_model(tflite_to_onnx(bundle.model_path, opset), qpath)
                 how = {"method": "tf2onnx from the int8 TFLite (its own asymmetric int8 scales; "
                                  "TensorRT runs these layers in float)"}
             tried[route] = {**how, "parity": parity(qpath, bundle.model_path, bundle, check,

@@ -129,14 +129,14 @@ def test_an_onnx_sharing_constants_runs_on_the_fast_kernels_and_says_so(trained,
 
     import onnx
 
-    from convert.onnx_export import _save, tflite_to_onnx
+    from convert.onnx_export import save_model, tflite_to_onnx
 
     _, src = trained
     bundle = load_bundle(src)
     spec1 = dataclasses.replace(bundle.input, views=1, tiles=(1, 1))
     m = tflite_to_onnx(bundle.model_path)
     onnx.save(m, str(tmp_path / "old.onnx"))
-    _save(m, tmp_path / "new.onnx")
+    save_model(m, tmp_path / "new.onnx")
     caplog.set_level(logging.WARNING, "engine")
     old = create_engine("onnx-cpu", tmp_path / "old.onnx", spec1, len(bundle.labels))
     assert old.exact_int8 is False and "fast int8 kernels" in old.describe()
