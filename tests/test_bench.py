@@ -60,8 +60,30 @@ def test_bench_json_on_a_video(tmp_path):
     assert out["presence_ms_per_frame"] == trig["presence_ms_per_frame"] > 0
     assert trig["presence_ms_p99"] >= trig["presence_ms_p50"] > 0
     assert trig["external_ms_per_frame"] >= 0 and trig["frame_ms_per_frame"] == 0
+    # the overlap ceiling rests on this run's own naive loop and capture stage
+    c = out["ceiling"]
+    assert c["capture_ms"] > 0 and c["cores"] >= 1
+    assert c["naive_1thread_ms"] == pytest.approx(1e3 / out["naive_runs"][0]["parts_per_s"], rel=0.01)
+    assert c["pipeline_floor_ms"] == pytest.approx(
+        max(c["capture_ms"], c["naive_1thread_ms"] / c["cores"]), rel=0.01)
+    assert c["reached"] == pytest.approx(out["pipeline_vs_naive"] / c["pipeline_vs_naive_ceiling"],
+                                         rel=0.02)
     edgetpu = [row for row in out["invoke"] if row["backend"] == "edgetpu"]
     assert edgetpu and (edgetpu[0]["available"] or "libedgetpu" in edgetpu[0]["reason"])
+
+
+def test_overlap_ceiling_is_the_slower_of_the_serial_stage_and_the_spread_work():
+    from agent.commands.bench import overlap_ceiling
+
+    # invoke-bound, 2 cores, a naive loop on a 2-thread interpreter (this dev box, 2026-12-07):
+    # 8 ms of work a part spread over 2 cores is 4 ms, against the naive loop's 4.63 ms
+    c = overlap_ceiling(1.0, 125.0, 216.0, 2)
+    assert c["pipeline_floor_ms"] == pytest.approx(4.0)
+    assert c["pipeline_vs_naive_ceiling"] == pytest.approx((1e3 / 216.0) / 4.0, rel=1e-3)
+    # capture-bound: more cores do not help past the serial decode
+    c = overlap_ceiling(5.0, 1e3 / 6.0, 1e3 / 6.0, 4)
+    assert c["pipeline_floor_ms"] == pytest.approx(5.0)
+    assert c["pipeline_vs_naive_ceiling"] == pytest.approx(1.2, rel=1e-3)
 
 
 def test_bench_default_source_is_the_bundle_sample_and_text_output(tmp_path):
@@ -73,6 +95,7 @@ def test_bench_default_source_is_the_bundle_sample_and_text_output(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "naive loop  threads=1" in r.stdout and "pipeline    threads=1 workers=1" in r.stdout
     assert "best pipeline" in r.stdout and "x naive" in r.stdout
+    assert "overlap ceiling on " in r.stdout and "of it" in r.stdout
     assert "trigger     at " in r.stdout and "presence detector" in r.stdout
 
 
