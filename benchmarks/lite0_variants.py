@@ -155,7 +155,7 @@ def main() -> int:
             out[f"{prefix}test_fr_at_{e:g}_escape"] = round(float((sg >= thr).mean()), 4)
         return raw
 
-    P = [test_figures("")]
+    P, W = [test_figures("")], [clf.train_model.get_weights()]
     for m in range(1, members):
         keras.utils.set_random_seed(seed + 1000 * m)
         clf.train_model.set_weights(start)
@@ -168,6 +168,9 @@ def main() -> int:
         out[f"m{m}_best_epoch"] = r.progress.best_epoch
         P.append(test_figures(f"m{m}_"))
         test_figures(f"ens{m + 1}_", np.mean(P, axis=0))
+        W.append(clf.train_model.get_weights())
+        clf.train_model.set_weights([np.mean(ws, axis=0) for ws in zip(*W)])
+        test_figures(f"soup{m + 1}_")       # one model: the members' weights averaged
     if members > 1:
         np.savez(f"/tmp/ens_{seed}.npz", probs=np.array(P), defect=d, good_idx=ts.good_idx)
     if full:
