@@ -14,6 +14,8 @@ VARIANT is `base` or comma-separated key=value changes to the defaults:
                    convert.finetune.AVERAGE_EPOCHS)
   last=1           export the last epoch's weight average, no best-epoch selection (and no
                    early stop): convert.finetune.KEEP_LAST
+  os=16            output stride 16: Lite0's stride-32 blocks run at stride 16, dilated
+                   (convert.model.LITE0_OUTPUT_STRIDE): four times the cells
   lr_factor=F      fine-tuning rate = --lr x F (default convert.finetune.TUNE_LR_FACTOR)
   margin=F         reflect-pad every image by F x its side on each edge before preprocessing
                    (train and test alike): more cells around a defect at the border
@@ -106,6 +108,8 @@ def main() -> int:
             FT.AVERAGE_EPOCHS = float(v)
         elif k == "last":
             FT.KEEP_LAST = bool(int(v))
+        elif k == "os":
+            M.LITE0_OUTPUT_STRIDE = int(v)
         elif k == "lr_factor":
             FT.TUNE_LR_FACTOR = float(v)
         else:
@@ -122,7 +126,7 @@ def main() -> int:
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     from convert.lite0 import pretrained_layers
-    clf = M.Lite0Classifier(spec.height, spec.width, spec.channels, len(ts.labels), pretrained_layers(),
+    clf = M.Lite0Classifier(spec.height, spec.width, spec.channels, len(ts.labels), pretrained_layers(M.LITE0_OUTPUT_STRIDE),
                             n_tiles=spec.n_tiles, good_idx=ts.good_idx, tuned_from=tuned_from)
     start = clf.train_model.get_weights()
     w_all = weights(ts.y, ts.tr_i, len(ts.labels))

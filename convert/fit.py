@@ -233,10 +233,11 @@ def fit_backbone(ts, opts: TrainOptions) -> Fitted:
 def _fit_lite0(ts, opts: TrainOptions, report: dict) -> Fitted:
     from .finetune import fit_lite0
     from .lite0 import pretrained_layers
-    from .model import Lite0Classifier
+    from .model import LITE0_OUTPUT_STRIDE, Lite0Classifier
 
     spec, labels = ts.spec, ts.labels
-    clf = Lite0Classifier(spec.height, spec.width, spec.channels, len(labels), pretrained_layers(),
+    clf = Lite0Classifier(spec.height, spec.width, spec.channels, len(labels),
+                          pretrained_layers(LITE0_OUTPUT_STRIDE),
                           n_tiles=spec.n_tiles, good_idx=ts.good_idx)
     if opts.weights:
         try:

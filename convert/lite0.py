@@ -48,10 +48,21 @@ class Lite0Layers:
     """Every Lite0 layer, created once, so that one set of (pretrained) weights can be applied
     piecewise: the frozen lower blocks to cache features, the upper blocks to fine-tune."""
 
-    def __init__(self):
+    def __init__(self, output_stride: int = 32):
         from keras import layers
 
         self.L: dict = {}
+        # output_stride 16: the stride-2 block into stride 32 runs at stride 1 and the blocks
+        # after it dilate by 2 (as DeepLab's atrous backbones): the same weights and receptive
+        # field, four times the cells, so a small defect falls in more of them.
+        self.output_stride = output_stride
+        self.strides, self.dilations = [], []
+        at = 2                                          # the stem's stride
+        for _k, st, *_ in BLOCKS:
+            beyond = at * st > output_stride
+            self.strides.append(1 if beyond else st)
+            self.dilations.append(max(1, at // output_stride) if beyond else 1)
+            at *= st
 
         def add(layer):
             self.L[layer.name] = layer
@@ -67,7 +78,8 @@ class Lite0Layers:
             if e != 1:
                 add(layers.Conv2D(cin * e, 1, use_bias=False, name=p + "expand"))
                 bn(p + "expand_bn")
-            add(layers.DepthwiseConv2D(k, strides=s, padding="same", use_bias=False, name=p + "dw"))
+            add(layers.DepthwiseConv2D(k, strides=self.strides[i], dilation_rate=self.dilations[i],
+                                       padding="same", use_bias=False, name=p + "dw"))
             bn(p + "dw_bn")
             add(layers.Conv2D(cout, 1, use_bias=False, name=p + "project"))
             bn(p + "project_bn")
@@ -166,12 +178,12 @@ def port_weights(model, state: dict[str, np.ndarray]) -> int:
     return n
 
 
-def pretrained_layers() -> Lite0Layers:
+def pretrained_layers(output_stride: int = 32) -> Lite0Layers:
     """Lite0Layers holding the ImageNet weights: from the cache when it is there, else ported
     from the package's file (then cached). Never random weights: a problem raises WeightsError."""
     src = weights_file()
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    parts = Lite0Layers()
+    parts = Lite0Layers(output_stride)
     full = build_lite0(32, include_top=True, name="lite0_full", parts=parts)
     cached = cache_dir() / f"lite0-imagenet-{digest}.weights.h5"
     if cached.is_file():

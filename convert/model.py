@@ -83,11 +83,14 @@ def _probs_head(n_labels: int):
 LITE0_TUNED_FROM = 14      # the last two blocks and the 1280-channel head conv are tuned
 
 
-def lite0_cut(tuned_from: int) -> tuple[int, int]:
+LITE0_OUTPUT_STRIDE = 32
+
+
+def lite0_cut(tuned_from: int, output_stride: int = 32) -> tuple[int, int]:
     """(stride, channels) of the cached features: the output of block tuned_from - 1."""
     from .lite0 import BLOCKS
     stride = 2 * int(np.prod([b[1] for b in BLOCKS[:tuned_from]]))
-    return stride, BLOCKS[tuned_from - 1][4]
+    return min(stride, output_stride), BLOCKS[tuned_from - 1][4]
 
 
 @keras.saving.register_keras_serializable("edge_inspect")
@@ -178,7 +181,7 @@ class Lite0Classifier:
         any_inp = keras.Input((None, None, channels), name="pixels")
         self.features = keras.Model(any_inp, lower(any_inp), name=f"{name}_features")
         self.tuned_from = tuned_from
-        stride, C = lite0_cut(tuned_from)
+        stride, C = lite0_cut(tuned_from, parts.output_stride)
         h, w = -(-height // stride), -(-width // stride)
         self.cells = (h, w)
         p_inp = keras.Input((h, w, C), name="features")
