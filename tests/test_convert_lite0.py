@@ -51,6 +51,23 @@ def test_imagenet_top1_on_real_photos(parts):
     assert int(np.argmax(cat)) != int(np.argmax(cup))
 
 
+def test_output_stride_16_keeps_the_weights_meaning(parts):
+    """The dilated variant (convert.lite0.Lite0Layers(output_stride=16)): the same weights,
+    four times the cells, the same ImageNet answers; below stride 16 nothing changes."""
+    data = pytest.importorskip("skimage.data")
+    dense = pretrained_layers(16)
+    assert dense.strides[11] == 1 and dense.dilations[12:] == [2, 2, 2, 2]
+    assert parts.strides[11] == 2 and set(parts.dilations) == {1}
+    model = build_lite0(32, include_top=True, parts=dense)
+    for photo, classes in ((data.chelsea(), CATS), (data.coffee(), COFFEE)):
+        assert int(np.argmax(np.asarray(model(_rgb_input(photo)))[0])) in classes
+    x = _rgb_input(data.chelsea())
+    assert build_lite0(32, parts=dense)(x).shape[1:3] == (14, 14)
+    assert build_lite0(32, parts=parts)(x).shape[1:3] == (7, 7)
+    np.testing.assert_allclose(np.asarray(build_lite0(16, parts=dense)(x)),
+                               np.asarray(build_lite0(16, parts=parts)(x)), atol=1e-5)
+
+
 def _reference_input() -> np.ndarray:
     rng = np.random.default_rng(7)
     yy, xx = np.mgrid[0:64, 0:64] / 64.0
