@@ -126,7 +126,8 @@ def main() -> int:
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     from convert.lite0 import pretrained_layers
-    clf = M.Lite0Classifier(spec.height, spec.width, spec.channels, len(ts.labels), pretrained_layers(M.LITE0_OUTPUT_STRIDE),
+    clf = M.Lite0Classifier(spec.height, spec.width, spec.channels, len(ts.labels),
+                            pretrained_layers(M.LITE0_OUTPUT_STRIDE),
                             n_tiles=spec.n_tiles, good_idx=ts.good_idx, tuned_from=tuned_from)
     start = clf.train_model.get_weights()
     w_all = weights(ts.y, ts.tr_i, len(ts.labels))

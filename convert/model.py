@@ -83,6 +83,8 @@ def _probs_head(n_labels: int):
 LITE0_TUNED_FROM = 14      # the last two blocks and the 1280-channel head conv are tuned
 
 
+# 16 (convert.lite0.Lite0Layers: the stride-32 blocks dilated) was measured mixed over seeds
+# on magnetic tiles at 1.66x the int8 invoke (benchmarks/README.md, 2026-12-07): not the default.
 LITE0_OUTPUT_STRIDE = 32
 
 
