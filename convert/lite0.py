@@ -61,7 +61,7 @@ class Lite0Layers:
         for _k, st, *_ in BLOCKS:
             beyond = at * st > output_stride
             self.strides.append(1 if beyond else st)
-            self.dilations.append(max(1, at // output_stride) if beyond else 1)
+            self.dilations.append(at // output_stride if beyond else 1)
             at *= st
 
         def add(layer):
